@@ -1,0 +1,175 @@
+"""Which implementation runs an op: "cuda" (pyllmc._C), "triton" (pyllmc.kernels) or "torch".
+
+Resolution order for one op call:
+  1. the op's ``backend=`` keyword,
+  2. the innermost ``with pyllmc.backend(name):`` block,
+  3. the ``PYLLMC_BACKEND`` environment variable,
+  4. "auto": the fastest backend that works for the input's device: "cuda" for CUDA
+     tensors when the extension is built, else "triton" for CUDA tensors, else "torch".
+
+Asking for a backend that cannot run here raises ``BackendUnavailableError`` saying why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+_AUTO = "auto"
+
+_current: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("pyllmc_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run on this machine."""
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str  # why not, when not available; "" otherwise
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS and name != _AUTO:
+        raise ValueError(f"{where}: unknown backend {name!r}; expected one of {BACKENDS + (_AUTO,)}")
+    return name
+
+
+# Probed once per process. Plain dicts rather than functools.lru_cache, which
+# torch.compile would warn about when it traces an op's backend resolution.
+_probe_cache: dict = {}
+
+
+def _extension():
+    """(pyllmc._C or None, why it is missing)."""
+    if "cuda" in _probe_cache:
+        return _probe_cache["cuda"]
+    try:
+        from pyllmc import _C  # noqa: F401
+    except ImportError as err:
+        why = (
+            f"the CUDA extension pyllmc._C is not built ({err}); it is built at install time when "
+            "nvcc is found (CUDA_HOME, /usr/local/cuda or PATH): reinstall pyllmc on a machine with nvcc"
+        )
+        _probe_cache["cuda"] = (None, why)
+    else:
+        _probe_cache["cuda"] = (_C, "")
+    return _probe_cache["cuda"]
+
+
+def _triton():
+    if "triton" not in _probe_cache:
+        try:
+            import triton  # noqa: F401
+        except ImportError as err:
+            _probe_cache["triton"] = (False, f"Triton is not installed ({err}); pip install triton (Linux only)")
+        else:
+            _probe_cache["triton"] = (True, "")
+    return _probe_cache["triton"]
+
+
+def triton_interpreter_on() -> bool:
+    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _no_gpu_reason() -> str:
+    return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+
+
+def backend_status(name: str) -> BackendStatus:
+    """Whether backend `name` can run here, and if not, why."""
+    _check_name(name, "backend_status")
+    if name == "torch":
+        return BackendStatus(True, "")
+    if name == "triton":
+        ok, why = _triton()
+        if not ok:
+            return BackendStatus(False, why)
+        if not torch.cuda.is_available() and not triton_interpreter_on():
+            return BackendStatus(False, _no_gpu_reason() + "; Triton kernels run on CPU tensors only "
+                                 "under its interpreter (set TRITON_INTERPRET=1 before importing pyllmc)")
+        return BackendStatus(True, "")
+    # cuda
+    ext, why = _extension()
+    if ext is None:
+        return BackendStatus(False, why)
+    if ext.device_count() == 0:
+        runtime = ext.device_error() or "no device"
+        return BackendStatus(False, f"{_no_gpu_reason()}; the CUDA runtime says: {runtime}")
+    if not torch.cuda.is_available():
+        return BackendStatus(False, "the CUDA runtime sees a GPU but this torch has no CUDA support "
+                             "(install a CUDA build of torch)")
+    return BackendStatus(True, "")
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Every backend with whether it works here and, if not, why.
+
+    >>> pyllmc.available_backends()
+    {'cuda': BackendStatus(available=False, reason='... no CUDA GPU is visible ...'),
+     'triton': BackendStatus(available=True, reason=''), 'torch': BackendStatus(available=True, reason='')}
+    """
+    return {name: backend_status(name) for name in BACKENDS}
+
+
+def get_backend() -> str:
+    """The backend asked for by the innermost `with backend(...)` or PYLLMC_BACKEND, else "auto"."""
+    name = _current.get()
+    if name is not None:
+        return name
+    env = os.environ.get("PYLLMC_BACKEND", "").strip()
+    if env:
+        return _check_name(env, "PYLLMC_BACKEND")
+    return _AUTO
+
+
+def default_backend(device: torch.device | str = "cuda") -> str:
+    """What "auto" picks for tensors on `device`: the fastest backend that works there."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        for name in ("cuda", "triton"):
+            if backend_status(name).available:
+                return name
+    return "torch"
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[str]:
+    """Run the ops inside the block on backend `name` ("cuda" | "triton" | "torch" | "auto").
+
+    Raises BackendUnavailableError at once when `name` cannot run here.
+    """
+    _check_name(name, "pyllmc.backend")
+    if name != _AUTO:
+        require_backend(name)
+    token = _current.set(name)
+    try:
+        yield name
+    finally:
+        _current.reset(token)
+
+
+def require_backend(name: str) -> None:
+    status = backend_status(name)
+    if not status.available:
+        raise BackendUnavailableError(f"pyllmc backend {name!r} cannot run here: {status.reason}")
+
+
+def resolve(requested: Optional[str], device: torch.device) -> str:
+    """The backend one op call runs on, for inputs on `device` (see the module docstring)."""
+    name = _check_name(requested, "backend=") if requested is not None else get_backend()
+    if name == _AUTO:
+        return default_backend(device)
+    require_backend(name)
+    if name == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' runs on CUDA tensors; the inputs are on {device}")
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreter_on()):
+        raise ValueError(f"backend 'triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
+                         f"the inputs are on {device}")
+    return name

@@ -1,0 +1,105 @@
+"""What every op module shares: input checks, the dtype codes of the CUDA extension,
+the current stream, and lazy access to the two kernel layers.
+
+Every check raises ValueError naming the argument and what was expected, so a bad call
+fails in Python before any kernel sees it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Iterable, Optional
+
+import torch
+
+from pyllmc import backends as _backends
+
+# Must match csrc/common.cuh (enum class DType).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+FLOAT_DTYPES = tuple(DTYPE_CODES)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    dtypes: Iterable[torch.dtype] = FLOAT_DTYPES,
+    ndim: Optional[int] = None,
+    min_ndim: Optional[int] = None,
+    contiguous: bool = True,
+) -> torch.Tensor:
+    """Raise ValueError unless `t` is a tensor of an allowed dtype / rank / layout."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    dtypes = tuple(dtypes)
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype {_dtype_names(dtypes)}; got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D; got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims; got shape {tuple(t.shape)}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)}); "
+                         f"call .contiguous() first")
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    """All tensors on one device; returns it."""
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             f"all inputs must be on one device")
+    return first.device
+
+
+def check_same_dtype(**tensors: torch.Tensor) -> torch.dtype:
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+    return first.dtype
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The backend for this call; ValueError for a device the backend can't take."""
+    return _backends.resolve(backend, device)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_ext():
+    """The pyllmc._C module (the caller has checked the cuda backend is available)."""
+    from pyllmc import _C
+
+    return _C
+
+
+def triton_kernels(module: str):
+    """pyllmc.kernels.<module>, imported on first use so that importing pyllmc never needs triton."""
+    return importlib.import_module(f"pyllmc.kernels.{module}")
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    return DTYPE_CODES[t.dtype]
+
+
+def stream_handle(t: torch.Tensor) -> int:
+    """The raw cudaStream_t of torch's current stream on t's device."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def aligned16(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or an aligned copy when its data pointer is not 16-byte aligned.
+
+    The CUDA kernels use 128-bit loads; a view with an odd storage offset would fault.
+    Fresh torch allocations are always aligned, so this copies only for such views.
+    """
+    return t if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)

@@ -1,0 +1,162 @@
+"""Build pyllmc, and its CUDA extension pyllmc._C when nvcc is found.
+
+The extension is plain pybind11 + CUDA: the kernels in csrc/*.cu are compiled by nvcc
+(in parallel, through a generated ninja file), bindings.cpp by the host C++ compiler,
+and the CUDA runtime is linked statically. It never includes a torch header, so it
+builds under pip's build isolation and runs beside whatever torch is installed.
+
+Environment variables:
+  PYLLMC_CUDA_ARCH   compute capabilities to build for, e.g. "90" or "80;90" (default "80;90")
+  PYLLMC_NO_CUDA=1   skip the extension even when nvcc is found (pure-Python install)
+  CUDA_HOME          where the CUDA toolkit lives (else /usr/local/cuda, else nvcc on PATH)
+  PYLLMC_NVCC_FLAGS  extra flags appended to every nvcc command
+"""
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def log(msg):
+    # setuptools hides ordinary prints unless pip runs verbose; stderr still shows in
+    # pip's output on failure and with -v. Keep the prefix so it is easy to grep.
+    print(f"[pyllmc build] {msg}", file=sys.stderr, flush=True)
+
+
+def find_cuda_home():
+    """The CUDA toolkit root: CUDA_HOME / CUDA_PATH, then /usr/local/cuda, then nvcc on PATH."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return Path(home)
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        return Path("/usr/local/cuda")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return Path(nvcc).resolve().parent.parent
+    return None
+
+
+def cuda_archs():
+    raw = os.environ.get("PYLLMC_CUDA_ARCH", "80;90")
+    archs = [a.strip().replace(".", "") for a in raw.replace(",", ";").split(";") if a.strip()]
+    for a in archs:
+        if not a.rstrip("a").isdigit():
+            raise SystemExit(f"PYLLMC_CUDA_ARCH: cannot read {a!r} (expected e.g. '80;90' or '90a')")
+    return archs
+
+
+def find_ninja():
+    exe = shutil.which("ninja")
+    if exe:
+        return exe
+    try:  # the `ninja` PyPI package, a build requirement, ships the binary
+        import ninja
+
+        candidate = Path(ninja.BIN_DIR) / "ninja"
+        if candidate.exists():
+            return str(candidate)
+    except ImportError:
+        pass
+    return None
+
+
+class CudaBuildExt(build_ext):
+    """Compiles csrc/*.cu with nvcc, then lets setuptools build and link bindings.cpp."""
+
+    def build_extension(self, ext):
+        cuda_home = ext.cuda_home
+        nvcc = str(cuda_home / "bin" / "nvcc")
+        build_dir = Path(self.build_temp).resolve() / "cuda"
+        build_dir.mkdir(parents=True, exist_ok=True)
+
+        gencode = []
+        for arch in cuda_archs():
+            gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        nvcc_flags = [
+            "-O3", "-std=c++17", "-lineinfo",  # no --use_fast_math: it turns tanhf into tanh.approx (2^-11)
+            "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+            "--expt-relaxed-constexpr", "-I", str(CSRC),
+            *gencode,
+            *shlex.split(os.environ.get("PYLLMC_NVCC_FLAGS", "")),
+        ]
+        sources = sorted(CSRC.glob("*.cu"))
+        objects = [build_dir / (src.stem + ".o") for src in sources]
+        headers = sorted(CSRC.glob("*.cuh"))
+        log(f"nvcc {nvcc}, archs {cuda_archs()}, {len(sources)} kernel files")
+
+        ninja = find_ninja()
+        if ninja:
+            self._compile_with_ninja(ninja, nvcc, nvcc_flags, sources, objects, headers, build_dir)
+        else:
+            log("ninja not found: compiling the kernels one after another")
+            for src, obj in zip(sources, objects):
+                self._run([nvcc, *nvcc_flags, "-c", str(src), "-o", str(obj)])
+
+        ext.extra_objects = [str(o) for o in objects]
+        super().build_extension(ext)
+
+    def _compile_with_ninja(self, ninja, nvcc, flags, sources, objects, headers, build_dir):
+        q = shlex.quote
+        lines = [
+            "ninja_required_version = 1.3",
+            f"nvcc = {q(nvcc)}",
+            f"flags = {' '.join(q(f) for f in flags)}",
+            "rule nvcc",
+            "  command = $nvcc $flags -c $in -o $out",
+            "  description = nvcc $in",
+            "",
+        ]
+        implicit = " ".join(q(str(h)) for h in headers)
+        for src, obj in zip(sources, objects):
+            lines.append(f"build {q(str(obj))}: nvcc {q(str(src))} | {implicit}")
+        (build_dir / "build.ninja").write_text("\n".join(lines) + "\n")
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        self._run([ninja, "-C", str(build_dir), "-j", jobs])
+
+    @staticmethod
+    def _run(cmd):
+        log(" ".join(cmd[:3]) + (" ..." if len(cmd) > 3 else ""))
+        subprocess.run(cmd, check=True)
+
+
+def extensions():
+    if os.environ.get("PYLLMC_NO_CUDA") == "1":
+        log("PYLLMC_NO_CUDA=1: building pyllmc without the CUDA extension (triton and torch backends only)")
+        return []
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        log("nvcc not found (CUDA_HOME, /usr/local/cuda, PATH): building pyllmc WITHOUT the CUDA "
+            "extension pyllmc._C; the 'triton' and 'torch' backends still work")
+        return []
+    import pybind11
+
+    lib_dirs = [d for d in (cuda_home / "lib64", cuda_home / "lib", cuda_home / "targets" / "x86_64-linux" / "lib")
+                if (d / "libcudart_static.a").exists()]
+    if not lib_dirs:
+        raise SystemExit(f"found nvcc under {cuda_home} but no libcudart_static.a beside it")
+    ext = Extension(
+        "pyllmc._C",
+        sources=[str(CSRC.relative_to(ROOT) / "bindings.cpp")],
+        include_dirs=[pybind11.get_include(), str(CSRC), str(cuda_home / "include")],
+        library_dirs=[str(d) for d in lib_dirs],
+        # Static runtime: the .so depends only on the driver (libcuda, loaded at run time).
+        libraries=["cudart_static", "dl", "rt", "pthread"],
+        extra_compile_args=["-O2", "-std=c++17", "-fvisibility=hidden"],
+        language="c++",
+    )
+    ext.cuda_home = cuda_home
+    log(f"building the CUDA extension pyllmc._C with {cuda_home}/bin/nvcc")
+    return [ext]
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": CudaBuildExt})

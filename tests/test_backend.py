@@ -1,0 +1,80 @@
+"""Backend selection: keyword > `with pyllmc.backend()` > PYLLMC_BACKEND > auto."""
+
+import pytest
+import torch
+
+import pyllmc
+from pyllmc import backends as backend_mod
+
+
+def test_available_backends_reports_every_backend():
+    status = pyllmc.available_backends()
+    assert list(status) == ["cuda", "triton", "torch"]
+    assert status["torch"] == (True, "")
+    for name, (available, reason) in status.items():
+        assert isinstance(available, bool)
+        assert available == (reason == ""), f"{name}: an unavailable backend must say why"
+
+
+def test_auto_picks_torch_for_cpu_tensors():
+    assert pyllmc.default_backend("cpu") == "torch"
+    assert backend_mod.resolve(None, torch.device("cpu")) == "torch"
+
+
+def test_auto_on_cuda_prefers_cuda_then_triton():
+    status = pyllmc.available_backends()
+    expected = "cuda" if status["cuda"].available else "triton" if status["triton"].available else "torch"
+    assert pyllmc.default_backend("cuda") == expected
+
+
+def test_context_manager_nests_and_restores():
+    assert pyllmc.get_backend() in ("auto", "cuda", "triton", "torch")
+    before = pyllmc.get_backend()
+    with pyllmc.backend("torch"):
+        assert pyllmc.get_backend() == "torch"
+        with pyllmc.backend("auto"):
+            assert pyllmc.get_backend() == "auto"
+        assert pyllmc.get_backend() == "torch"
+    assert pyllmc.get_backend() == before
+
+
+def test_keyword_beats_context_beats_env(monkeypatch):
+    monkeypatch.setenv("PYLLMC_BACKEND", "torch")
+    assert pyllmc.get_backend() == "torch"
+    if pyllmc.available_backends()["triton"].available:
+        with pyllmc.backend("triton"):
+            assert backend_mod.resolve(None, torch.device("cpu" if not torch.cuda.is_available() else "cuda")) == "triton"
+            assert backend_mod.resolve("torch", torch.device("cpu")) == "torch"
+
+
+def test_env_var_rejects_unknown_name(monkeypatch):
+    monkeypatch.setenv("PYLLMC_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="PYLLMC_BACKEND: unknown backend 'cudnn'"):
+        pyllmc.ops.gelu(torch.randn(3))
+
+
+def test_unknown_backend_names():
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        with pyllmc.backend("tpu"):
+            pass
+    with pytest.raises(ValueError, match="unknown backend 'CUDA'"):
+        pyllmc.ops.gelu(torch.randn(3), backend="CUDA")
+
+
+def test_unavailable_backend_says_why():
+    for name, (available, reason) in pyllmc.available_backends().items():
+        if available:
+            continue
+        with pytest.raises(pyllmc.BackendUnavailableError, match=f"pyllmc backend '{name}' cannot run here"):
+            with pyllmc.backend(name):
+                pass
+        with pytest.raises(pyllmc.BackendUnavailableError) as info:
+            pyllmc.ops.gelu(torch.randn(3), backend=name)
+        assert reason in str(info.value)
+
+
+def test_context_backend_drives_ops():
+    x = torch.randn(5, requires_grad=True)
+    with pyllmc.backend("torch"):
+        y = pyllmc.ops.gelu(x)
+    assert y.grad_fn is not None and "Gelu" in type(y.grad_fn).__name__  # torch's own autograd node
