@@ -1,0 +1,321 @@
+"""FineWeb-Edu (or FineWeb, or local text files) as llm.c token shards of GPT-2 tokens.
+
+Every document becomes EOT followed by its GPT-2 tokens; the documents are concatenated in
+order and cut into shards of exactly --shard_size tokens (the last one may be shorter), a
+document running on into the next shard where a cut falls inside it. Shard 0 is the
+validation split, the rest training:
+    <output_dir>/fineweb_val_000000.bin, fineweb_train_000001.bin, fineweb_train_000002.bin ...
+Tokenisation runs in --num_workers processes (documents are handed out in chunks of
+--chunksize, results come back in order, so the output does not depend on the worker count).
+
+Sources:
+  * default: HuggingFaceFW/fineweb-edu, sample-10BT (--version 100B for sample-100BT,
+    --type classic for HuggingFaceFW/fineweb), through the `datasets` library
+    (pip install datasets; it downloads and caches the parquet files first);
+  * --input PATH [PATH ...]: local files, or folders searched recursively for them:
+    .parquet (needs pyarrow), .jsonl, .csv (one document per row, column --text_column,
+    default "text"), .txt (one document per file); in the order given, a folder's files
+    sorted by path.
+
+Resuming: after each shard is written (atomically: a temporary file renamed into place) the
+manifest <prefix>_manifest.json records, for every shard, its token count and where in the
+document stream it starts and ends. Rerunning the same command skips every shard whose file
+is present, has a valid header and the recorded token count; it restarts tokenising at the
+recorded start of the first shard that is missing or broken, writes it, and jumps ahead past
+shards that are fine. So an interrupted run continues where it stopped, and a deleted or
+damaged shard is recreated identically. A rerun with different settings or different input
+refuses to mix shards; pass --overwrite (or use another --output_dir) to start over.
+
+    python dev/data/fineweb.py                                  # FineWeb-Edu 10B, 100M-token shards
+    python dev/data/fineweb.py --input docs.csv --shard_size 1000000 --output_dir data/docs
+"""
+
+import argparse
+import csv
+import itertools
+import json
+import multiprocessing as mp
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pyllmc.data import ShardFormatError, read_shard_header, write_shard
+from pyllmc.tokenizer import encode_document, get_encoding
+
+MANIFEST_FORMAT = 1
+INPUT_SUFFIXES = (".parquet", ".jsonl", ".csv", ".txt")
+HF_DATASETS = {"edu": "HuggingFaceFW/fineweb-edu", "classic": "HuggingFaceFW/fineweb"}
+
+
+# ----------------------------------------------------------------------------------------
+# documents
+
+
+def list_input_files(paths) -> list[Path]:
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in INPUT_SUFFIXES)
+            if not found:
+                sys.exit(f"no {'/'.join(INPUT_SUFFIXES)} files in folder {path}")
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix not in INPUT_SUFFIXES:
+                sys.exit(f"{path}: unsupported file type (expected one of {', '.join(INPUT_SUFFIXES)})")
+            files.append(path)
+        else:
+            sys.exit(f"input {path} does not exist")
+    return files
+
+
+def _raise_csv_field_limit():
+    # documents are far longer than the csv module's default 128 KiB field limit
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:  # C long is 32 bits on some platforms
+            limit //= 2
+
+
+def iter_file_texts(path: Path, column: str):
+    """The documents of one local file, in order."""
+    if path.suffix == ".txt":
+        yield path.read_text(encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if line.strip():
+                    row = json.loads(line)
+                    if column not in row:
+                        sys.exit(f"{path}:{line_number}: no field {column!r} (use --text_column)")
+                    yield row[column]
+    elif path.suffix == ".csv":
+        _raise_csv_field_limit()
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if column not in (reader.fieldnames or []):
+                sys.exit(f"{path}: no column {column!r} among {reader.fieldnames} (use --text_column)")
+            for row in reader:
+                yield row[column]
+    elif path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            sys.exit("reading .parquet files needs pyarrow: pip install pyarrow")
+        for batch in pq.ParquetFile(path).iter_batches(columns=[column], batch_size=1024):
+            yield from batch.column(0).to_pylist()
+
+
+def open_documents(args, start_doc: int):
+    """The document texts from document number start_doc on."""
+    if args.input:
+        texts = itertools.chain.from_iterable(iter_file_texts(p, args.text_column) for p in args.input_files)
+        return itertools.islice(texts, start_doc, None)  # reading is cheap next to tokenising
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        sys.exit("downloading FineWeb needs the datasets library: pip install datasets "
+                 "(or pass local files with --input)")
+    ds = load_dataset(HF_DATASETS[args.type], name=f"sample-{args.version}T", split="train")
+    ds = ds.select_columns([args.text_column])  # skip decoding the metadata columns
+    if start_doc:
+        ds = ds.select(range(start_doc, len(ds)))
+
+    def texts():
+        for batch in ds.iter(batch_size=1024):
+            yield from batch[args.text_column]
+
+    return texts()
+
+
+def source_description(args) -> dict:
+    """What the shards are made from; a rerun must match it to reuse shards."""
+    if args.input:
+        return {"files": [[p.name, p.stat().st_size] for p in args.input_files]}
+    return {"dataset": HF_DATASETS[args.type], "name": f"sample-{args.version}T"}
+
+
+# ----------------------------------------------------------------------------------------
+# tokenising into shards
+
+
+def tokenize_document(text: str) -> np.ndarray:
+    return np.asarray(encode_document(text), dtype=np.uint16)
+
+
+class Progress:
+    """A tqdm bar per shard when tqdm is installed, else a line every 10%."""
+
+    def __init__(self, desc: str, total: int):
+        self.desc, self.total, self.done, self.next_print = desc, total, 0, total // 10
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="tokens", desc=desc, unit_scale=True)
+        except ImportError:
+            self.bar = None
+
+    def update(self, n: int):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.done >= self.next_print:
+            print(f"{self.desc}: {self.done:,}/{self.total:,} tokens", flush=True)
+            self.next_print += max(1, self.total // 10)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def produce_shards(token_arrays, start, shard_size: int, first_index: int):
+    """Cut a stream of per-document token arrays into shards.
+
+    token_arrays: the documents from number start[0] on; the first is used from token start[1].
+    Yields (tokens, end) per shard, end = [document, token offset] where the next shard
+    starts; the last shard may be shorter than shard_size. The yielded array is reused: the
+    consumer must write it before asking for the next."""
+    buf = np.empty(shard_size, dtype=np.uint16)
+    fill, doc = 0, start[0]
+    progress = Progress(f"shard {first_index}", shard_size)
+    try:
+        for doc, tokens in enumerate(token_arrays, start=start[0]):
+            pos = start[1] if doc == start[0] else 0
+            while pos < len(tokens):
+                take = min(shard_size - fill, len(tokens) - pos)
+                buf[fill : fill + take] = tokens[pos : pos + take]
+                fill, pos = fill + take, pos + take
+                progress.update(take)
+                if fill == shard_size:
+                    progress.close()
+                    end = [doc, pos] if pos < len(tokens) else [doc + 1, 0]
+                    yield buf, end
+                    first_index += 1
+                    fill, progress = 0, Progress(f"shard {first_index}", shard_size)
+    finally:  # also when the consumer stops early
+        progress.close()
+    if fill:
+        yield buf[:fill], [doc + 1, 0]
+
+
+class _NoPool:
+    """Stands in for a Pool with --num_workers 0: tokenises in this process."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, fn, iterable, chunksize=1):
+        return map(fn, iterable)
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.bin"
+
+
+def shard_is_valid(path: Path, tokens: int) -> bool:
+    try:
+        return read_shard_header(path) == tokens
+    except ShardFormatError:
+        return False
+
+
+def save_manifest(path: Path, manifest: dict) -> None:
+    # one shard per line, so the file reads as a table
+    shards = ",\n".join("  " + json.dumps(s) for s in manifest["shards"])
+    text = (f'{{\n "config": {json.dumps(manifest["config"])},\n "complete": {json.dumps(manifest["complete"])},\n'
+            f' "shards": [\n{shards}\n ]\n}}\n')
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def run(args) -> None:
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"format": MANIFEST_FORMAT, "source": source_description(args), "text_column": args.text_column,
+              "shard_size": args.shard_size, "tokenizer": "gpt2", "document": "EOT + tokens"}
+    manifest_path = out / f"{args.prefix}_manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    if manifest is not None and manifest["config"] != config:
+        if not args.overwrite:
+            sys.exit(f"{out} holds shards made with other settings or input (see {manifest_path}): "
+                     f"pass --overwrite to replace them, or choose another --output_dir")
+        manifest = None
+    if manifest is None:
+        manifest = {"config": config, "complete": False, "shards": []}
+    shards = manifest["shards"]  # per shard: file, tokens, start, end ([document, token offset])
+
+    def done(j):
+        return j < len(shards) and shard_is_valid(out / shards[j]["file"], shards[j]["tokens"])
+
+    get_encoding()  # load once here; forked workers inherit it
+    j = 0
+    while True:
+        while done(j):
+            j += 1
+        if j == len(shards) and manifest["complete"]:
+            break
+        start = shards[j]["start"] if j < len(shards) else (shards[-1]["end"] if shards else [0, 0])
+        print(f"writing from shard {j} on (document {start[0]:,}, token {start[1]:,})", flush=True)
+        # a fresh pool per stretch of missing shards: leaving a stretch early must also stop
+        # the tokenising of the documents after it
+        with mp.Pool(args.num_workers) if args.num_workers > 0 else _NoPool() as pool:
+            documents = open_documents(args, start[0])
+            arrays = pool.imap(tokenize_document, documents, chunksize=args.chunksize)
+            for tokens, end in produce_shards(arrays, start, args.shard_size, j):
+                entry = {"file": shard_name(args.prefix, j), "tokens": len(tokens), "start": start, "end": end}
+                if j < len(shards) and shards[j] != entry:
+                    sys.exit(f"shard {j} comes out different from the manifest's record ({entry} vs "
+                             f"{shards[j]}): the input changed; pass --overwrite to start over")
+                write_shard(out / entry["file"], tokens)
+                if j == len(shards):
+                    shards.append(entry)
+                save_manifest(manifest_path, manifest)
+                j, start = j + 1, end
+                if done(j):
+                    break  # the next shard is already there: jump to the next one missing
+            else:  # the documents ran out
+                if j != len(shards):
+                    sys.exit(f"the input ended after {j} shards but the manifest records {len(shards)}: "
+                             f"the input changed; pass --overwrite to start over")
+                if not shards:
+                    sys.exit("the input holds no documents")
+                manifest["complete"] = True
+                save_manifest(manifest_path, manifest)
+                break
+    total = sum(s["tokens"] for s in shards)
+    print(f"{len(shards)} shards, {total:,} tokens in {out} (shard 0 = val)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--type", choices=sorted(HF_DATASETS), default="edu", help="FineWeb-Edu or classic FineWeb")
+    parser.add_argument("--version", choices=["10B", "100B"], default="10B", help="sample-10BT or sample-100BT")
+    parser.add_argument("--input", nargs="+", help="local files or folders to read instead of downloading")
+    parser.add_argument("--text_column", default="text", help="column / field holding the text (default: text)")
+    parser.add_argument("--output_dir", type=Path, help="where the shards go (default: dev/data/edu_fineweb10B etc.)")
+    parser.add_argument("--prefix", default="fineweb", help="shard file name prefix (default: fineweb)")
+    parser.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard (default: 100M)")
+    parser.add_argument("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="tokenising processes (0: tokenise in this process)")
+    parser.add_argument("--chunksize", type=int, default=16, help="documents handed to a worker at a time")
+    parser.add_argument("--overwrite", action="store_true", help="discard shards made with other settings")
+    args = parser.parse_args(argv)
+    if args.shard_size < 1 or args.chunksize < 1 or args.num_workers < 0:
+        parser.error("--shard_size and --chunksize must be positive, --num_workers >= 0")
+    args.input_files = list_input_files(args.input) if args.input else []
+    if args.output_dir is None:
+        base = "edu_fineweb" if args.type == "edu" else "fineweb"
+        args.output_dir = Path(__file__).parent / (f"{base}_local" if args.input else f"{base}{args.version}")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

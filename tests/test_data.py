@@ -1,0 +1,494 @@
+"""llm.c token shards, the distributed loader, and the data preparation scripts."""
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyllmc.data import (
+    HEADER_INTS,
+    SHARD_MAGIC,
+    SHARD_VERSION,
+    DistributedDataLoader,
+    ShardFormatError,
+    read_shard,
+    read_shard_header,
+    write_shard,
+)
+from pyllmc.tokenizer import EOT_TOKEN, decode, encode, encode_document
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def data_file(name: str) -> Path:
+    path = DATA / name
+    if not path.exists():
+        pytest.skip(f"reference data {name} not found in {DATA} (the offline data folder beside the repo)")
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# shards
+
+
+def test_shard_round_trip(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 2**16, size=1001)
+    tokens[:2] = (0, 65535)
+    path = tmp_path / "s.bin"
+    write_shard(path, tokens.tolist())
+    assert path.stat().st_size == 4 * HEADER_INTS + 2 * 1001
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    assert header[:3].tolist() == [SHARD_MAGIC, SHARD_VERSION, 1001] and not header[3:].any()
+    got = read_shard(path)
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, tokens)
+    assert read_shard_header(path) == 1001
+    assert os.listdir(tmp_path) == ["s.bin"]  # no temporary file left behind
+
+    write_shard(path, np.zeros(0, dtype=np.int64))  # replaces the file; empty is allowed
+    assert read_shard(path).shape == (0,)
+
+
+@pytest.mark.parametrize("bad", [[1, 65536], [-1, 3], [0.5, 1.0], [[1, 2]]])
+def test_write_shard_rejects_bad_tokens(tmp_path, bad):
+    path = tmp_path / "s.bin"
+    with pytest.raises(ValueError, match="s.bin"):
+        write_shard(path, np.asarray(bad))
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def _corrupt(path: Path, how: str) -> None:
+    raw = bytearray(path.read_bytes())
+    header = np.frombuffer(raw, dtype="<i4", count=HEADER_INTS).copy()
+    if how == "magic":
+        header[0] = 20240326  # a model checkpoint's magic
+    elif how == "version":
+        header[1] = 2
+    elif how == "count":
+        header[2] += 1  # the header claims more tokens than the file holds
+    elif how == "negative":
+        header[2] = -5
+    raw[: 4 * HEADER_INTS] = header.tobytes()
+    if how == "truncated":
+        raw = raw[:-3]
+    elif how == "too_long":
+        raw += b"\0\0"
+    elif how == "short_header":
+        raw = raw[:100]
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("magic", "magic number 20240326, expected 20240520"),
+    ("version", "version 2"),
+    ("count", "truncated"),
+    ("negative", "negative token count"),
+    ("truncated", "truncated"),
+    ("too_long", "longer than its header says"),
+    ("short_header", "shorter than the 1024-byte header"),
+])
+def test_read_shard_format_errors(tmp_path, how, message):
+    path = tmp_path / "broken.bin"
+    write_shard(path, np.arange(50))
+    _corrupt(path, how)
+    with pytest.raises(ShardFormatError, match=message) as info:
+        read_shard(path)
+    assert str(path) in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_read_shard_missing_file(tmp_path):
+    with pytest.raises(ShardFormatError, match="nope.bin"):
+        read_shard(tmp_path / "nope.bin")
+
+
+# ---------------------------------------------------------------------------------------
+# loader
+
+
+def make_shards(folder: Path, sizes, prefix="data_train") -> list[np.ndarray]:
+    """Shards whose tokens are distinct across all shards, so every batch says where it came from."""
+    shards, offset = [], 0
+    for i, n in enumerate(sizes):
+        tokens = (offset + np.arange(n)) % 60000
+        offset += n
+        write_shard(folder / f"{prefix}_{i:06d}.bin", tokens)
+        shards.append(tokens)
+    return shards
+
+
+def expected_batches(shards, B, T, rank, world_size, orders):
+    """llm.c's walk, written out: per epoch, per shard in that epoch's order, every full
+    global window of world_size*B*T+1 tokens, each rank taking its B*T+1 slice."""
+    BT = B * T
+    for order in orders:
+        for s in order:
+            tokens = shards[s]
+            for pos in range(0, len(tokens) - world_size * BT, world_size * BT):
+                chunk = torch.from_numpy(tokens[pos + rank * BT : pos + rank * BT + BT + 1].astype(np.int64))
+                yield chunk[:-1].view(B, T), chunk[1:].view(B, T)
+
+
+def assert_batches_equal(loader, expected):
+    for step, (x_exp, y_exp) in enumerate(expected):
+        x, y = loader.next_batch()
+        assert x.dtype == torch.int64 and y.dtype == torch.int64 and x.device.type == "cpu"
+        assert torch.equal(x, x_exp) and torch.equal(y, y_exp), f"batch {step}"
+
+
+def test_batches_are_manual_slices(tmp_path):
+    shards = make_shards(tmp_path, [100])
+    loader = DistributedDataLoader(str(tmp_path / "*.bin"), B=2, T=8)
+    x, y = loader.next_batch()
+    assert x.shape == (2, 8) and y.shape == (2, 8)
+    assert torch.equal(x.flatten(), torch.from_numpy(shards[0][:16]).long())
+    assert torch.equal(y.flatten(), torch.from_numpy(shards[0][1:17]).long())
+    x2, _ = loader.next_batch()  # the next window starts where the last inputs ended
+    assert torch.equal(x2.flatten(), torch.from_numpy(shards[0][16:32]).long())
+    assert loader.num_tokens == 100 and len(loader.files) == 1
+
+
+def test_two_ranks_take_disjoint_slices_of_one_window(tmp_path):
+    shards = make_shards(tmp_path, [81, 150])
+    B, T = 2, 5
+    ranks = [DistributedDataLoader(str(tmp_path / "*.bin"), B, T, rank=r, world_size=2) for r in range(2)]
+    for _ in range(6):  # crosses into the second shard
+        (x0, y0), (x1, y1) = (loader.next_batch() for loader in ranks)
+        window = torch.cat([x0.flatten(), x1.flatten(), y1.flatten()[-1:]])
+        assert torch.equal(y0.flatten()[-1], x1.flatten()[0])  # adjacent, not overlapping
+        assert len(set(x0.flatten().tolist()) & set(x1.flatten().tolist())) == 0
+        assert torch.equal(window[1:], torch.cat([y0.flatten(), y1.flatten()]))
+    for r in range(2):
+        loader = DistributedDataLoader(str(tmp_path / "*.bin"), B, T, rank=r, world_size=2)
+        assert_batches_equal(loader, expected_batches(shards, B, T, r, 2, [[0, 1]] * 3))
+
+
+def test_shard_rotation_and_epoch_wrap(tmp_path):
+    shards = make_shards(tmp_path, [50, 33, 64])
+    B, T = 1, 8
+    loader = DistributedDataLoader(str(tmp_path / "*.bin"), B, T)
+    per_shard = [(len(s) - 1) // (B * T) for s in shards]  # full windows per shard: 6, 4, 7
+    assert per_shard == [6, 4, 7]
+    for _ in range(per_shard[0]):
+        loader.next_batch()
+    assert loader.current_file.endswith("000001.bin") and loader.position == 0
+    for _ in range(per_shard[1] + per_shard[2]):
+        loader.next_batch()
+    assert loader.epoch == 1 and loader.current_file.endswith("000000.bin")
+    loader.reset()
+    assert_batches_equal(loader, expected_batches(shards, B, T, 0, 1, [[0, 1, 2]] * 3))
+    assert loader.epoch == 3
+
+
+def test_file_list_is_sorted(tmp_path):
+    make_shards(tmp_path, [40, 40, 40])
+    files = sorted(str(p) for p in tmp_path.iterdir())
+    loader = DistributedDataLoader(list(reversed(files)), B=1, T=4)
+    assert loader.files == files
+
+
+def _epoch_orders(loader, epochs):
+    """The shard order the loader walks in each epoch (one batch per shard with these sizes)."""
+    orders = []
+    for _ in range(epochs):
+        order = []
+        for _ in loader.files:
+            x, _ = loader.next_batch()
+            order.append(int(x[0, 0]) // 1000)
+        orders.append(order)
+    return orders
+
+
+def test_seeded_shard_order(tmp_path):
+    for i in range(6):  # one batch of B*T=8 per shard; the first token tells the shard
+        write_shard(tmp_path / f"d_{i:06d}.bin", 1000 * i + np.arange(9))
+    pattern = str(tmp_path / "*.bin")
+    sequential = _epoch_orders(DistributedDataLoader(pattern, 1, 8), 3)
+    assert sequential == [list(range(6))] * 3
+    a = _epoch_orders(DistributedDataLoader(pattern, 1, 8, seed=1), 4)
+    assert a == _epoch_orders(DistributedDataLoader(pattern, 1, 8, seed=1), 4)  # deterministic
+    assert all(sorted(order) == list(range(6)) for order in a)  # each shard once per epoch
+    assert len({tuple(order) for order in a}) > 1  # reshuffled every epoch
+    b = _epoch_orders(DistributedDataLoader(pattern, 1, 8, seed=2), 4)
+    assert a != b
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+@pytest.mark.parametrize("steps", [3, 6, 10, 17, 40])  # mid-shard, at shard ends, across epochs
+def test_state_dict_resumes_exactly(tmp_path, seed, steps):
+    make_shards(tmp_path, [61, 61, 45])
+    pattern = str(tmp_path / "*.bin")
+    B, T, world = 1, 5, 2
+    for rank in range(world):
+        loader = DistributedDataLoader(pattern, B, T, rank=rank, world_size=world, seed=seed)
+        for _ in range(steps):
+            loader.next_batch()
+        state = json.loads(json.dumps(loader.state_dict()))  # survives a checkpoint as JSON
+        expected = [loader.next_batch() for _ in range(15)]
+        resumed = DistributedDataLoader(pattern, B, T, rank=rank, world_size=world, seed=seed)
+        resumed.load_state_dict(state)
+        assert_batches_equal(resumed, expected)
+        assert resumed.state_dict() == loader.state_dict()
+
+
+def test_load_state_dict_rejects_another_configuration(tmp_path):
+    make_shards(tmp_path, [100, 100])
+    pattern = str(tmp_path / "*.bin")
+    state = DistributedDataLoader(pattern, 2, 4).state_dict()
+    with pytest.raises(ValueError, match="B: saved 2, now 3"):
+        DistributedDataLoader(pattern, 3, 4).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        DistributedDataLoader(pattern, 2, 4, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="position"):
+        DistributedDataLoader(pattern, 2, 4).load_state_dict({**state, "position": 95})
+
+
+def test_too_small_shard(tmp_path):
+    make_shards(tmp_path, [100, 20])
+    with pytest.raises(ValueError, match=r"000001\.bin has 20 tokens.*2\*2\*8\+1 = 33.*smaller B or T"):
+        DistributedDataLoader(str(tmp_path / "*.bin"), B=2, T=8, world_size=2)
+    DistributedDataLoader(str(tmp_path / "*.bin"), B=1, T=8, world_size=2)  # 17 tokens fit
+
+
+def test_missing_files(tmp_path):
+    pattern = str(tmp_path / "fineweb_train_*.bin")
+    with pytest.raises(FileNotFoundError, match="fineweb_train_"):
+        DistributedDataLoader(pattern, 1, 4)
+    with pytest.raises(FileNotFoundError, match="gone.bin"):
+        DistributedDataLoader([tmp_path / "gone.bin"], 1, 4)
+
+
+def test_bad_shard_is_found_at_construction(tmp_path):
+    make_shards(tmp_path, [100, 100])
+    _corrupt(tmp_path / "data_train_000001.bin", "truncated")
+    with pytest.raises(ShardFormatError, match="000001.bin is truncated"):
+        DistributedDataLoader(str(tmp_path / "*.bin"), 1, 4)
+
+
+def test_bad_arguments(tmp_path):
+    make_shards(tmp_path, [100])
+    with pytest.raises(ValueError, match="rank"):
+        DistributedDataLoader(str(tmp_path / "*.bin"), 1, 4, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="positive"):
+        DistributedDataLoader(str(tmp_path / "*.bin"), 0, 4)
+
+
+# ---------------------------------------------------------------------------------------
+# data preparation scripts
+
+
+def run_script(name, *args):
+    result = subprocess.run([sys.executable, str(REPO / "dev" / "data" / name), *map(str, args)],
+                            capture_output=True, text=True, timeout=300)
+    return result
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"_data_script_{name}", REPO / "dev" / "data" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tinyshakespeare_script(tmp_path):
+    source = data_file("tinyshakespeare.txt")
+    result = run_script("tinyshakespeare.py", "--input", source, "--output_dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    val = read_shard(tmp_path / "tiny_shakespeare_val.bin")
+    train = read_shard(tmp_path / "tiny_shakespeare_train.bin")
+    assert (len(val), len(train)) == (32768, 305260)  # the counts llm.c's script reports
+    tokens = np.concatenate([val, train]).astype(np.int64)
+    text = source.read_text(encoding="utf-8")
+    sections = text.split("\n\n")
+    starts = np.flatnonzero(tokens == EOT_TOKEN)
+    assert len(starts) == len(sections) and starts[0] == 0
+    # each section is EOT + its tokens; all but the last keep their "\n\n"
+    for i in (0, 1, len(sections) // 2, len(sections) - 1):
+        end = starts[i + 1] if i + 1 < len(sections) else len(tokens)
+        body = sections[i] + ("\n\n" if i < len(sections) - 1 else "")
+        assert tokens[starts[i] + 1 : end].tolist() == encode(body)
+    assert decode(tokens[tokens != EOT_TOKEN]) == text
+
+
+FINEWEB_SHARD = 20000
+
+
+def fineweb_documents():
+    csv.field_size_limit(2**31 - 1)
+    with open(data_file("fineweb_edu_sample150_annotated.csv"), encoding="utf-8", newline="") as f:
+        return [row["text"] for row in csv.DictReader(f)]
+
+
+def shard_files(folder):
+    return sorted(p for p in folder.iterdir() if p.suffix == ".bin")
+
+
+def snapshot(folder):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in shard_files(folder)}
+
+
+def test_fineweb_script_end_to_end(tmp_path, capsys):
+    source = data_file("fineweb_edu_sample150_annotated.csv")
+    out = tmp_path / "out"
+    args = ["--input", source, "--output_dir", out, "--shard_size", FINEWEB_SHARD, "--num_workers", 2, "--chunksize", 4]
+    result = run_script("fineweb.py", *args)
+    assert result.returncode == 0, result.stderr
+
+    documents = fineweb_documents()
+    assert len(documents) == 150
+    expected = np.concatenate([encode_document(d) for d in documents])
+    files = shard_files(out)
+    names = [p.name for p in files]
+    assert names[-1] == "fineweb_val_000000.bin"  # sorts last; shard 0 is the validation split
+    assert names[:-1] == [f"fineweb_train_{i:06d}.bin" for i in range(1, len(files))]
+    shards = [read_shard(out / f"fineweb_{'val' if i == 0 else 'train'}_{i:06d}.bin") for i in range(len(files))]
+    assert all(len(s) == FINEWEB_SHARD for s in shards[:-1]) and 0 < len(shards[-1]) <= FINEWEB_SHARD
+    assert sum(len(s) for s in shards) == len(expected) == sum(len(encode_document(d)) for d in documents)
+    np.testing.assert_array_equal(np.concatenate(shards), expected)
+    assert len(files) == 5
+
+    # the reruns run in this process (a fresh interpreter per run costs seconds of imports)
+    fineweb = load_script("fineweb")
+    args = [str(a) for a in args[:-4]] + ["--num_workers", "0"]  # workers need an importable script
+    # a second run finds everything done and touches nothing
+    before = snapshot(out)
+    fineweb.main(args)
+    assert "writing from" not in capsys.readouterr().out
+    assert snapshot(out) == before
+
+    # a deleted shard is recreated identically, the others are left alone
+    (out / "fineweb_train_000002.bin").unlink()
+    fineweb.main(args)
+    assert "writing from shard 2 on" in capsys.readouterr().out
+    after = snapshot(out)
+    assert after["fineweb_train_000002.bin"][0] == before["fineweb_train_000002.bin"][0]
+    assert {k: v for k, v in after.items() if k != "fineweb_train_000002.bin"} == \
+           {k: v for k, v in before.items() if k != "fineweb_train_000002.bin"}
+
+
+def test_fineweb_resumes_interrupted_and_damaged_runs(tmp_path):
+    fineweb = load_script("fineweb")
+    source = data_file("fineweb_edu_sample150_annotated.csv")
+    out = tmp_path / "out"
+    args = ["--input", str(source), "--output_dir", str(out), "--shard_size", str(FINEWEB_SHARD), "--num_workers", "0"]
+    fineweb.main(args)
+    reference = {name: data for name, (data, _) in snapshot(out).items()}
+
+    # an interrupted run: the manifest records shards 0-1 only, the later files never appeared
+    manifest_path = out / "fineweb_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"], manifest["complete"] = manifest["shards"][:2], False
+    manifest_path.write_text(json.dumps(manifest))
+    for name in reference:
+        if int(name[-10:-4]) >= 2:
+            (out / name).unlink()
+    # and a damaged shard
+    (out / "fineweb_train_000001.bin").write_bytes(reference["fineweb_train_000001.bin"][:-10])
+    fineweb.main(args)
+    assert {name: data for name, (data, _) in snapshot(out).items()} == reference
+    assert json.loads(manifest_path.read_text())["complete"] is True
+
+    # other settings in the same folder are refused unless asked to overwrite
+    with pytest.raises(SystemExit, match="--overwrite"):
+        fineweb.main(args[:-4] + ["--shard_size", "30000", "--num_workers", "0"])
+    fineweb.main(args[:-4] + ["--shard_size", "30000", "--num_workers", "0", "--overwrite"])
+    assert read_shard_header(out / "fineweb_val_000000.bin") == 30000
+
+
+def test_fineweb_local_formats(tmp_path):
+    fineweb = load_script("fineweb")
+    docs = ["First document.\nWith two lines.", "Second, \"quoted\", document", "Third ünïcode 🦙", "4th"]
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    with open(folder / "a.jsonl", "w", encoding="utf-8") as f:
+        for d in docs[:2]:
+            f.write(json.dumps({"text": d, "id": 1}) + "\n")
+    with open(folder / "b.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text"])
+        writer.writerow([3, docs[2]])
+    (folder / "sub" / "c.txt").write_text(docs[3], encoding="utf-8")
+    (folder / "ignored.md").write_text("not an input")
+    out = tmp_path / "out"
+    fineweb.main(["--input", str(folder), "--output_dir", str(out), "--shard_size", "10", "--num_workers", "0"])
+    tokens = np.concatenate([read_shard(p) for p in sorted(shard_files(out), key=lambda p: p.name[-10:])])
+    np.testing.assert_array_equal(tokens, np.concatenate([encode_document(d) for d in docs]))
+    with pytest.raises(SystemExit, match="no column 'body'"):
+        fineweb.main(["--input", str(folder / "b.csv"), "--output_dir", str(tmp_path / "o2"),
+                      "--text_column", "body", "--num_workers", "0"])
+
+
+class _FakeHFDataset:
+    """Just the part of datasets.Dataset that fineweb.py uses."""
+
+    def __init__(self, rows, calls):
+        self.rows, self.calls = rows, calls
+
+    def __len__(self):
+        return len(self.rows)
+
+    def select_columns(self, columns):
+        self.calls.append(("select_columns", tuple(columns)))
+        return _FakeHFDataset([{c: r[c] for c in columns} for r in self.rows], self.calls)
+
+    def select(self, indices):
+        self.calls.append(("select", indices.start))
+        return _FakeHFDataset([self.rows[i] for i in indices], self.calls)
+
+    def iter(self, batch_size):
+        for i in range(0, len(self.rows), batch_size):
+            chunk = self.rows[i : i + batch_size]
+            yield {key: [r[key] for r in chunk] for key in chunk[0]}
+
+
+def test_fineweb_download_path_with_a_stand_in_datasets_module(tmp_path, monkeypatch):
+    import types
+
+    fineweb = load_script("fineweb")
+    docs = [f"Document number {i}. " * (i % 7 + 1) for i in range(60)]
+    calls = []
+
+    def load_dataset(path, name, split):
+        calls.append(("load_dataset", path, name, split))
+        return _FakeHFDataset([{"text": d, "id": i, "score": 3.0} for i, d in enumerate(docs)], calls)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    out = tmp_path / "out"
+    args = ["--version", "100B", "--output_dir", str(out), "--shard_size", "100", "--num_workers", "0"]
+    fineweb.main(args)
+    assert calls[0] == ("load_dataset", "HuggingFaceFW/fineweb-edu", "sample-100BT", "train")
+    shards = [read_shard(p) for p in sorted(shard_files(out), key=lambda p: p.name[-10:])]
+    np.testing.assert_array_equal(np.concatenate(shards), np.concatenate([encode_document(d) for d in docs]))
+    assert len(shards) > 3
+
+    # resuming in the middle starts the dataset at the recorded document
+    manifest = json.loads((out / "fineweb_manifest.json").read_text())
+    third = manifest["shards"][3]
+    reference = (out / third["file"]).read_bytes()
+    (out / third["file"]).unlink()
+    calls.clear()
+    fineweb.main(args)
+    assert ("select", third["start"][0]) in calls
+    assert (out / third["file"]).read_bytes() == reference
+
+
+def test_fineweb_parquet_input(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="reading parquet needs pyarrow")
+    import pyarrow.parquet as pq
+
+    fineweb = load_script("fineweb")
+    docs = [f"parquet row {i}" for i in range(30)]
+    pq.write_table(pa.table({"id": list(range(30)), "text": docs}), tmp_path / "part.parquet", row_group_size=7)
+    out = tmp_path / "out"
+    fineweb.main(["--input", str(tmp_path / "part.parquet"), "--output_dir", str(out), "--shard_size", "50",
+                  "--num_workers", "0"])
+    tokens = np.concatenate([read_shard(p) for p in sorted(shard_files(out), key=lambda p: p.name[-10:])])
+    np.testing.assert_array_equal(tokens, np.concatenate([encode_document(d) for d in docs]))
