@@ -1,6 +1,7 @@
 """pyllmc: train GPT-2 from Python with hand-written CUDA and Triton kernels."""
 
 from . import ops
+from . import optim
 from .backends import (
     BACKENDS,
     BackendStatus,

@@ -1,0 +1,255 @@
+// adamw.cu: one fused, multi-tensor AdamW step (decoupled weight decay, bias correction,
+// optional fp32 master weights, round-to-nearest-even or stochastic rounding to bf16).
+//
+// Per element, with the hyperparameters of the element's row (see AdamWHyper):
+//   p  = p * (1 - lr * wd)                     (decay == 1 exactly when wd == 0)
+//   m  = m + (1 - beta1) * (g - m)             (torch's lerp)
+//   v  = beta2 * v + (1 - beta2) * g * g
+//   p  = p - step_size * m / (sqrt(v) / sqrt(1 - beta2^step) + eps),  step_size = lr / (1 - beta1^step)
+// p is the fp32 master copy when there is one (then the bf16/fp16 param is written back from
+// it), else the param itself, read and written in its own dtype.
+//
+// Design: multi-tensor through a device table, one launch for every tensor of the step.
+// - The optimizer (pyllmc/optim.py) keeps m, v and the master copy as separate per-param
+//   fp32 tensors (torch.optim's state_dict format). A device table has one AdamWTensor row
+//   per tensor: the five pointers, the size, the tensor's first chunk, its RNG offset, its
+//   hyperparameter row and dtype flags. It is rebuilt only when a pointer changes.
+// - Work is cut into chunks of kChunk elements that never straddle two tensors (each tensor
+//   starts a fresh chunk); one block per chunk. A device map chunk -> tensor (int32, built
+//   once per layout) gives a block its tensor with one load, no search. The padding this
+//   costs is less than one chunk per tensor.
+// - Hyperparameters change every step (lr from the scheduler, the bias corrections), so
+//   they travel by value in the kernel's parameter space (AdamWHyperTable, __grid_constant__):
+//   no host-to-device copy and no recompilation when lr changes. A row is one (param group,
+//   step) pair; the optimizer launches once more per kMaxRows rows (never in practice).
+// - Each thread updates 8 consecutive elements with 128-bit loads/stores (one vector of
+//   bf16, two of fp32); tensors whose pointers are not 16-byte aligned, and the last
+//   partial vector of a tensor, take a scalar path. Streaming cache hints: each byte is
+//   touched once per step.
+// - Stochastic rounding: a counter-based hash of (seed, step, element index), so a run is
+//   reproducible bit for bit and the Triton kernel and the torch reference draw the same bits.
+// No atomics, no reductions: deterministic.
+#include "common.cuh"
+
+namespace pyllmc {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kPerThread = 8;                              // elements per thread
+constexpr long long kChunk = kThreads * kPerThread;        // elements per block: 2048
+constexpr int kMaxRows = 32;                               // hyperparameter rows per launch
+
+// One row of the tensor table (int64 columns); must match pyllmc/optim.py (_TABLE_COLUMNS).
+struct AdamWTensor {
+    long long param;        // (numel,) ParamT: the parameter, updated in place
+    long long grad;         // (numel,) GradT: its gradient (ParamT or float)
+    long long master;       // (numel,) float: the fp32 master copy, or 0 when there is none
+    long long exp_avg;      // (numel,) float: m
+    long long exp_avg_sq;   // (numel,) float: v
+    long long numel;
+    long long first_chunk;  // the tensor's first chunk in this launch
+    long long rng_offset;   // the tensor's first element in the optimizer's RNG index space
+    long long hyper_row;    // its row of AdamWHyperTable
+    long long flags;        // bits 0-3 param dtype, 4-7 grad dtype, 8 vector path ok, 9 stochastic rounding
+};
+static_assert(sizeof(AdamWTensor) == 10 * sizeof(long long), "table row layout");
+
+// Hyperparameters of one (param group, step), as float32; must match pyllmc/optim.py.
+struct AdamWHyper {
+    float decay;                  // 1 - lr * weight_decay
+    float one_minus_beta1;
+    float beta2;
+    float one_minus_beta2;
+    float bias_correction2_sqrt;  // sqrt(1 - beta2^step)
+    float eps;
+    float step_size;              // lr / (1 - beta1^step)
+    unsigned int rng_key;         // hash of (seed, step)
+};
+static_assert(sizeof(AdamWHyper) == 8 * sizeof(float), "hyperparameter row layout");
+
+struct AdamWHyperTable {
+    AdamWHyper rows[kMaxRows];
+};
+
+constexpr long long kFlagVector = 1 << 8;
+constexpr long long kFlagStochastic = 1 << 9;
+
+// ----------------------------------------------------------------------------
+// stochastic rounding
+
+// A 32-bit integer hash with full avalanche (the "lowbias32" constants); the same in
+// kernels/adamw.py and the torch reference.
+__device__ __forceinline__ unsigned int hash32(unsigned int x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+// Uniform 32 random bits for element `index` of the step keyed by `key`.
+__device__ __forceinline__ unsigned int element_random(long long index, unsigned int key) {
+    const unsigned long long u = static_cast<unsigned long long>(index);
+    return hash32(static_cast<unsigned int>(u) ^ hash32(static_cast<unsigned int>(u >> 32) ^ key));
+}
+
+// Rounds x to bf16 up (in magnitude) with probability (dropped bits) / 2^16: adding 16
+// random bits below the kept mantissa carries into it exactly that often. Unbiased:
+// E[result] = x. NaN stays NaN (truncating its payload could make it inf).
+__device__ __forceinline__ __nv_bfloat16 bf16_stochastic(float x, unsigned int random) {
+    if (x != x) return __float2bfloat16_rn(x);
+    const unsigned int bits = (__float_as_uint(x) + (random & 0xffffu)) & 0xffff0000u;
+    return __float2bfloat16_rn(__uint_as_float(bits));  // exact: the low 16 bits are zero
+}
+
+template <typename T>
+__device__ __forceinline__ T round_param(float x, bool stochastic, long long index, unsigned int key) {
+    return from_float<T>(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 round_param<__nv_bfloat16>(float x, bool stochastic, long long index,
+                                                                  unsigned int key) {
+    return stochastic ? bf16_stochastic(x, element_random(index, key)) : __float2bfloat16_rn(x);
+}
+
+// ----------------------------------------------------------------------------
+// 8 elements at a time
+
+// out[k] = src[k] as float for k < count (0 past it); one or two 128-bit loads when `vector`.
+template <typename T>
+__device__ __forceinline__ void load8(float (&out)[kPerThread], const T* src, int count, bool vector) {
+    constexpr int V = Packed128<T>::size;
+    static_assert(kPerThread % V == 0, "8 elements are whole vectors");
+    if (vector) {
+#pragma unroll
+        for (int j = 0; j < kPerThread / V; ++j) {
+            const Packed128<T> packet = load128cs(src + j * V);
+#pragma unroll
+            for (int k = 0; k < V; ++k) out[j * V + k] = to_float(packet[k]);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < kPerThread; ++k) out[k] = k < count ? to_float(src[k]) : 0.0f;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const T (&values)[kPerThread], int count, bool vector) {
+    constexpr int V = Packed128<T>::size;
+    if (vector) {
+#pragma unroll
+        for (int j = 0; j < kPerThread / V; ++j) {
+            Packed128<T> packet;
+#pragma unroll
+            for (int k = 0; k < V; ++k) packet[k] = values[j * V + k];
+            store128cs(dst + j * V, packet);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < kPerThread; ++k) {
+            if (k < count) dst[k] = values[k];
+        }
+    }
+}
+
+// Updates elements [begin, begin + count) of tensor `t`.
+template <typename ParamT, typename GradT>
+__device__ __forceinline__ void adamw_update(const AdamWTensor& t, const AdamWHyper& h, long long begin, int count) {
+    const bool vector = count == kPerThread && (t.flags & kFlagVector);
+    const bool stochastic = (t.flags & kFlagStochastic) != 0;
+    ParamT* param = reinterpret_cast<ParamT*>(t.param) + begin;            // (count,)
+    const GradT* grad = reinterpret_cast<const GradT*>(t.grad) + begin;    // (count,)
+    float* master = t.master ? reinterpret_cast<float*>(t.master) + begin : nullptr;  // (count,)
+    float* exp_avg = reinterpret_cast<float*>(t.exp_avg) + begin;          // (count,)
+    float* exp_avg_sq = reinterpret_cast<float*>(t.exp_avg_sq) + begin;    // (count,)
+
+    float p[kPerThread], g[kPerThread], m[kPerThread], v[kPerThread];
+    if (master) {
+        load8(p, master, count, vector);
+    } else {
+        load8(p, param, count, vector);
+    }
+    load8(g, grad, count, vector);
+    load8(m, exp_avg, count, vector);
+    load8(v, exp_avg_sq, count, vector);
+
+    ParamT out[kPerThread];
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+        // Explicit fmaf and IEEE sqrt / division, nothing left for the compiler to contract:
+        // the Triton kernel (compiled without fp fusion) computes the same bits.
+        m[k] = fmaf(h.one_minus_beta1, __fsub_rn(g[k], m[k]), m[k]);
+        v[k] = fmaf(__fmul_rn(h.one_minus_beta2, g[k]), g[k], __fmul_rn(h.beta2, v[k]));
+        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v[k]), h.bias_correction2_sqrt), h.eps);
+        p[k] = fmaf(-h.step_size, __fdiv_rn(m[k], denom), __fmul_rn(p[k], h.decay));
+        out[k] = round_param<ParamT>(p[k], stochastic, t.rng_offset + begin + k, h.rng_key);
+    }
+    store8(exp_avg, m, count, vector);
+    store8(exp_avg_sq, v, count, vector);
+    if (master) store8(master, p, count, vector);
+    store8(param, out, count, vector);
+}
+
+// One block per chunk; chunk_to_tensor: (num_chunks,) int32; tensors: (num_tensors,) rows.
+__global__ void __launch_bounds__(kThreads)
+adamw_kernel(const AdamWTensor* __restrict__ tensors, int num_tensors, const int* __restrict__ chunk_to_tensor,
+             const __grid_constant__ AdamWHyperTable hyper, int num_rows) {
+    const long long chunk = blockIdx.x;
+    const int index = chunk_to_tensor[chunk];
+    if (index < 0 || index >= num_tensors) return;  // a table from pyllmc/optim.py never has one
+    const AdamWTensor t = tensors[index];
+    if (t.hyper_row < 0 || t.hyper_row >= num_rows || chunk < t.first_chunk) return;
+    const AdamWHyper& h = hyper.rows[t.hyper_row];
+    const long long begin = (chunk - t.first_chunk) * kChunk + static_cast<long long>(threadIdx.x) * kPerThread;
+    if (begin >= t.numel) return;
+    const long long left = t.numel - begin;
+    const int count = left < kPerThread ? static_cast<int>(left) : kPerThread;
+
+    // The dtypes are uniform over the block (a chunk lies in one tensor): no divergence.
+    const DType param_dtype = static_cast<DType>(t.flags & 0xf);
+    const DType grad_dtype = static_cast<DType>((t.flags >> 4) & 0xf);
+    const bool fp32_grad = grad_dtype == DType::kFloat32;
+    switch (param_dtype) {
+        case DType::kFloat32:
+            adamw_update<float, float>(t, h, begin, count);
+            break;
+        case DType::kBFloat16:
+            if (fp32_grad) adamw_update<__nv_bfloat16, float>(t, h, begin, count);
+            else adamw_update<__nv_bfloat16, __nv_bfloat16>(t, h, begin, count);
+            break;
+        case DType::kFloat16:
+            if (fp32_grad) adamw_update<__half, float>(t, h, begin, count);
+            else adamw_update<__half, __half>(t, h, begin, count);
+            break;
+    }
+}
+
+}  // namespace
+
+// tensors: device (num_tensors, 10) int64, rows of AdamWTensor; chunk_to_tensor: device
+// (num_chunks,) int32; hyper: HOST (num_rows, 8) float32 rows of AdamWHyper, copied into the
+// launch's parameters (so the caller may free it on return). chunk_size must be kChunk.
+void adamw_step(const void* tensors, int num_tensors, const void* chunk_to_tensor, long long num_chunks,
+                long long chunk_size, const void* hyper, int num_rows, cudaStream_t stream) {
+    require(chunk_size == kChunk, "adamw_step: chunk_size must be " + std::to_string(kChunk) + ", got " +
+                                      std::to_string(chunk_size));
+    require(num_tensors >= 0 && num_chunks >= 0, "adamw_step: negative sizes");
+    require(num_rows >= 1 && num_rows <= kMaxRows,
+            "adamw_step: num_rows must be in [1, " + std::to_string(kMaxRows) + "], got " + std::to_string(num_rows));
+    require(num_chunks <= 0x7fffffffLL, "adamw_step: too many chunks for one launch");
+    if (num_chunks == 0 || num_tensors == 0) return;
+    require(tensors != nullptr && chunk_to_tensor != nullptr && hyper != nullptr, "adamw_step: null table");
+    AdamWHyperTable table{};
+    const AdamWHyper* rows = static_cast<const AdamWHyper*>(hyper);
+    for (int r = 0; r < num_rows; ++r) table.rows[r] = rows[r];
+    adamw_kernel<<<static_cast<unsigned int>(num_chunks), kThreads, 0, stream>>>(
+        static_cast<const AdamWTensor*>(tensors), num_tensors, static_cast<const int*>(chunk_to_tensor), table,
+        num_rows);
+    PYLLMC_LAUNCH_CHECK("adamw_kernel");
+}
+
+int adamw_chunk_size() { return static_cast<int>(kChunk); }
+int adamw_max_rows() { return kMaxRows; }
+
+}  // namespace pyllmc
