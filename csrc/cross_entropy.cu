@@ -1,0 +1,352 @@
+// cross_entropy.cu: cross-entropy over the vocabulary, forward, backward, and llm.c's fused
+// classifier (loss and dlogits in one kernel, written over the logits).
+//
+//   lse_i  = log sum_j exp(x_ij)                      (log-sum-exp of row i)
+//   loss_i = lse_i - x_i,t_i                          (0 for rows whose target is ignore_index)
+//   loss   = sum_i loss_i / max(n_valid, 1)           (n_valid: rows not ignored)
+//   dx_ij  = (softmax_ij - [j == t_i]) * dloss / max(n_valid, 1)
+//
+// Design: one block per row (up to 1024 threads), so a row of GPT-2's 50257 classes is read
+// by the whole block with coalesced 128-bit loads. Each thread keeps an online softmax (its
+// running max and sum of exp(x - max), rescaled once per 128-bit vector when the max grows);
+// the block merges them with two fixed-order reductions. All math in float32; exponentials
+// are exp2f of (x - max) * log2(e) (the subtraction first keeps large logits exact).
+//
+// Rows may lie further apart than V (row_stride >= V: GPT-2 passes the (N, V) view of its
+// padded (N, Vp) logits), and a row's start need not be 16-byte aligned: each row is split
+// into a scalar head up to the first aligned address, 128-bit vectors, and a scalar tail.
+// Gradients use the same layout as the logits; padding columns [V, row_stride) get zeros
+// where the caller owns them.
+//
+// The loss is reduced deterministically: per-row losses go to a workspace, then a single
+// block sums them in a fixed order (no atomics). n_valid is counted the same way.
+//
+// Fused classifier: pass 1 reads the row for its max and sum, pass 2 reads it again (it is
+// still in L2: at most a few hundred KB per SM are in flight) and writes dlogits for
+// dloss = 1 in place, so the logits are read from DRAM once and no separate gradient buffer
+// exists. cross_entropy_scale_grad multiplies in an upstream gradient other than 1 later.
+//
+// Targets outside [0, V) other than ignore_index are rejected by the Python layer; the
+// kernels still never read out of bounds for them (the target column is only read when in
+// range) and their row loss comes out NaN.
+#include "common.cuh"
+
+#include <cfloat>
+
+namespace pyllmc {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+// Start of every running max: finite, so (running max - new max) is never inf - inf, and
+// small enough that scaling it by log2(e) cannot overflow.
+constexpr float kLowest = -1.0e38f;
+constexpr int kMaxThreads = 1024;
+constexpr int kReduceThreads = 1024;
+
+// Where a row switches between scalar and 128-bit accesses:
+// [0, head) scalar, [head, vec_end) whole 16-byte vectors, [vec_end, V) scalar.
+struct RowSplit {
+    int head;
+    int vec_end;
+};
+
+// `row` is element-aligned (always true for torch tensors); its 16-byte misalignment sets the head.
+template <typename T>
+__device__ __forceinline__ RowSplit split_row(const T* row, int V, bool vectorize) {
+    constexpr int W = Packed128<T>::size;
+    if (!vectorize) return {V, V};
+    const int misaligned = static_cast<int>((reinterpret_cast<std::uintptr_t>(row) & 15) / sizeof(T));
+    const int head = min(V, (W - misaligned) % W);
+    return {head, head + (V - head) / W * W};
+}
+
+// Online softmax state of one thread: running max, and the sum of exp(x - max) over the
+// values seen so far.
+struct SoftmaxStats {
+    float max;
+    float sum;
+};
+
+template <int K>
+__device__ __forceinline__ void stats_add(SoftmaxStats& st, const float (&x)[K]) {
+    float new_max = st.max;
+#pragma unroll
+    for (int k = 0; k < K; ++k) new_max = fmaxf(new_max, x[k]);
+    float sum = st.sum * exp2f((st.max - new_max) * kLog2e);
+#pragma unroll
+    for (int k = 0; k < K; ++k) sum += exp2f((x[k] - new_max) * kLog2e);
+    st = {new_max, sum};
+}
+
+__device__ __forceinline__ void stats_add_one(SoftmaxStats& st, float x) {
+    const float one[1] = {x};
+    stats_add<1>(st, one);
+}
+
+// Row max and sum of exp(x - row max) over the whole block (every thread gets them).
+// kStreaming: evict-first loads, for a row that is not read again soon.
+template <typename T, bool kStreaming>
+__device__ SoftmaxStats row_softmax_stats(const T* row, int V, RowSplit split, float* shared) {
+    constexpr int W = Packed128<T>::size;
+    SoftmaxStats st{kLowest, 0.0f};
+    for (int j = threadIdx.x; j < split.head; j += blockDim.x) stats_add_one(st, to_float(row[j]));
+    for (int j = split.head + threadIdx.x * W; j < split.vec_end; j += blockDim.x * W) {
+        const Packed128<T> packed = kStreaming ? load128cs(row + j) : load128(row + j);
+        float x[W];
+#pragma unroll
+        for (int k = 0; k < W; ++k) x[k] = to_float(packed[k]);
+        stats_add<W>(st, x);
+    }
+    for (int j = split.vec_end + threadIdx.x; j < V; j += blockDim.x) stats_add_one(st, to_float(row[j]));
+
+    const float row_max = block_reduce_max(st.max, shared);
+    const float row_sum = block_reduce_sum(st.sum * exp2f((st.max - row_max) * kLog2e), shared);
+    return {row_max, row_sum};
+}
+
+__device__ __forceinline__ float softmax_grad(float x, float lse, bool is_target, float scale) {
+    const float p = exp2f((x - lse) * kLog2e);
+    return (is_target ? p - 1.0f : p) * scale;
+}
+
+// out[j] = (softmax(in)[j] - [j == target]) * scale for j < V, zeros for j in [V, pad_end).
+// out and in may be the same row (the fused kernel): each element is read, then written,
+// by the same thread, so no __restrict__ and no race.
+template <typename T>
+__device__ void write_row_grad(T* out, const T* in, int V, long long pad_end, RowSplit split, float lse,
+                               long long target, float scale) {
+    constexpr int W = Packed128<T>::size;
+    for (int j = threadIdx.x; j < split.head; j += blockDim.x)
+        out[j] = from_float<T>(softmax_grad(to_float(in[j]), lse, j == target, scale));
+    for (int j = split.head + threadIdx.x * W; j < split.vec_end; j += blockDim.x * W) {
+        const Packed128<T> x = load128cs(in + j);
+        Packed128<T> g;
+#pragma unroll
+        for (int k = 0; k < W; ++k) g[k] = from_float<T>(softmax_grad(to_float(x[k]), lse, j + k == target, scale));
+        store128cs(out + j, g);
+    }
+    for (int j = split.vec_end + threadIdx.x; j < V; j += blockDim.x)
+        out[j] = from_float<T>(softmax_grad(to_float(in[j]), lse, j == target, scale));
+    for (long long j = V + threadIdx.x; j < pad_end; j += blockDim.x) out[j] = from_float<T>(0.0f);
+}
+
+// An ignored row: zero gradient over [0, pad_end), nothing read.
+template <typename T>
+__device__ void zero_row(T* out, long long pad_end) {
+    for (long long j = threadIdx.x; j < pad_end; j += blockDim.x) out[j] = from_float<T>(0.0f);
+}
+
+__device__ __forceinline__ float mean_scale(const float* n_valid) { return 1.0f / fmaxf(*n_valid, 1.0f); }
+
+// One block per row. lse, row_losses: (N,); logits: (N, V), rows row_stride apart; targets: (N,)
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+cross_entropy_forward_kernel(float* __restrict__ lse, float* __restrict__ row_losses, const T* __restrict__ logits,
+                             const long long* __restrict__ targets, int V, long long row_stride,
+                             long long ignore_index) {
+    __shared__ float shared[32];
+    const long long row = blockIdx.x;
+    const long long target = targets[row];
+    if (target == ignore_index) {  // the whole block leaves together: no reduction is left waiting
+        if (threadIdx.x == 0) {
+            lse[row] = 0.0f;
+            row_losses[row] = 0.0f;
+        }
+        return;
+    }
+    const T* x = logits + row * row_stride;
+    const SoftmaxStats st = row_softmax_stats<T, true>(x, V, split_row(x, V, true), shared);
+    if (threadIdx.x == 0) {
+        const float x_target = (target >= 0 && target < V) ? to_float(x[target]) : NAN;
+        const float log_sum = logf(st.sum);
+        lse[row] = st.max + log_sum;
+        // (max - x_t) + log(sum) rather than lse - x_t: no cancellation for confident rows
+        row_losses[row] = (st.max - x_target) + log_sum;
+    }
+}
+
+// dlogits: (N, V) rows row_stride apart, with columns up to pad_end written; logits: same
+// layout; targets, lse: (N,); n_valid, dloss: ()
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+cross_entropy_backward_kernel(T* __restrict__ dlogits, const T* __restrict__ logits,
+                              const long long* __restrict__ targets, const float* __restrict__ lse,
+                              const float* __restrict__ n_valid, const float* __restrict__ dloss, int V,
+                              long long row_stride, long long pad_end, long long ignore_index, bool vectorize) {
+    const long long row = blockIdx.x;
+    const long long target = targets[row];
+    T* out = dlogits + row * row_stride;
+    if (target == ignore_index) {
+        zero_row(out, pad_end);
+        return;
+    }
+    const T* x = logits + row * row_stride;
+    write_row_grad(out, x, V, pad_end, split_row(x, V, vectorize), lse[row], target, *dloss * mean_scale(n_valid));
+}
+
+// The fused classifier. row_losses, targets: (N,); logits: (N, V) rows row_stride apart,
+// overwritten with dlogits (and zeros up to pad_end); n_valid: () counted beforehand.
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+cross_entropy_fused_kernel(float* __restrict__ row_losses, T* logits, const long long* __restrict__ targets,
+                           const float* __restrict__ n_valid, int V, long long row_stride, long long pad_end,
+                           long long ignore_index) {
+    __shared__ float shared[32];
+    const long long row = blockIdx.x;
+    const long long target = targets[row];
+    T* x = logits + row * row_stride;
+    if (target == ignore_index) {
+        zero_row(x, pad_end);
+        if (threadIdx.x == 0) row_losses[row] = 0.0f;
+        return;
+    }
+    // Read before pass 2 overwrites it; the reductions in pass 1 order this read before any write.
+    const float x_target = (threadIdx.x == 0 && target >= 0 && target < V) ? to_float(x[target]) : NAN;
+    const RowSplit split = split_row(x, V, true);
+    const SoftmaxStats st = row_softmax_stats<T, false>(x, V, split, shared);  // keep the row in L2 for pass 2
+    const float log_sum = logf(st.sum);
+    if (threadIdx.x == 0) row_losses[row] = (st.max - x_target) + log_sum;
+    write_row_grad(x, x, V, pad_end, split, st.max + log_sum, target, mean_scale(n_valid));
+}
+
+// dlogits (N, V) rows row_stride apart *= *dloss; nothing moves when *dloss == 1.
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+cross_entropy_scale_grad_kernel(T* __restrict__ dlogits, const float* __restrict__ dloss, int V,
+                                long long row_stride) {
+    constexpr int W = Packed128<T>::size;
+    const float scale = *dloss;
+    if (scale == 1.0f) return;
+    T* row = dlogits + static_cast<long long>(blockIdx.x) * row_stride;
+    const RowSplit split = split_row(row, V, true);
+    for (int j = threadIdx.x; j < split.head; j += blockDim.x) row[j] = from_float<T>(to_float(row[j]) * scale);
+    for (int j = split.head + threadIdx.x * W; j < split.vec_end; j += blockDim.x * W) {
+        Packed128<T> g = load128cs(row + j);
+#pragma unroll
+        for (int k = 0; k < W; ++k) g[k] = from_float<T>(to_float(g[k]) * scale);
+        store128cs(row + j, g);
+    }
+    for (int j = split.vec_end + threadIdx.x; j < V; j += blockDim.x) row[j] = from_float<T>(to_float(row[j]) * scale);
+}
+
+// n_valid (): the number of targets (N,) that are not ignore_index. One block, fixed order;
+// float32 counts are exact up to 2^24 rows.
+__global__ void __launch_bounds__(kReduceThreads)
+cross_entropy_count_kernel(float* __restrict__ n_valid, const long long* __restrict__ targets, long long N,
+                           long long ignore_index) {
+    __shared__ float shared[32];
+    float count = 0.0f;
+    for (long long i = threadIdx.x; i < N; i += blockDim.x) count += targets[i] != ignore_index ? 1.0f : 0.0f;
+    count = block_reduce_sum(count, shared);
+    if (threadIdx.x == 0) *n_valid = count;
+}
+
+// loss () = sum of row_losses (N,) / max(n_valid, 1). One block, fixed order: deterministic.
+__global__ void __launch_bounds__(kReduceThreads)
+cross_entropy_mean_kernel(float* __restrict__ loss, const float* __restrict__ row_losses,
+                          const float* __restrict__ n_valid, long long N) {
+    __shared__ float shared[32];
+    float total = 0.0f;
+    for (long long i = threadIdx.x; i < N; i += blockDim.x) total += row_losses[i];
+    total = block_reduce_sum(total, shared);
+    if (threadIdx.x == 0) *loss = total * mean_scale(n_valid);
+}
+
+// Threads per row: enough for one 128-bit vector each, a power of two in [32, 1024].
+template <typename T>
+int row_threads(int V) {
+    const int vectors = ceil_div(V, Packed128<T>::size);
+    int threads = 32;
+    while (threads < vectors && threads < kMaxThreads) threads *= 2;
+    return threads;
+}
+
+void check_sizes(const char* who, long long N, long long V, long long row_stride) {
+    const std::string name(who);
+    require(N >= 0, name + ": N must be >= 0");
+    require(N <= 0x7fffffffLL, name + ": N must fit one grid (<= 2^31 - 1 rows)");
+    // int column indices, with room for a block's stride past the end
+    require(V >= 1 && V <= (1LL << 30), name + ": V must be in [1, 2^30]");
+    require(row_stride >= V, name + ": row_stride must be >= V");
+    require(N == 0 || row_stride <= (0x7fffffffffffffffLL - V) / N, name + ": N * row_stride overflows");
+}
+
+}  // namespace
+
+void cross_entropy_forward(float* loss, float* lse, float* n_valid, float* row_losses, const void* logits,
+                           const long long* targets, long long N, long long V, long long row_stride,
+                           long long ignore_index, int dtype, cudaStream_t stream) {
+    check_sizes("cross_entropy_forward", N, V, row_stride);
+    require(loss && n_valid, "cross_entropy_forward: null loss or n_valid");
+    require(N == 0 || (lse && row_losses && logits && targets), "cross_entropy_forward: null pointer");
+    if (N > 0) {
+        dispatch_dtype(to_dtype(dtype), [&](auto tag) {
+            using T = decltype(tag);
+            cross_entropy_forward_kernel<T><<<static_cast<int>(N), row_threads<T>(static_cast<int>(V)), 0, stream>>>(
+                lse, row_losses, static_cast<const T*>(logits), targets, static_cast<int>(V), row_stride, ignore_index);
+        });
+        PYLLMC_LAUNCH_CHECK("cross_entropy_forward_kernel");
+    }
+    cross_entropy_count_kernel<<<1, kReduceThreads, 0, stream>>>(n_valid, targets, N, ignore_index);
+    PYLLMC_LAUNCH_CHECK("cross_entropy_count_kernel");
+    cross_entropy_mean_kernel<<<1, kReduceThreads, 0, stream>>>(loss, row_losses, n_valid, N);
+    PYLLMC_LAUNCH_CHECK("cross_entropy_mean_kernel");
+}
+
+void cross_entropy_backward(void* dlogits, const void* logits, const long long* targets, const float* lse,
+                            const float* n_valid, const float* dloss, long long N, long long V, long long row_stride,
+                            long long ignore_index, int dtype, cudaStream_t stream) {
+    check_sizes("cross_entropy_backward", N, V, row_stride);
+    if (N == 0) return;
+    require(dlogits && logits && targets && lse && n_valid && dloss, "cross_entropy_backward: null pointer");
+    // dlogits holds N full rows of row_stride elements: its padding columns are zeroed.
+    // 128-bit accesses need logits and dlogits equally misaligned (then every row splits alike).
+    const bool vectorize =
+        ((reinterpret_cast<std::uintptr_t>(dlogits) - reinterpret_cast<std::uintptr_t>(logits)) & 15) == 0;
+    dispatch_dtype(to_dtype(dtype), [&](auto tag) {
+        using T = decltype(tag);
+        cross_entropy_backward_kernel<T><<<static_cast<int>(N), row_threads<T>(static_cast<int>(V)), 0, stream>>>(
+            static_cast<T*>(dlogits), static_cast<const T*>(logits), targets, lse, n_valid, dloss,
+            static_cast<int>(V), row_stride, row_stride, ignore_index, vectorize);
+    });
+    PYLLMC_LAUNCH_CHECK("cross_entropy_backward_kernel");
+}
+
+void cross_entropy_fused_forward_backward(float* loss, float* n_valid, float* row_losses, void* logits,
+                                          const long long* targets, long long N, long long V, long long row_stride,
+                                          long long ignore_index, bool zero_padding, int dtype, cudaStream_t stream) {
+    check_sizes("cross_entropy_fused_forward_backward", N, V, row_stride);
+    require(loss && n_valid, "cross_entropy_fused_forward_backward: null loss or n_valid");
+    require(N == 0 || (row_losses && logits && targets), "cross_entropy_fused_forward_backward: null pointer");
+    // n_valid first: the fused kernel scales the gradient by it
+    cross_entropy_count_kernel<<<1, kReduceThreads, 0, stream>>>(n_valid, targets, N, ignore_index);
+    PYLLMC_LAUNCH_CHECK("cross_entropy_count_kernel");
+    if (N > 0) {
+        // zero_padding: the caller guarantees logits' storage holds every row's columns up to row_stride
+        const long long pad_end = zero_padding ? row_stride : V;
+        dispatch_dtype(to_dtype(dtype), [&](auto tag) {
+            using T = decltype(tag);
+            cross_entropy_fused_kernel<T><<<static_cast<int>(N), row_threads<T>(static_cast<int>(V)), 0, stream>>>(
+                row_losses, static_cast<T*>(logits), targets, n_valid, static_cast<int>(V), row_stride, pad_end,
+                ignore_index);
+        });
+        PYLLMC_LAUNCH_CHECK("cross_entropy_fused_kernel");
+    }
+    cross_entropy_mean_kernel<<<1, kReduceThreads, 0, stream>>>(loss, row_losses, n_valid, N);
+    PYLLMC_LAUNCH_CHECK("cross_entropy_mean_kernel");
+}
+
+void cross_entropy_scale_grad(void* dlogits, const float* dloss, long long N, long long V, long long row_stride,
+                              int dtype, cudaStream_t stream) {
+    check_sizes("cross_entropy_scale_grad", N, V, row_stride);
+    if (N == 0) return;
+    require(dlogits && dloss, "cross_entropy_scale_grad: null pointer");
+    dispatch_dtype(to_dtype(dtype), [&](auto tag) {
+        using T = decltype(tag);
+        cross_entropy_scale_grad_kernel<T><<<static_cast<int>(N), row_threads<T>(static_cast<int>(V)), 0, stream>>>(
+            static_cast<T*>(dlogits), dloss, static_cast<int>(V), row_stride);
+    });
+    PYLLMC_LAUNCH_CHECK("cross_entropy_scale_grad_kernel");
+}
+
+}  // namespace pyllmc

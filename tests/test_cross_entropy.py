@@ -1,0 +1,500 @@
+"""ops.cross_entropy (and the fused classifier) on each kernel backend against PyTorch autograd
+(F.cross_entropy) in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyllmc
+from pyllmc import ops
+from tolerances import assert_flash_close
+
+VP = 50304  # GPT-2's padded vocabulary
+V_GPT2 = 50257
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+# ---- references and comparisons -------------------------------------------------------------
+
+def reference(logits, targets, ignore_index=-1, dloss=None, dtype=torch.float64):
+    """Loss and dlogits by PyTorch autograd with pyllmc's conventions (mean over the rows not
+    ignored, 0.0 when all are), computed in `dtype` (float64: the truth; the kernel's dtype:
+    PyTorch's own error, for the flash-attention criterion)."""
+    x = logits.detach().cpu().to(dtype).requires_grad_(True)
+    t = targets.long().cpu()
+    n_valid = (t != ignore_index).sum().clamp(min=1)
+    loss = F.cross_entropy(x, t, ignore_index=ignore_index, reduction="sum") / n_valid
+    loss.backward(torch.ones((), dtype=dtype) if dloss is None else dloss.cpu().to(dtype))
+    return loss.detach(), x.grad
+
+
+def assert_loss_close(loss, logits, targets, ignore_index=-1, name="loss"):
+    assert loss.dtype == torch.float32 and loss.dim() == 0, f"{name}: expected a float32 scalar, got {loss}"
+    truth, _ = reference(logits, targets, ignore_index)
+    same_dtype, _ = reference(logits, targets, ignore_index, dtype=logits.dtype)
+    assert_flash_close(loss.detach().cpu(), truth, same_dtype, name)
+
+
+def assert_grad_close(grad, logits, targets, dloss, ignore_index=-1, name="dlogits"):
+    """Flash criterion on gradients scaled so the largest reference entry is 1: at V = 50257
+    the entries are ~1e-5, and an absolute epsilon alone could not fail."""
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape, name
+    _, truth = reference(logits, targets, ignore_index, dloss)
+    _, same_dtype = reference(logits, targets, ignore_index, dloss, dtype=logits.dtype)
+    scale = truth.abs().max().clamp(min=1e-30)
+    assert_flash_close((grad.detach().cpu().double() / scale).to(grad.dtype), truth / scale,
+                       (same_dtype.double() / scale).to(grad.dtype), name)
+
+
+def random_targets(N, V, device, ignore_every=0, ignore_index=-1):
+    targets = torch.randint(0, V, (N,), device=device)
+    if ignore_every:
+        targets[::ignore_every] = ignore_index
+    return targets
+
+
+def interpreter(device) -> bool:
+    return device.type == "cpu"
+
+
+# ---- numerics ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [1, 3, 1000, V_GPT2, VP])
+@pytest.mark.parametrize("N", [1, 37])
+def test_cross_entropy_matches_torch(kernel_backend, N, V, dtype):
+    name, device = kernel_backend
+    if interpreter(device) and V == VP and N > 4:
+        N = 4  # keeps the interpreter quick; the GPU runs the full size
+    logits = (2 * torch.randn(N, V, device=device)).to(dtype).requires_grad_(True)
+    targets = random_targets(N, V, device, ignore_every=7)
+    dloss = torch.randn((), device=device)
+
+    loss = ops.cross_entropy(logits, targets, backend=name)
+    loss.backward(dloss)
+
+    assert loss.device == logits.device
+    assert_loss_close(loss, logits, targets)
+    assert_grad_close(logits.grad, logits, targets, dloss)
+
+
+def test_cross_entropy_float16(kernel_backend):
+    name, device = kernel_backend
+    logits = torch.randn(37, 1000, device=device).half().requires_grad_(True)
+    targets = random_targets(37, 1000, device, ignore_every=5)
+    dloss = torch.randn((), device=device)
+    loss = ops.cross_entropy(logits, targets, backend=name)
+    loss.backward(dloss)
+    assert_loss_close(loss, logits, targets)
+    assert_grad_close(logits.grad, logits, targets, dloss)
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_padded_view(kernel_backend, dtype, inplace_backward):
+    """GPT-2's (N, 50257) view of padded (N, 50304) logits: read in place (row stride 50304),
+    gradient in the same layout with zeros in the padding."""
+    name, device = kernel_backend
+    N = 3 if interpreter(device) else 37
+    weight = torch.randn(N, VP, device=device, dtype=dtype, requires_grad=True)
+    padded = weight * 2.0  # an intermediate, like the lm_head matmul's output
+    logits = padded[:, :V_GPT2]
+    assert logits.stride() == (VP, 1)
+    expected_logits = logits.detach().clone()
+    targets = random_targets(N, V_GPT2, device, ignore_every=2)
+    dloss = torch.randn((), device=device)
+
+    loss = ops.cross_entropy(logits, targets, inplace_backward=inplace_backward, backend=name)
+    if inplace_backward:  # the padding of the logits' storage is zeroed in the forward
+        assert (padded.detach()[:, V_GPT2:] == 0).all()
+    loss.backward(dloss)
+
+    assert_loss_close(loss, expected_logits, targets)
+    assert_grad_close(weight.grad[:, :V_GPT2] / 2.0, expected_logits, targets, dloss)
+    assert (weight.grad[:, V_GPT2:] == 0).all()
+
+
+def test_cross_entropy_backward_keeps_layout(kernel_backend):
+    """The backward op writes dlogits with logits' row stride, padding zeroed."""
+    name, device = kernel_backend
+    N, V, stride = 5, 1001, 1040
+    logits = torch.randn(N, stride, device=device)[:, :V]
+    targets = random_targets(N, V, device, ignore_every=3)
+    loss, lse, n_valid = torch.ops.pyllmc.cross_entropy_forward(logits, targets, -1, name)
+    dloss = torch.ones((), device=device)
+    dlogits = torch.ops.pyllmc.cross_entropy_backward(logits, targets, lse, n_valid, dloss, -1, name)
+    assert dlogits.stride() == (stride, 1)
+    full = dlogits.as_strided((N, stride), (stride, 1))
+    assert (full[:, V:] == 0).all()
+    assert_grad_close(dlogits, logits, targets, dloss)
+    torch.testing.assert_close(lse.cpu().double(), torch.logsumexp(logits.cpu().double(), 1)
+                               .where(targets.cpu() != -1, 0.0), rtol=1e-6, atol=1e-6, check_dtype=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_unaligned_rows(kernel_backend, dtype):
+    """Row starts at every 16-byte misalignment (odd V, contiguous) and a storage offset of one
+    element: the CUDA kernels peel a scalar head before their 128-bit accesses."""
+    name, device = kernel_backend
+    N, V = 9, 1003
+    base = torch.randn(N * V + 1, device=device).to(dtype)
+    for logits in (base[: N * V].view(N, V), base[1:].view(N, V)):
+        logits = logits.detach().requires_grad_(True)
+        targets = random_targets(N, V, device)
+        dloss = torch.randn((), device=device)
+        loss = ops.cross_entropy(logits, targets, backend=name)
+        loss.backward(dloss)
+        assert_loss_close(loss, logits, targets)
+        assert_grad_close(logits.grad, logits, targets, dloss)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_cross_entropy_ignore_index(kernel_backend, ignore_index):
+    """A custom ignore_index, including one that is also a valid class id."""
+    name, device = kernel_backend
+    N, V = 37, 5
+    logits = torch.randn(N, V, device=device, requires_grad=True)
+    targets = random_targets(N, V, device, ignore_every=4, ignore_index=ignore_index)
+    dloss = torch.randn((), device=device)
+    loss = ops.cross_entropy(logits, targets, ignore_index=ignore_index, backend=name)
+    loss.backward(dloss)
+    assert_loss_close(loss, logits, targets, ignore_index)
+    assert_grad_close(logits.grad, logits, targets, dloss, ignore_index)
+    ignored = (targets == ignore_index).cpu()
+    assert ignored.any() and (logits.grad.cpu()[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_cross_entropy_all_rows_ignored(kernel_backend, inplace_backward):
+    """Defined as loss 0.0 with zero gradients (F.cross_entropy's mean gives NaN)."""
+    name, device = kernel_backend
+    weight = torch.randn(6, 11, device=device, requires_grad=True)
+    logits = weight * 1.0
+    targets = torch.full((6,), -1, device=device)
+    loss = ops.cross_entropy(logits, targets, inplace_backward=inplace_backward, backend=name)
+    loss.backward(torch.tensor(3.0, device=device))
+    assert loss.item() == 0.0
+    assert (weight.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend_name", ["kernel", "torch"])
+def test_cross_entropy_empty(kernel_backend, backend_name):
+    name, device = kernel_backend
+    logits = torch.randn(0, 7, device=device, requires_grad=True)
+    loss = ops.cross_entropy(logits, torch.zeros(0, dtype=torch.long, device=device),
+                             backend=name if backend_name == "kernel" else "torch")
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad.shape == (0, 7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_confident_logits(kernel_backend, dtype):
+    """|logits| ~ 1e4: a near one-hot softmax, without inf or NaN; half the rows target their
+    argmax (loss ~ 0), half a random class (loss ~ 1e4)."""
+    name, device = kernel_backend
+    N, V = 8, 1000
+    logits = (1e4 * torch.randn(N, V, device=device)).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, V, (N,), device=device)
+    targets[::2] = logits.detach().argmax(1)[::2]
+    dloss = torch.randn((), device=device)
+    loss = ops.cross_entropy(logits, targets, backend=name)
+    loss.backward(dloss)
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad.float()).all()
+    assert_loss_close(loss, logits, targets)
+    assert_grad_close(logits.grad, logits, targets, dloss)
+
+
+def test_cross_entropy_int32_and_strided_targets(kernel_backend):
+    name, device = kernel_backend
+    logits = torch.randn(10, 50, device=device, requires_grad=True)
+    targets = torch.randint(0, 50, (20,), device=device, dtype=torch.int32)[::2]
+    loss = ops.cross_entropy(logits, targets, backend=name)
+    assert_loss_close(loss, logits, targets)
+
+
+def test_cross_entropy_deterministic(kernel_backend):
+    name, device = kernel_backend
+    logits = torch.randn(37, 3001, device=device, requires_grad=True)
+    targets = random_targets(37, 3001, device)
+    first = ops.cross_entropy(logits, targets, backend=name)
+    first.backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    second = ops.cross_entropy(logits, targets, backend=name)
+    second.backward()
+    assert torch.equal(first, second) and torch.equal(grad, logits.grad)
+
+
+# ---- the fused classifier (inplace_backward=True) -------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_backward_gpt2_head(kernel_backend, dtype):
+    """logits = x @ W.T (the matmul saves x and W, not logits): the fused path gives the same
+    loss and the right gradients for x and W, for a random upstream gradient."""
+    name, device = kernel_backend
+    N, C, V = 37, 16, 1003
+    x = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(V, C, device=device, dtype=dtype, requires_grad=True)
+    targets = random_targets(N, V, device, ignore_every=6)
+    dloss = torch.randn((), device=device)
+
+    logits = x @ w.t()
+    expected_logits = logits.detach().clone()
+    loss = ops.cross_entropy(logits, targets, inplace_backward=True, backend=name)
+    loss.backward(dloss)
+
+    # logits now hold their own gradient (dloss multiplied in by the backward)
+    assert_grad_close(logits.detach(), expected_logits, targets, dloss, name="in-place dlogits")
+    assert_loss_close(loss, expected_logits, targets)
+    # the matmul's backward in float64 from the exact gradient of the logits the op saw
+    _, dlogits64 = reference(expected_logits, targets, dloss=dloss)
+    x64, w64 = x.detach().double().cpu(), w.detach().double().cpu()
+    torch.testing.assert_close(x.grad.double().cpu(), dlogits64 @ w64, **_matmul_tolerance(dtype))
+    torch.testing.assert_close(w.grad.double().cpu(), dlogits64.t() @ x64, **_matmul_tolerance(dtype))
+
+
+def _matmul_tolerance(dtype):
+    return {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 5e-2, "atol": 2e-3}
+
+
+@pytest.mark.parametrize("dloss_value", [1.0, -2.5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_backward_equals_default(kernel_backend, dtype, dloss_value):
+    name, device = kernel_backend
+    N, V = 37, 777
+    weight = torch.randn(N, V, device=device, dtype=dtype, requires_grad=True)
+    targets = random_targets(N, V, device, ignore_every=5)
+    dloss = torch.tensor(dloss_value, device=device)
+    grads, losses = [], []
+    for inplace in (False, True):
+        weight.grad = None
+        loss = ops.cross_entropy(weight * 1.0, targets, inplace_backward=inplace, backend=name)
+        loss.backward(dloss)
+        grads.append(weight.grad.clone())
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    # Same formulas; with dloss != 1 the fused path rounds to the storage dtype once more
+    # (before the upstream gradient is multiplied in): at most an ulp or two apart.
+    ulp = 2.0**-23 if dtype == torch.float32 else 2.0**-7
+    torch.testing.assert_close(grads[1].float(), grads[0].float(), rtol=2 * ulp, atol=1e-30)
+
+
+def test_inplace_backward_refuses_corrupting_saved_tensors(kernel_backend):
+    """exp saves its output for its backward: overwriting it must make backward raise, not
+    silently use the gradient as exp's output."""
+    name, device = kernel_backend
+    z = torch.randn(8, 13, device=device, requires_grad=True)
+    logits = torch.exp(z)
+    loss = ops.cross_entropy(logits, random_targets(8, 13, device), inplace_backward=True, backend=name)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_inplace_backward_cannot_run_twice(kernel_backend):
+    """The gradient lives in the logits' storage and the backward scales it in place: a second
+    backward (retain_graph) must raise rather than return a twice-scaled gradient."""
+    name, device = kernel_backend
+    weight = torch.randn(4, 10, device=device, requires_grad=True)
+    loss = ops.cross_entropy(weight * 1.0, random_targets(4, 10, device), inplace_backward=True, backend=name)
+    loss.backward(torch.tensor(2.0, device=device), retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_inplace_backward_refuses_leaves(kernel_backend):
+    name, device = kernel_backend
+    leaf = torch.randn(4, 64, device=device, requires_grad=True)
+    targets = random_targets(4, 50, device)
+    with pytest.raises(ValueError, match="logits must be an intermediate result"):
+        ops.cross_entropy(leaf, targets, inplace_backward=True, backend=name)
+    with pytest.raises(ValueError, match="view of a leaf"):
+        ops.cross_entropy(leaf[:, :50], targets, inplace_backward=True, backend=name)
+
+
+def test_inplace_backward_without_grad_leaves_logits(kernel_backend):
+    """No gradient wanted: the fused path falls back to the plain forward."""
+    name, device = kernel_backend
+    logits = torch.randn(5, 9, device=device)
+    before = logits.clone()
+    targets = random_targets(5, 9, device)
+    loss = ops.cross_entropy(logits, targets, inplace_backward=True, backend=name)
+    assert torch.equal(logits, before)
+    assert_loss_close(loss, logits, targets)
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad_id", ["too_large", "negative"])
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_cross_entropy_rejects_bad_targets(kernel_backend, bad_id, inplace_backward):
+    name, device = kernel_backend
+    V = 10
+    weight = torch.randn(6, V, device=device, requires_grad=True)
+    logits = weight * 1.0
+    before = logits.detach().clone()
+    targets = random_targets(6, V, device)
+    targets[3] = V if bad_id == "too_large" else -2
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 10\) or equal ignore_index=-1"):
+        ops.cross_entropy(logits, targets, inplace_backward=inplace_backward, backend=name)
+    assert torch.equal(logits.detach(), before), "the logits were overwritten before the check"
+
+
+@pytest.mark.parametrize("bad", [10, -5])
+def test_cross_entropy_torch_backend_rejects_bad_targets(bad):
+    targets = torch.tensor([1, bad, 2])
+    with pytest.raises(ValueError, match="targets must lie in"):
+        ops.cross_entropy(torch.randn(3, 10), targets, backend="torch")
+
+
+BAD_INPUTS = [
+    ("logits as a list", lambda: ([[1.0, 2.0]], torch.tensor([0])), "logits must be a torch.Tensor"),
+    ("float64 logits", lambda: (torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])),
+     "logits must have dtype float32, bfloat16, float16"),
+    ("int logits", lambda: (torch.ones(3, 4, dtype=torch.int32), torch.tensor([0, 1, 2])), "logits must have dtype"),
+    ("1-D logits", lambda: (torch.randn(4), torch.tensor([0])), "logits must be 2-D"),
+    ("3-D logits", lambda: (torch.randn(2, 3, 4), torch.tensor([0, 1])), "logits must be 2-D"),
+    ("V = 0", lambda: (torch.randn(3, 0), torch.tensor([0, 1, 2])), "at least one class"),
+    ("column-major logits", lambda: (torch.randn(4, 3).t(), torch.tensor([0, 1, 2])), "stride 1 along the vocabulary"),
+    ("overlapping rows", lambda: (torch.randn(1, 4).expand(3, 4), torch.tensor([0, 1, 2])), "rows must not overlap"),
+    ("float targets", lambda: (torch.randn(3, 4), torch.tensor([0.0, 1.0, 2.0])),
+     "targets must have dtype int64, int32"),
+    ("2-D targets", lambda: (torch.randn(3, 4), torch.tensor([[0, 1, 2]])), "targets must be 1-D"),
+    ("short targets", lambda: (torch.randn(3, 4), torch.tensor([0, 1])), r"targets must have shape \(3,\)"),
+    ("targets on another device", lambda: (torch.randn(3, 4), torch.zeros(3, dtype=torch.long, device="meta")),
+     "targets is on meta but logits is on cpu"),
+]
+
+
+@pytest.mark.parametrize("backend_name", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_cross_entropy_rejects_bad_input(backend_name, case):
+    _, make, message = case
+    logits, targets = make()
+    with pytest.raises(ValueError, match=message):
+        ops.cross_entropy(logits, targets, backend=backend_name)
+
+
+@pytest.mark.parametrize("ignore_index", [None, 1.0, True])
+def test_cross_entropy_rejects_non_int_ignore_index(ignore_index):
+    with pytest.raises(ValueError, match="ignore_index must be an int"):
+        ops.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), ignore_index)
+
+
+def test_cross_entropy_wrong_device_for_backend():
+    logits, targets = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    if pyllmc.available_backends()["cuda"].available:
+        with pytest.raises(ValueError, match="backend 'cuda' runs on CUDA tensors"):
+            ops.cross_entropy(logits, targets, backend="cuda")
+    else:
+        with pytest.raises(pyllmc.BackendUnavailableError, match="cuda"):
+            ops.cross_entropy(logits, targets, backend="cuda")
+
+
+def test_cuda_launchers_check_sizes():
+    """The CUDA launchers refuse sizes that would read or write out of bounds, before touching
+    the GPU (so this runs wherever the extension is built)."""
+    try:
+        from pyllmc import _C
+    except ImportError:
+        pytest.skip("pyllmc._C not built on this machine")
+    if not hasattr(_C, "cross_entropy_forward"):
+        pytest.skip("pyllmc._C was built before cross_entropy existed: reinstall pyllmc")
+    p = 256  # any non-null address: the checks run first
+    with pytest.raises(ValueError, match="row_stride must be >= V"):
+        _C.cross_entropy_forward(p, p, p, p, p, p, 4, 100, 99, -1, 0, 0)
+    with pytest.raises(ValueError, match="V must be in"):
+        _C.cross_entropy_backward(p, p, p, p, p, p, 4, 0, 10, -1, 0, 0)
+    with pytest.raises(ValueError, match="N must be >= 0"):
+        _C.cross_entropy_fused_forward_backward(p, p, p, p, p, -1, 10, 10, -1, True, 0, 0)
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.cross_entropy_fused_forward_backward(p, p, 0, p, p, 4, 10, 10, -1, True, 0, 0)
+    with pytest.raises(ValueError, match="unknown dtype code"):
+        _C.cross_entropy_scale_grad(p, p, 4, 10, 10, 7, 0)
+
+
+def test_triton_launchers_check_layout():
+    """The Triton launchers refuse layouts their addressing cannot take (called directly)."""
+    if not pyllmc.available_backends()["triton"].available:
+        pytest.skip("triton unavailable")
+    from pyllmc.kernels import cross_entropy as kernels
+
+    targets = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="stride"):
+        kernels.cross_entropy_forward(torch.randn(4, 3).t(), targets, -1)
+    with pytest.raises(ValueError, match="targets must be a contiguous int64"):
+        kernels.cross_entropy_fused_forward_backward(torch.randn(3, 4), targets.int(), -1, False)
+
+
+# ---- the torch backend, custom-op registration, torch.compile ---------------------------------------
+
+def test_cross_entropy_torch_backend_is_pytorch():
+    logits = torch.randn(37, 100, requires_grad=True)
+    targets = random_targets(37, 100, "cpu", ignore_every=3)
+    loss = ops.cross_entropy(logits, targets, backend="torch")
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets, ignore_index=-1), rtol=1e-6, atol=1e-6)
+    all_ignored = ops.cross_entropy(logits, torch.full((37,), -1), backend="torch")
+    assert all_ignored.dtype == torch.float32 and all_ignored.item() == 0.0
+
+
+def test_cross_entropy_custom_op_registration(kernel_backend):
+    """register_fake and the autograd registration agree with the real kernels (torch's checker)."""
+    name, device = kernel_backend
+    logits = torch.randn(37, 45, device=device)[:, :41].requires_grad_(True)
+    targets = random_targets(37, 41, device, ignore_every=4)
+    torch.library.opcheck(torch.ops.pyllmc.cross_entropy_forward.default, (logits, targets, -1, name),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    _, lse, n_valid = torch.ops.pyllmc.cross_entropy_forward(logits.detach(), targets, -1, name)
+    torch.library.opcheck(torch.ops.pyllmc.cross_entropy_backward.default,
+                          (logits.detach(), targets, lse, n_valid, torch.randn((), device=device), -1, name),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cross_entropy_under_torch_compile(kernel_backend):
+    name, device = kernel_backend
+    x = torch.randn(37, 8, device=device, requires_grad=True)
+    w = torch.randn(101, 8, device=device, requires_grad=True)
+    targets = random_targets(37, 101, device, ignore_every=5)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(x, w, t):
+        return ops.cross_entropy(x @ w.t(), t, backend=name) * 3.0
+
+    loss = f(x, w, targets)
+    loss.backward()
+    logits = (x @ w.t()).detach()
+    torch.testing.assert_close(loss.detach().cpu().double(), 3.0 * reference(logits, targets)[0],
+                               rtol=1e-5, atol=1e-5)
+    _, dlogits = reference(logits, targets, dloss=torch.tensor(3.0))
+    torch.testing.assert_close(x.grad.cpu().double(), dlogits @ w.detach().cpu().double(), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_custom_ops_registration(kernel_backend):
+    """The mutating ops declare their mutation (schema) and have matching fake kernels."""
+    name, device = kernel_backend
+    logits = torch.randn(37, 45, device=device)[:, :41]
+    targets = random_targets(37, 41, device, ignore_every=4)
+    torch.library.opcheck(torch.ops.pyllmc.cross_entropy_fused_forward_backward.default, (logits, targets, -1, name),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.pyllmc.cross_entropy_scale_grad.default,
+                          (logits, torch.tensor(0.5, device=device), name),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_inplace_backward_under_torch_compile(kernel_backend):
+    name, device = kernel_backend
+    x = torch.randn(37, 8, device=device, requires_grad=True)
+    w = torch.randn(101, 8, device=device, requires_grad=True)
+    targets = random_targets(37, 101, device, ignore_every=5)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(x, w, t):
+        return ops.cross_entropy(x @ w.t(), t, inplace_backward=True, backend=name) * 3.0
+
+    loss = f(x, w, targets)
+    loss.backward()
+    logits = (x @ w.t()).detach()
+    torch.testing.assert_close(loss.detach().cpu().double(), 3.0 * reference(logits, targets)[0],
+                               rtol=1e-5, atol=1e-5)
+    _, dlogits = reference(logits, targets, dloss=torch.tensor(3.0))
+    torch.testing.assert_close(x.grad.cpu().double(), dlogits @ w.detach().cpu().double(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.cpu().double(), dlogits.t() @ x.detach().cpu().double(), rtol=1e-4, atol=1e-5)
