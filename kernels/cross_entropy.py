@@ -34,10 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-# Start of every running max: finite, so (running max - new max) is never inf - inf, and
-# small enough that scaling it by log2(e) cannot overflow.
-LOWEST = -1.0e38
+# Constants used inside the kernels are written there as literals: a @triton.jit function
+# may not read a plain Python global on the GPU (the interpreter allows it, which hid it).
+#   1.4426950408889634 = log2(e): exp(x) = exp2(x * log2(e)).
+#   -1.0e38: the start of every running max: finite, so (running max - new max) is never
+#   inf - inf, and small enough that scaling it by log2(e) cannot overflow.
 MAX_BLOCK = 4096      # vocabulary chunk per loop iteration on a GPU
 # Under the CPU interpreter every chunk costs Python overhead (tl.max per chunk): larger
 # chunks, still several per row at GPT-2's vocabulary so the chunk loop is exercised.
@@ -61,14 +62,14 @@ def _row_stats(
     """
     offsets = tl.arange(0, BLOCK)
     n_read = tl.where(valid, V, 0)  # columns to read: (cols < V) & valid, in one compare
-    running_max = tl.full((), LOWEST, tl.float32)
+    running_max = tl.full((), -1.0e38, tl.float32)
     lane_sum = tl.zeros((BLOCK,), tl.float32)
     lane_target = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + offsets
         x = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        lane_sum = lane_sum * tl.exp2((running_max - new_max) * LOG2E) + tl.exp2((x - new_max) * LOG2E)
+        lane_sum = lane_sum * tl.exp2((running_max - new_max) * 1.4426950408889634) + tl.exp2((x - new_max) * 1.4426950408889634)
         running_max = new_max
         lane_target += tl.where(cols == target, x, 0.0)
     return running_max, tl.sum(lane_sum, axis=0), tl.sum(lane_target, axis=0)
@@ -101,7 +102,7 @@ def _write_row_grad(
         cols = start + offsets
         in_row = cols < V
         x = tl.load(in_row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
-        p = tl.exp2((x - lse) * LOG2E)
+        p = tl.exp2((x - lse) * 1.4426950408889634)
         grad = (p - tl.where(cols == target, 1.0, 0.0)) * scale
         grad = tl.where(valid, grad, 0.0)
         tl.store(out_row_ptr + cols, grad.to(out_row_ptr.dtype.element_ty), mask=in_row)

@@ -11,9 +11,20 @@ import torch
 import triton
 import triton.language as tl
 
-SQRT_2_OVER_PI = 0.7978845608028654
-GELU_COEF = 0.044715
 BLOCK_SIZE = 1024
+
+
+@triton.jit
+def _inner(x):
+    # u = sqrt(2/pi) * (x + 0.044715 x^3). The constants are literals: a @triton.jit function
+    # may not read a plain Python global on the GPU (the interpreter allows it), and a
+    # tl.constexpr global does not mix with tensors under the interpreter.
+    return 0.7978845608028654 * (x + 0.044715 * x * x * x)
+
+
+@triton.jit
+def _du_dx(x):
+    return 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
 
 
 @triton.jit
@@ -41,8 +52,7 @@ def gelu_forward_kernel(
     offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n
     x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    u = SQRT_2_OVER_PI * (x + GELU_COEF * x * x * x)
-    one_plus_tanh, _ = _one_plus_tanh_and_sech2(u)
+    one_plus_tanh, _ = _one_plus_tanh_and_sech2(_inner(x))
     y = 0.5 * x * one_plus_tanh
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -60,10 +70,8 @@ def gelu_backward_kernel(
     mask = offsets < n
     x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    x2 = x * x
-    one_plus_tanh, sech2 = _one_plus_tanh_and_sech2(SQRT_2_OVER_PI * (x + GELU_COEF * x2 * x))
-    du_dx = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_COEF * x2)
-    dx = dy * (0.5 * one_plus_tanh + 0.5 * x * sech2 * du_dx)
+    one_plus_tanh, sech2 = _one_plus_tanh_and_sech2(_inner(x))
+    dx = dy * (0.5 * one_plus_tanh + 0.5 * x * sech2 * _du_dx(x))
     tl.store(dinp_ptr + offsets, dx.to(dinp_ptr.dtype.element_ty), mask=mask)
 
 
