@@ -1,0 +1,279 @@
+"""ops.layernorm and ops.fused_residual_layernorm: LayerNorm over the last dim C.
+
+    layernorm(x, weight, bias, eps)                          -> y = (x - mean) * rstd * weight + bias
+    fused_residual_layernorm(residual, x, weight, bias, eps) -> (h, layernorm(h)),  h = residual + x
+
+The fused op reads residual and x once and writes h and y in one pass (GPT-2's block:
+the residual stream and the next LayerNorm). Its backward gives residual and x the same
+gradient dh = d(h) + LN-backward(dy).
+
+Input checks, then the raw kernel calls per backend, then the custom ops + autograd glue
+(torch.library.custom_op so the ops survive torch.compile). The forward ops also return
+mean and rstd, float32 (rows,), which the backward reuses. dweight and dbias are summed
+over rows deterministically: per-block float32 partial sums in a scratch buffer allocated
+here, then a fixed-order reduction. The "torch" backend is plain F.layer_norm, the
+reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (
+    aligned16,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    cuda_ext,
+    dtype_code,
+    resolve_backend,
+    stream_handle,
+    triton_kernels,
+)
+
+# The Triton kernels keep a row of next_power_of_2(C) elements in one program.
+TRITON_MAX_C = 65536
+# The CUDA launchers take C as a 32-bit int.
+CUDA_MAX_C = 2**31 - 1
+
+
+def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, *,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """LayerNorm of x (..., C) over its last dim; weight, bias (C,) of x's dtype."""
+    _check_inputs(x, weight, bias, eps)
+    name = _resolve(backend, x)
+    if name == "torch":
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    y, _, _ = torch.ops.pyllmc.layernorm_forward(x, weight, bias, float(eps), name)
+    return y
+
+
+def fused_residual_layernorm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                             eps: float = 1e-5, *,
+                             backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, layernorm(h)) with h = residual + x; residual and x (..., C) of one shape, dtype, device."""
+    _check_inputs(x, weight, bias, eps)
+    check_tensor("residual", residual, min_ndim=1)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
+    check_same_dtype(x=x, residual=residual)
+    check_same_device(x=x, residual=residual)
+    name = _resolve(backend, x)
+    if name == "torch":
+        h = residual + x
+        return h, F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    h, y, _, _ = torch.ops.pyllmc.fused_residual_layernorm_forward(residual, x, weight, bias, float(eps), name)
+    return h, y
+
+
+def _check_inputs(x, weight, bias, eps) -> None:
+    check_tensor("x", x, min_ndim=1)
+    C = x.shape[-1]
+    if C == 0:
+        raise ValueError(f"x must have a last dim C >= 1; got shape {tuple(x.shape)}")
+    check_tensor("weight", weight, ndim=1)
+    check_tensor("bias", bias, ndim=1)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.shape[0] != C:
+            raise ValueError(f"{name} must have shape (C,) = ({C},), C being x's last dim; got {tuple(t.shape)}")
+    check_same_dtype(x=x, weight=weight, bias=bias)
+    check_same_device(x=x, weight=weight, bias=bias)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite float >= 0; got {eps!r}")
+
+
+def _resolve(backend: Optional[str], x: torch.Tensor) -> str:
+    name = resolve_backend(backend, x.device)
+    C = x.shape[-1]
+    if name == "triton" and C > TRITON_MAX_C:
+        raise ValueError(f"x's last dim must be <= {TRITON_MAX_C} on the triton backend; got {C}")
+    if name == "cuda" and C > CUDA_MAX_C:
+        raise ValueError(f"x's last dim must be <= {CUDA_MAX_C} on the cuda backend; got {C}")
+    return name
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+# ---- raw kernel calls ------------------------------------------------------------------
+
+_sm_counts: dict = {}
+
+
+def cuda_num_partials(rows: int, device: torch.device) -> int:
+    """Blocks of the CUDA backward (= rows of its partial-sum scratch): two per SM fills the
+    GPU with one wave; each block owns a contiguous range of rows."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return max(1, min(rows, 2 * _sm_counts[index]))
+
+
+def _forward(x, weight, bias, eps: float, backend: str):
+    """(y, mean, rstd)."""
+    if backend == "triton":
+        return triton_kernels("layernorm").layernorm_forward(x, weight, bias, eps)
+    x, weight, bias = aligned16(x), aligned16(weight), aligned16(bias)
+    rows = _rows(x)
+    y = torch.empty_like(x)
+    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
+    with torch.cuda.device(x.device):
+        cuda_ext().layernorm_forward(y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), x.data_ptr(),
+                                     weight.data_ptr(), bias.data_ptr(), rows, x.shape[-1], eps, dtype_code(x),
+                                     stream_handle(x))
+    return y, mean, rstd
+
+
+def _backward(dy, x, weight, mean, rstd, backend: str):
+    """(dx, dweight, dbias)."""
+    if backend == "triton":
+        return triton_kernels("layernorm").layernorm_backward(dy, x, weight, mean, rstd)
+    dy, x, weight = aligned16(dy), aligned16(x), aligned16(weight)
+    rows, C = _rows(x), x.shape[-1]
+    partials = cuda_num_partials(rows, x.device)
+    dx = torch.empty_like(x)
+    dweight = torch.empty_like(weight)
+    dbias = torch.empty_like(weight)
+    scratch = torch.empty((2, partials, C), device=x.device, dtype=torch.float32)
+    with torch.cuda.device(x.device):
+        cuda_ext().layernorm_backward(dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), scratch.data_ptr(),
+                                      dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(),
+                                      rstd.data_ptr(), rows, C, partials, dtype_code(x), stream_handle(x))
+    return dx, dweight, dbias
+
+
+def _fused_forward(residual, x, weight, bias, eps: float, backend: str):
+    """(h, y, mean, rstd)."""
+    if backend == "triton":
+        return triton_kernels("layernorm").fused_residual_layernorm_forward(residual, x, weight, bias, eps)
+    residual, x, weight, bias = aligned16(residual), aligned16(x), aligned16(weight), aligned16(bias)
+    rows = _rows(x)
+    h = torch.empty_like(x)
+    y = torch.empty_like(x)
+    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
+    with torch.cuda.device(x.device):
+        cuda_ext().fused_residual_layernorm_forward(h.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                                                    residual.data_ptr(), x.data_ptr(), weight.data_ptr(),
+                                                    bias.data_ptr(), rows, x.shape[-1], eps, dtype_code(x),
+                                                    stream_handle(x))
+    return h, y, mean, rstd
+
+
+def _fused_backward(dh_out, dy, h, weight, mean, rstd, backend: str):
+    """(dh, dweight, dbias), dh the gradient of both residual and x."""
+    if backend == "triton":
+        return triton_kernels("layernorm").fused_residual_layernorm_backward(dh_out, dy, h, weight, mean, rstd)
+    dh_out, dy, h, weight = aligned16(dh_out), aligned16(dy), aligned16(h), aligned16(weight)
+    rows, C = _rows(h), h.shape[-1]
+    partials = cuda_num_partials(rows, h.device)
+    dh = torch.empty_like(h)
+    dweight = torch.empty_like(weight)
+    dbias = torch.empty_like(weight)
+    scratch = torch.empty((2, partials, C), device=h.device, dtype=torch.float32)
+    with torch.cuda.device(h.device):
+        cuda_ext().fused_residual_layernorm_backward(dh.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
+                                                     scratch.data_ptr(), dh_out.data_ptr(), dy.data_ptr(),
+                                                     h.data_ptr(), weight.data_ptr(), mean.data_ptr(),
+                                                     rstd.data_ptr(), rows, C, partials, dtype_code(h),
+                                                     stream_handle(h))
+    return dh, dweight, dbias
+
+
+# ---- custom ops and autograd -------------------------------------------------------------
+
+def _stats_like(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
+
+
+@torch.library.custom_op("pyllmc::layernorm_forward", mutates_args=())
+def layernorm_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd); mean and rstd float32 (rows,)."""
+    return _forward(x, weight, bias, eps, backend)
+
+
+@layernorm_forward_op.register_fake
+def _(x, weight, bias, eps, backend):
+    return torch.empty_like(x), _stats_like(x), _stats_like(x)
+
+
+@torch.library.custom_op("pyllmc::layernorm_backward", mutates_args=())
+def layernorm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                          rstd: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias)."""
+    return _backward(dy, x, weight, mean, rstd, backend)
+
+
+@layernorm_backward_op.register_fake
+def _(dy, x, weight, mean, rstd, backend):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+@torch.library.custom_op("pyllmc::fused_residual_layernorm_forward", mutates_args=())
+def fused_residual_layernorm_forward_op(
+        residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, y, mean, rstd) with h = residual + x, y = layernorm(h)."""
+    return _fused_forward(residual, x, weight, bias, eps, backend)
+
+
+@fused_residual_layernorm_forward_op.register_fake
+def _(residual, x, weight, bias, eps, backend):
+    return torch.empty_like(x), torch.empty_like(x), _stats_like(x), _stats_like(x)
+
+
+@torch.library.custom_op("pyllmc::fused_residual_layernorm_backward", mutates_args=())
+def fused_residual_layernorm_backward_op(
+        dh_out: torch.Tensor, dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+        rstd: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dweight, dbias)."""
+    return _fused_backward(dh_out, dy, h, weight, mean, rstd, backend)
+
+
+@fused_residual_layernorm_backward_op.register_fake
+def _(dh_out, dy, h, weight, mean, rstd, backend):
+    return torch.empty_like(h), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _bias, _eps, backend = inputs
+    _y, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.backend = backend
+
+
+def _autograd_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    # dy from autograd can be a broadcast or transposed view; the kernels read it flat
+    dx, dweight, dbias = layernorm_backward_op(dy.contiguous(), x, weight, mean, rstd, ctx.backend)
+    return dx, dweight, dbias, None, None
+
+
+layernorm_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    _residual, _x, weight, _bias, _eps, backend = inputs
+    h, _y, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(h, weight, mean, rstd)
+    ctx.backend = backend
+
+
+def _fused_autograd_backward(ctx, dh_out, dy, _dmean, _drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    dh, dweight, dbias = fused_residual_layernorm_backward_op(dh_out.contiguous(), dy.contiguous(), h, weight,
+                                                              mean, rstd, ctx.backend)
+    # h = residual + x: both get dh (autograd treats a gradient shared by two inputs like add's)
+    return dh, dh, dweight, dbias, None, None
+
+
+fused_residual_layernorm_forward_op.register_autograd(_fused_autograd_backward, setup_context=_fused_setup_context)
