@@ -20,6 +20,42 @@ namespace pyllmc {
 // gelu.cu
 void gelu_forward(void* out, const void* inp, long long n, int dtype, cudaStream_t stream);
 void gelu_backward(void* dinp, const void* inp, const void* dout, long long n, int dtype, cudaStream_t stream);
+// adamw.cu
+void adamw_step(const void* tensors, int num_tensors, const void* chunk_to_tensor, long long num_chunks,
+                long long chunk_size, const void* hyper, int num_rows, cudaStream_t stream);
+int adamw_chunk_size();
+int adamw_max_rows();
+// attention.cu
+void attention_forward(void* out, float* lse, const void* q, const void* k, const void* v, int B, int H, int T,
+                       int D, int dtype, cudaStream_t stream);
+void attention_backward(void* dq, void* dk, void* dv, float* delta, const void* dout, const void* out,
+                        const float* lse, const void* q, const void* k, const void* v, int B, int H, int T, int D,
+                        int dtype, cudaStream_t stream);
+// layernorm.cu
+void layernorm_forward(void* out, void* mean, void* rstd, const void* inp, const void* weight, const void* bias,
+                       long long rows, int C, float eps, int dtype, cudaStream_t stream);
+void layernorm_backward(void* dinp, void* dweight, void* dbias, void* scratch, const void* dout, const void* inp,
+                        const void* weight, const void* mean, const void* rstd, long long rows, int C,
+                        int num_partials, int dtype, cudaStream_t stream);
+void fused_residual_layernorm_forward(void* h_out, void* out, void* mean, void* rstd, const void* residual,
+                                      const void* inp, const void* weight, const void* bias, long long rows, int C,
+                                      float eps, int dtype, cudaStream_t stream);
+void fused_residual_layernorm_backward(void* dh, void* dweight, void* dbias, void* scratch, const void* dh_out,
+                                       const void* dout, const void* h, const void* weight, const void* mean,
+                                       const void* rstd, long long rows, int C, int num_partials, int dtype,
+                                       cudaStream_t stream);
+// cross_entropy.cu
+void cross_entropy_forward(float* loss, float* lse, float* n_valid, float* row_losses, const void* logits,
+                           const long long* targets, long long N, long long V, long long row_stride,
+                           long long ignore_index, int dtype, cudaStream_t stream);
+void cross_entropy_backward(void* dlogits, const void* logits, const long long* targets, const float* lse,
+                            const float* n_valid, const float* dloss, long long N, long long V, long long row_stride,
+                            long long ignore_index, int dtype, cudaStream_t stream);
+void cross_entropy_fused_forward_backward(float* loss, float* n_valid, float* row_losses, void* logits,
+                                          const long long* targets, long long N, long long V, long long row_stride,
+                                          long long ignore_index, bool zero_padding, int dtype, cudaStream_t stream);
+void cross_entropy_scale_grad(void* dlogits, const float* dloss, long long N, long long V, long long row_stride,
+                              int dtype, cudaStream_t stream);
 }  // namespace pyllmc
 
 namespace {
@@ -57,4 +93,104 @@ PYBIND11_MODULE(_C, m) {
     m.def("gelu_backward", [](ptr_t dinp, ptr_t inp, ptr_t dout, long long n, int dtype, ptr_t stream) {
         pyllmc::gelu_backward(as_ptr(dinp), as_ptr(inp), as_ptr(dout), n, dtype, as_stream(stream));
     }, py::arg("dinp"), py::arg("inp"), py::arg("dout"), py::arg("n"), py::arg("dtype"), py::arg("stream"));
+
+    // ---- adamw (hyper is a HOST pointer: its rows are copied into the launch's parameters)
+    m.def("adamw_step", [](ptr_t tensors, int num_tensors, ptr_t chunk_to_tensor, long long num_chunks,
+                           long long chunk_size, ptr_t hyper, int num_rows, ptr_t stream) {
+        pyllmc::adamw_step(as_ptr(tensors), num_tensors, as_ptr(chunk_to_tensor), num_chunks, chunk_size,
+                           as_ptr(hyper), num_rows, as_stream(stream));
+    }, py::arg("tensors"), py::arg("num_tensors"), py::arg("chunk_to_tensor"), py::arg("num_chunks"),
+       py::arg("chunk_size"), py::arg("hyper"), py::arg("num_rows"), py::arg("stream"));
+    m.def("adamw_chunk_size", &pyllmc::adamw_chunk_size, "Elements per block of adamw_step.");
+    m.def("adamw_max_rows", &pyllmc::adamw_max_rows, "Hyperparameter rows one adamw_step launch takes.");
+
+    // ---- attention (causal, scale 1/sqrt(D); lse and delta are float32 (B, H, T))
+    m.def("attention_forward", [](ptr_t out, ptr_t lse, ptr_t q, ptr_t k, ptr_t v, int B, int H, int T, int D,
+                                  int dtype, ptr_t stream) {
+        pyllmc::attention_forward(as_ptr(out), as_ptr<float>(lse), as_ptr(q), as_ptr(k), as_ptr(v), B, H, T, D, dtype,
+                                  as_stream(stream));
+    }, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("B"), py::arg("H"),
+       py::arg("T"), py::arg("D"), py::arg("dtype"), py::arg("stream"));
+    m.def("attention_backward", [](ptr_t dq, ptr_t dk, ptr_t dv, ptr_t delta, ptr_t dout, ptr_t out, ptr_t lse,
+                                   ptr_t q, ptr_t k, ptr_t v, int B, int H, int T, int D, int dtype, ptr_t stream) {
+        pyllmc::attention_backward(as_ptr(dq), as_ptr(dk), as_ptr(dv), as_ptr<float>(delta), as_ptr(dout),
+                                   as_ptr(out), as_ptr<const float>(lse), as_ptr(q), as_ptr(k), as_ptr(v), B, H, T, D,
+                                   dtype, as_stream(stream));
+    }, py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("dout"), py::arg("out"),
+       py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("B"), py::arg("H"), py::arg("T"),
+       py::arg("D"), py::arg("dtype"), py::arg("stream"));
+
+    // ---- layernorm
+    m.def("layernorm_forward", [](ptr_t out, ptr_t mean, ptr_t rstd, ptr_t inp, ptr_t weight, ptr_t bias,
+                                  long long rows, int C, float eps, int dtype, ptr_t stream) {
+        pyllmc::layernorm_forward(as_ptr(out), as_ptr(mean), as_ptr(rstd), as_ptr(inp), as_ptr(weight), as_ptr(bias),
+                                  rows, C, eps, dtype, as_stream(stream));
+    }, py::arg("out"), py::arg("mean"), py::arg("rstd"), py::arg("inp"), py::arg("weight"), py::arg("bias"),
+       py::arg("rows"), py::arg("C"), py::arg("eps"), py::arg("dtype"), py::arg("stream"));
+    m.def("layernorm_backward", [](ptr_t dinp, ptr_t dweight, ptr_t dbias, ptr_t scratch, ptr_t dout, ptr_t inp,
+                                   ptr_t weight, ptr_t mean, ptr_t rstd, long long rows, int C, int num_partials,
+                                   int dtype, ptr_t stream) {
+        pyllmc::layernorm_backward(as_ptr(dinp), as_ptr(dweight), as_ptr(dbias), as_ptr(scratch), as_ptr(dout),
+                                   as_ptr(inp), as_ptr(weight), as_ptr(mean), as_ptr(rstd), rows, C, num_partials,
+                                   dtype, as_stream(stream));
+    }, py::arg("dinp"), py::arg("dweight"), py::arg("dbias"), py::arg("scratch"), py::arg("dout"), py::arg("inp"),
+       py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("rows"), py::arg("C"), py::arg("num_partials"),
+       py::arg("dtype"), py::arg("stream"));
+    m.def("fused_residual_layernorm_forward", [](ptr_t h_out, ptr_t out, ptr_t mean, ptr_t rstd, ptr_t residual,
+                                                 ptr_t inp, ptr_t weight, ptr_t bias, long long rows, int C,
+                                                 float eps, int dtype, ptr_t stream) {
+        pyllmc::fused_residual_layernorm_forward(as_ptr(h_out), as_ptr(out), as_ptr(mean), as_ptr(rstd),
+                                                 as_ptr(residual), as_ptr(inp), as_ptr(weight), as_ptr(bias), rows, C,
+                                                 eps, dtype, as_stream(stream));
+    }, py::arg("h_out"), py::arg("out"), py::arg("mean"), py::arg("rstd"), py::arg("residual"), py::arg("inp"),
+       py::arg("weight"), py::arg("bias"), py::arg("rows"), py::arg("C"), py::arg("eps"), py::arg("dtype"),
+       py::arg("stream"));
+    m.def("fused_residual_layernorm_backward", [](ptr_t dh, ptr_t dweight, ptr_t dbias, ptr_t scratch, ptr_t dh_out,
+                                                  ptr_t dout, ptr_t h, ptr_t weight, ptr_t mean, ptr_t rstd,
+                                                  long long rows, int C, int num_partials, int dtype, ptr_t stream) {
+        pyllmc::fused_residual_layernorm_backward(as_ptr(dh), as_ptr(dweight), as_ptr(dbias), as_ptr(scratch),
+                                                  as_ptr(dh_out), as_ptr(dout), as_ptr(h), as_ptr(weight),
+                                                  as_ptr(mean), as_ptr(rstd), rows, C, num_partials, dtype,
+                                                  as_stream(stream));
+    }, py::arg("dh"), py::arg("dweight"), py::arg("dbias"), py::arg("scratch"), py::arg("dh_out"), py::arg("dout"),
+       py::arg("h"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("rows"), py::arg("C"),
+       py::arg("num_partials"), py::arg("dtype"), py::arg("stream"));
+
+    // ---- cross_entropy
+    m.def("cross_entropy_forward", [](ptr_t loss, ptr_t lse, ptr_t n_valid, ptr_t row_losses, ptr_t logits,
+                                      ptr_t targets, long long N, long long V, long long row_stride,
+                                      long long ignore_index, int dtype, ptr_t stream) {
+        pyllmc::cross_entropy_forward(as_ptr<float>(loss), as_ptr<float>(lse), as_ptr<float>(n_valid),
+                                      as_ptr<float>(row_losses), as_ptr(logits), as_ptr<const long long>(targets), N,
+                                      V, row_stride, ignore_index, dtype, as_stream(stream));
+    }, py::arg("loss"), py::arg("lse"), py::arg("n_valid"), py::arg("row_losses"), py::arg("logits"),
+       py::arg("targets"), py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("ignore_index"),
+       py::arg("dtype"), py::arg("stream"));
+    m.def("cross_entropy_backward", [](ptr_t dlogits, ptr_t logits, ptr_t targets, ptr_t lse, ptr_t n_valid,
+                                       ptr_t dloss, long long N, long long V, long long row_stride,
+                                       long long ignore_index, int dtype, ptr_t stream) {
+        pyllmc::cross_entropy_backward(as_ptr(dlogits), as_ptr(logits), as_ptr<const long long>(targets),
+                                       as_ptr<const float>(lse), as_ptr<const float>(n_valid),
+                                       as_ptr<const float>(dloss), N, V, row_stride, ignore_index, dtype,
+                                       as_stream(stream));
+    }, py::arg("dlogits"), py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("n_valid"),
+       py::arg("dloss"), py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("ignore_index"),
+       py::arg("dtype"), py::arg("stream"));
+    m.def("cross_entropy_fused_forward_backward", [](ptr_t loss, ptr_t n_valid, ptr_t row_losses, ptr_t logits,
+                                                     ptr_t targets, long long N, long long V, long long row_stride,
+                                                     long long ignore_index, bool zero_padding, int dtype,
+                                                     ptr_t stream) {
+        pyllmc::cross_entropy_fused_forward_backward(as_ptr<float>(loss), as_ptr<float>(n_valid),
+                                                     as_ptr<float>(row_losses), as_ptr(logits),
+                                                     as_ptr<const long long>(targets), N, V, row_stride,
+                                                     ignore_index, zero_padding, dtype, as_stream(stream));
+    }, py::arg("loss"), py::arg("n_valid"), py::arg("row_losses"), py::arg("logits"), py::arg("targets"),
+       py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("ignore_index"), py::arg("zero_padding"),
+       py::arg("dtype"), py::arg("stream"));
+    m.def("cross_entropy_scale_grad", [](ptr_t dlogits, ptr_t dloss, long long N, long long V, long long row_stride,
+                                         int dtype, ptr_t stream) {
+        pyllmc::cross_entropy_scale_grad(as_ptr(dlogits), as_ptr<const float>(dloss), N, V, row_stride, dtype,
+                                         as_stream(stream));
+    }, py::arg("dlogits"), py::arg("dloss"), py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("dtype"),
+       py::arg("stream"));
 }

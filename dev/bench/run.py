@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 from common import copy_bandwidth_gbps, matmul_tflops  # noqa: E402
 
 # Op modules, in the order of the table. Each is dev/bench/<name>.py.
-MODULES = ["gelu"]
+MODULES = ["gelu", "cross_entropy", "layernorm", "attention", "adamw"]
 
 
 def environment() -> dict:

@@ -4,6 +4,9 @@ Each op checks its inputs (ValueError naming the argument), picks a backend
 ("cuda" | "triton" | "torch", see pyllmc.backend) and runs as an autograd op.
 """
 
+from .attention import attention
+from .cross_entropy import cross_entropy
 from .gelu import gelu
+from .layernorm import fused_residual_layernorm, layernorm
 
-__all__ = ["gelu"]
+__all__ = ["gelu", "layernorm", "fused_residual_layernorm", "cross_entropy", "attention"]

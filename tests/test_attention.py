@@ -1,0 +1,354 @@
+"""ops.attention on each kernel backend against plain-math causal attention in float64.
+
+Criterion (flash-attention's): for out, dq, dk and dv, the kernel's max error against the
+float64 plain-math result is at most 2x the error of the same plain math run in the
+kernel's dtype, plus a small epsilon (tests/tolerances.py).
+"""
+
+import math
+
+import pytest
+import torch
+
+import pyllmc
+from pyllmc import ops
+from pyllmc.ops.attention import SUPPORTED_HEAD_DIMS, backends_for_head_dim, supports_head_dim
+from tolerances import assert_flash_close
+
+# (B, H, T, D): T = 1, odd T, T just under a power of two, every head dim of GPT-2 sizes
+SHAPES = [(1, 1, 1, 64), (2, 3, 17, 64), (1, 2, 113, 64), (2, 12, 256, 64), (1, 4, 1023, 64),
+          (1, 2, 128, 128), (1, 2, 250, 32), (1, 2, 40, 16)]
+GPT2_SHAPE = (4, 12, 1024, 64)  # GPT-2 124M at T = 1024, GPU only
+# under the CPU interpreter these run with H = 1: heads are independent programs of the grid,
+# and the interpreter runs programs one after another
+CPU_ONE_HEAD = {(2, 12, 256, 64), (1, 4, 1023, 64)}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def plain_attention(q, k, v):
+    """softmax(q k^T / sqrt(D) + causal mask) v in q's dtype, by the textbook formula."""
+    T, D = q.shape[-2], q.shape[-1]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+
+
+def plain_with_grads(q, k, v, dout, dtype):
+    """Plain-math output and (dq, dk, dv) computed in `dtype` by autograd."""
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+    out = plain_attention(*leaves)
+    out.backward(dout.to(dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def random_qkv(shape, device, dtype, requires_grad=True):
+    return [torch.randn(shape, device=device).to(dtype).requires_grad_(requires_grad) for _ in range(3)]
+
+
+def skip_unsupported(name, device, shape, dtype):
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter computes tl.dot wrong on bfloat16: bf16 runs on the GPU only")
+    if not supports_head_dim(name, shape[3], dtype):
+        pytest.skip(f"backend {name!r} does not take D={shape[3]} in {dtype}")
+
+
+def check_against_reference(name, q, k, v, dout, what=""):
+    out = ops.attention(q, k, v, backend=name)
+    out.backward(dout)
+    got = [out.detach(), q.grad, k.grad, v.grad]
+    truth = plain_with_grads(q, k, v, dout, torch.float64)
+    same_dtype = plain_with_grads(q, k, v, dout, q.dtype)
+    assert out.dtype == q.dtype and out.shape == q.shape and out.device == q.device
+    for label, g, t, s in zip(("out", "dq", "dk", "dv"), got, truth, same_dtype):
+        assert_flash_close(g, t, s, f"attention {label}{what}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_attention_matches_reference(kernel_backend, shape, dtype):
+    name, device = kernel_backend
+    skip_unsupported(name, device, shape, dtype)
+    if device.type == "cpu" and shape in CPU_ONE_HEAD:
+        if shape[2] > 512 and dtype != torch.float32:
+            pytest.skip("long sequence under the interpreter: float32 here, every dtype on the GPU")
+        shape = (shape[0], 1) + shape[2:]
+    q, k, v = random_qkv(shape, device, dtype)
+    dout = torch.randn(shape, device=device).to(dtype)
+    check_against_reference(name, q, k, v, dout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_gpt2_size(kernel_backend, on_gpu_only, dtype):
+    name, device = kernel_backend
+    skip_unsupported(name, device, GPT2_SHAPE, dtype)
+    q, k, v = random_qkv(GPT2_SHAPE, device, dtype)
+    dout = torch.randn(GPT2_SHAPE, device=device).to(dtype)
+    check_against_reference(name, q, k, v, dout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_lse(kernel_backend, dtype):
+    """The forward op's lse is log sum_j exp(q_i k_j / sqrt(D)) over j <= i (natural log)."""
+    name, device = kernel_backend
+    shape = (2, 2, 77, 64)
+    q, k, v = random_qkv(shape, device, dtype, requires_grad=False)
+    _, lse = torch.ops.pyllmc.attention_forward(q, k, v, name)
+    T = shape[2]
+    scores = q.double() @ k.double().transpose(-2, -1) / math.sqrt(shape[3])
+    future = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+    want = torch.logsumexp(scores.masked_fill(future, float("-inf")), dim=-1)
+    assert lse.dtype == torch.float32 and lse.shape == shape[:3]
+    torch.testing.assert_close(lse.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_strided_qkv(kernel_backend):
+    """GPT-2 splits one (B, T, 3C) qkv tensor into strided (B, H, T, D) views."""
+    name, device = kernel_backend
+    B, T, H, D = 2, 45, 3, 64
+    dtype = torch.float16 if device.type == "cpu" else torch.bfloat16
+    qkv = torch.randn(B, T, 3 * H * D, device=device).to(dtype).requires_grad_(True)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    assert not q.is_contiguous()
+    dout = torch.randn(B, H, T, D, device=device).to(dtype)
+    out = ops.attention(q, k, v, backend=name)
+    out.backward(dout)
+    assert out.is_contiguous()
+
+    qkv_ref = qkv.detach().requires_grad_(True)
+    truth = plain_with_grads(*(t.view(B, T, H, D).transpose(1, 2) for t in qkv_ref.split(H * D, dim=2)),
+                             dout, torch.float64)
+    same = plain_with_grads(*(t.view(B, T, H, D).transpose(1, 2) for t in qkv_ref.split(H * D, dim=2)),
+                            dout, dtype)
+    assert_flash_close(out.detach(), truth[0], same[0], "attention out (strided)")
+
+    def stacked(grads):  # (dq, dk, dv) -> d(qkv), in qkv's layout
+        return torch.cat([g.transpose(1, 2).reshape(B, T, H * D) for g in grads], dim=2)
+
+    assert_flash_close(qkv.grad, stacked(truth[1:]), stacked(same[1:]), "attention d(qkv) (strided)")
+
+
+def test_attention_noncontiguous_grad_output(kernel_backend):
+    """Autograd may hand the backward a strided gradient."""
+    name, device = kernel_backend
+    shape = (1, 2, 33, 32) if name == "triton" else (1, 2, 33, 64)
+    q, k, v = random_qkv(shape, device, torch.float32)
+    dout = torch.randn(shape[0], shape[1], shape[3], shape[2], device=device).transpose(2, 3)
+    assert not dout.is_contiguous()
+    check_against_reference(name, q, k, v, dout, " (strided dout)")
+
+
+def test_attention_backward_is_deterministic(kernel_backend):
+    name, device = kernel_backend
+    dtype = torch.float16 if device.type == "cpu" else torch.bfloat16
+    shape = (1, 2, 100, 64) if device.type == "cpu" else (4, 12, 1024, 64)
+    q, k, v = random_qkv(shape, device, dtype, requires_grad=False)
+    dout = torch.randn(shape, device=device).to(dtype)
+    out, lse = torch.ops.pyllmc.attention_forward(q, k, v, name)
+    first = torch.ops.pyllmc.attention_backward(dout, q, k, v, out, lse, name)
+    second = torch.ops.pyllmc.attention_backward(dout, q, k, v, out, lse, name)
+    for label, a, b in zip(("dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{label} differs between two identical backward calls"
+    out2, lse2 = torch.ops.pyllmc.attention_forward(q, k, v, name)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_attention_gpu_tiles_under_interpreter(monkeypatch, head_dim, capability):
+    """On the CPU the kernels run with small interpreter tiles; run them once with the GPU's
+    tile table too, so its tile shapes (diagonal sub-steps, tails) are checked here as well."""
+    if torch.cuda.is_available() or not pyllmc.available_backends()["triton"].available:
+        pytest.skip("CPU-interpreter check (on a GPU every test runs with the GPU tiles)")
+    from pyllmc.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "block_config",
+                        lambda kernel, d, dtype, device, t: kernels.gpu_block_config(kernel, d, dtype, capability))
+    shape = (1, 1, 300, head_dim)
+    q, k, v = random_qkv(shape, "cpu", torch.float16)
+    check_against_reference("triton", q, k, v, torch.randn(shape).half(), " (GPU tiles)")
+
+
+def test_attention_empty_sequence(kernel_backend):
+    name, device = kernel_backend
+    q, k, v = random_qkv((2, 3, 0, 64), device, torch.float32)
+    out = ops.attention(q, k, v, backend=name)
+    out.sum().backward()
+    assert out.shape == (2, 3, 0, 64) and q.grad.shape == q.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_torch_backend_is_the_reference(dtype):
+    shape = (2, 3, 37, 24)  # the torch backend takes any head dim
+    q, k, v = random_qkv(shape, "cpu", dtype)
+    dout = torch.randn(shape).to(dtype)
+    check_against_reference("torch", q, k, v, dout)
+
+
+def test_supported_head_dims_table():
+    assert SUPPORTED_HEAD_DIMS["torch"] is None
+    assert backends_for_head_dim(64, torch.bfloat16) == ["cuda", "triton", "torch"]
+    assert backends_for_head_dim(32, torch.bfloat16) == ["triton", "torch"]
+    assert backends_for_head_dim(32, torch.float32) == ["cuda", "triton", "torch"]
+    assert backends_for_head_dim(48, torch.float32) == ["torch"]
+
+
+# ---- bad input ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend_name", ["cuda", "triton", "torch"])
+def test_attention_rejects_mismatched_shapes(backend_name):
+    q = torch.randn(1, 2, 8, 64)
+    with pytest.raises(ValueError, match=r"k must have q's shape"):
+        ops.attention(q, torch.randn(1, 2, 9, 64), q, backend=backend_name)
+    with pytest.raises(ValueError, match=r"v must have q's shape"):
+        ops.attention(q, q, torch.randn(1, 3, 8, 64), backend=backend_name)
+
+
+@pytest.mark.parametrize("backend_name", ["cuda", "triton", "torch"])
+def test_attention_rejects_3d(backend_name):
+    x = torch.randn(2, 8, 64)
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        ops.attention(x, x, x, backend=backend_name)
+
+
+@pytest.mark.parametrize("backend_name", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+def test_attention_rejects_dtype(backend_name, dtype):
+    x = torch.zeros(1, 1, 4, 64, dtype=dtype)
+    with pytest.raises(ValueError, match="q must have dtype float32, bfloat16, float16"):
+        ops.attention(x, x, x, backend=backend_name)
+
+
+def test_attention_rejects_mixed_dtypes_and_devices():
+    q = torch.randn(1, 1, 4, 64)
+    with pytest.raises(ValueError, match="k has dtype torch.float16 but q has torch.float32"):
+        ops.attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="v is on meta but q is on cpu"):
+        ops.attention(q, q, torch.empty(1, 1, 4, 64, device="meta"))
+
+
+def test_attention_rejects_non_tensor():
+    with pytest.raises(ValueError, match="k must be a torch.Tensor"):
+        ops.attention(torch.randn(1, 1, 4, 64), [1.0], torch.randn(1, 1, 4, 64))
+
+
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+def test_attention_rejects_unsupported_head_dim(backend_name):
+    status = pyllmc.available_backends()[backend_name]
+    if not status.available:
+        pytest.skip(f"backend {backend_name!r} unavailable: {status.reason}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(1, 1, 4, 48, device=device)
+    with pytest.raises(ValueError, match=rf"head dim D=48 is not supported by backend '{backend_name}'.*"
+                                         r"backends that take D=48: torch$"):
+        ops.attention(x, x, x, backend=backend_name)
+    if backend_name == "cuda":
+        y = torch.randn(1, 1, 4, 32, device=device, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="D=32 is not supported by backend 'cuda'.*take D=32: triton, torch"):
+            ops.attention(y, y, y, backend="cuda")
+
+
+def test_attention_wrong_device_for_backend():
+    x = torch.randn(1, 1, 4, 64)
+    if pyllmc.available_backends()["cuda"].available:
+        with pytest.raises(ValueError, match="backend 'cuda' runs on CUDA tensors"):
+            ops.attention(x, x, x, backend="cuda")
+    else:
+        with pytest.raises(pyllmc.BackendUnavailableError, match="cuda"):
+            ops.attention(x, x, x, backend="cuda")
+    if pyllmc.available_backends()["triton"].available:
+        m = torch.empty(1, 1, 4, 64, device="meta")
+        with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors"):
+            ops.attention(m, m, m, backend="triton")
+
+
+# ---- torch.library / torch.compile ------------------------------------------------------
+
+def test_attention_custom_op_registration(kernel_backend):
+    """register_fake and the autograd formula agree with the real kernels (torch's checker)."""
+    name, device = kernel_backend
+    q, k, v = random_qkv((1, 2, 19, 64), device, torch.float32)
+    torch.library.opcheck(torch.ops.pyllmc.attention_forward.default, (q, k, v, name),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    dout = torch.randn(1, 2, 19, 64, device=device)
+    with torch.no_grad():
+        out, lse = torch.ops.pyllmc.attention_forward(q, k, v, name)
+    torch.library.opcheck(torch.ops.pyllmc.attention_backward.default,
+                          (dout, q.detach(), k.detach(), v.detach(), out, lse, name),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_attention_under_torch_compile(kernel_backend):
+    name, device = kernel_backend
+    shape = (1, 2, 21, 64)
+    q, k, v = random_qkv(shape, device, torch.float32)
+    dout = torch.randn(shape, device=device)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(a, b, c):
+        return ops.attention(a * 2.0, b, c, backend=name) + 1.0
+
+    out = f(q, k, v)
+    out.backward(dout)
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    want = plain_attention(q2 * 2.0, k2, v2)
+    want.backward(dout.double())
+    torch.testing.assert_close(out.detach().double() - 1.0, want.detach(), rtol=1e-5, atol=1e-5)
+    for got, ref in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+# ---- GPU compilation without a GPU ------------------------------------------------------
+
+_COMPILE_SCRIPT = r"""
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pyllmc.kernels import attention as A
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+KERNELS = {"fwd": A.attention_forward_kernel, "dkdv": A.attention_dkdv_kernel, "dq": A.attention_dq_kernel}
+
+def compile_for(kernel, elem, constexprs, arch, warps, stages):
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("lse_ptr", "delta_ptr"):
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + elem
+        elif name in ("qk_scale_log2", "sm_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    consts = {(kernel.arg_names.index(n),): v for n, v in constexprs.items()}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+    triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+
+for arch, elems in ((90, ("bf16", "fp32")), (80, ("bf16",))):
+    for elem in elems:
+        dtype = DTYPES[elem]
+        for name, kernel in KERNELS.items():
+            bm, bn, warps, stages = A.gpu_block_config(name, 64, dtype, (arch // 10, 0))
+            compile_for(kernel, elem, dict(HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn, IEEE=elem == "fp32"),
+                        arch, warps, stages)
+    compile_for(A.attention_delta_kernel, "bf16", dict(HEAD_DIM=64, BLOCK_M=64), arch, 4, 1)
+print("compiled")
+"""
+
+
+def test_attention_kernels_compile_for_gpu():
+    """The interpreter accepts code the GPU compiler rejects (a non-constexpr global, a dot
+    below the 16 x 16 minimum, mismatched dot dtypes): compile the kernels for sm_90 and
+    sm_80 ahead of time (D=64), which needs no GPU. On a GPU machine the other tests compile them."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: every other test compiles the kernels for it")
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0")  # real JIT functions, not interpreted ones
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
