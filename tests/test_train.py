@@ -1,0 +1,391 @@
+"""train_gpt2.py end to end on the CPU: the tiny model on tiny tiny-Shakespeare shards, run as a
+subprocess exactly as people run it (torchrun for two processes), plus pyllmc.checkpoint's
+crash safety in-process.
+
+What is checked: the loss goes down; the triton backend (interpreter) trains like the torch
+one; 2 gloo processes with half the accumulation each follow the 1-process loss curve (with and
+without ZeRO-1, whose optimizer shards also survive a resume); an interrupted run resumed from
+its checkpoint continues the loss curve bit for bit, also when the newest checkpoint is damaged;
+non-finite updates are skipped; the llm.c / Hugging Face exports equal the checkpoint and can
+start a run; bad settings fail before training, saying what to change. Under 4 minutes on 2 cores.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyllmc import checkpoint
+from pyllmc.data import write_shard
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train_gpt2.py"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TIMEOUT = 600
+
+# the tiny preset, 2 sequences of 32 tokens per micro step, 1 validation batch, no samples
+COMMON = ["--model", "tiny", "--batch_size", "2", "--sequence_length", "32", "--val_max_steps", "1",
+          "--sample_every", "-1", "--backend", "torch", "--device", "cpu", "--learning_rate", "3e-3",
+          "--seed", "7"]
+STEP_LINE = re.compile(r"^step +\d+/\d+ \| loss \d+\.\d{4} \| lr \d\.\d\de[-+]\d\d \| norm [\d.]+ \| "
+                       r"dt [\d.]+ms \| tok/s [\d,]+ \| MFU (n/a|[\d.]+%) \| ETA \S+$", re.M)
+
+
+def _raw_tokens(name):
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"shared data file {path} not found")
+    return np.fromfile(path, dtype=np.uint16)  # raw uint16 GPT-2 tokens, no header
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    train, val = _raw_tokens("tinyshakespeare_gpt2_train.bin"), _raw_tokens("tinyshakespeare_gpt2_val.bin")
+    write_shard(d / "train.bin", train[:20000])
+    write_shard(d / "val.bin", val[:2000])
+    write_shard(d / "tiny.bin", val[:50])  # smaller than one global batch of 2 x 32 (+1)
+    return d
+
+
+def _data_args(shards):
+    return ["--input_bin", str(shards / "train.bin"), "--input_val_bin", str(shards / "val.bin")]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_train(args, *, nproc=1, expect_ok=True):
+    if nproc == 1:
+        command = [sys.executable, str(TRAIN), *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(TRAIN), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO, env=_env())
+    if expect_ok:
+        assert result.returncode == 0, f"{' '.join(command)}\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr}"
+    return result
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "main.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_losses(records):
+    return {r["step"]: r["loss"] for r in records if r["type"] == "train"}
+
+
+# 6 steps of 2 micro steps, cosine schedule with warmup, checkpoints and samples every 3 steps (sampling
+# must not disturb the training RNG, or the resumed run would differ)
+RESUME_ARGS = ["--num_iterations", "6", "--warmup_iters", "2", "--learning_rate_decay_frac", "0.1",
+               "--total_batch_size", "128", "--checkpoint_every", "3", "--sample_every", "3", "--sample_length", "4"]
+
+
+@pytest.fixture(scope="module")
+def baseline(shards, tmp_path_factory):
+    """An uninterrupted 6-step run (cosine schedule with warmup) with checkpoints every 3 steps."""
+    out = tmp_path_factory.mktemp("baseline")
+    result = run_train([*COMMON, *_data_args(shards), *RESUME_ARGS, "--output_dir", str(out), "--keep_checkpoints", "5",
+                        "--write_llmc", "1", "--write_hf", "1"])
+    return out, result, read_log(out)
+
+
+def test_tiny_run_lowers_the_loss(baseline):
+    out, result, records = baseline
+    losses = train_losses(records)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    print("tiny-run losses:", [round(losses[s], 4) for s in sorted(losses)])
+    assert losses[6] < losses[1] - 0.5, losses
+    assert len(STEP_LINE.findall(result.stdout)) == 6, result.stdout
+    val = [r for r in records if r["type"] == "val"]
+    assert val and val[-1]["step"] == 6 and np.isfinite(val[-1]["val_loss"])
+    summary = [r for r in records if r["type"] == "summary"][-1]
+    assert summary["tokens_seen"] == 6 * 128 and summary["final_val_loss"] == val[-1]["val_loss"]
+    assert "tokens seen" in result.stdout and "final val loss" in result.stdout
+    assert [s for s, _ in checkpoint.list_checkpoints(out)] == [3, 6]
+    samples = [r for r in records if r["type"] == "sample"]
+    assert [r["step"] for r in samples] == [3, 6] and all(isinstance(r["text"], str) for r in samples)
+    assert result.stdout.count("---- sample at step") == 2
+    lrs = {r["step"]: r["lr"] for r in records if r["type"] == "train"}
+    assert lrs[1] == pytest.approx(1.5e-3) and lrs[2] == pytest.approx(3e-3)  # warmup
+    assert lrs[3] == pytest.approx(3e-3) and lrs[6] < lrs[5] < lrs[4] < lrs[3]  # cosine decay
+
+
+def test_triton_backend_trains_like_torch(shards, tmp_path):
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU the kernels run in Triton's interpreter
+    losses = {}
+    for backend in ("triton", "torch"):
+        args = [a if a not in ("torch", "cpu") else {"torch": backend, "cpu": device}[a] for a in COMMON]
+        out = tmp_path / backend
+        run_train([*args, *_data_args(shards), "--num_iterations", "2", "--total_batch_size", "64",
+                   "--val_max_steps", "0", "--output_dir", str(out), "--checkpoint_every", "-1"])
+        assert read_log(out)[0]["backend"] == backend
+        losses[backend] = train_losses(read_log(out))
+    # same init and data: the first loss matches, the second (after one update) is close
+    assert losses["triton"][1] == pytest.approx(losses["torch"][1], abs=1e-3)
+    assert losses["triton"][2] == pytest.approx(losses["torch"][2], abs=2e-2)
+    assert losses["triton"][2] < losses["triton"][1]
+
+
+@pytest.fixture(scope="module")
+def single_process(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    run_train([*COMMON, *_data_args(shards), "--num_iterations", "3", "--total_batch_size", "256",
+               "--output_dir", str(out), "--checkpoint_every", "-1"])
+    return read_log(out)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_two_processes_match_one(shards, single_process, tmp_path, zero_stage):
+    # 1 process: 4 micro steps of 2 x 32; 2 processes: 2 micro steps each, the same 256 tokens per step
+    args = [*COMMON, *_data_args(shards), "--num_iterations", "3", "--total_batch_size", "256",
+            "--output_dir", str(tmp_path), "--zero_stage", str(zero_stage)]
+    if zero_stage == 0:
+        result = run_train([*args, "--checkpoint_every", "-1"], nproc=2)
+    else:  # interrupted after step 2 and resumed: each rank's optimizer shard comes back from the checkpoint
+        run_train([*args, "--stop_at_step", "2"], nproc=2)
+        result = run_train([*args, "--resume", "1"], nproc=2)
+        assert "resumed from" in result.stdout and "ZeRO-1" in result.stdout
+    assert "x 2 rank(s) x 2 micro steps" in result.stdout
+    one, two = train_losses(single_process), train_losses(read_log(tmp_path))
+    assert sorted(two) == [1, 2, 3]
+    for step in one:  # float32 reduction order differs, nothing else
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), (step, one, two)
+
+
+def _copy_checkpoint(src_dir, step, dst_dir):
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    (dst_dir / f"ckpt_{step:08d}.pt").write_bytes((src_dir / f"ckpt_{step:08d}.pt").read_bytes())
+
+
+
+def test_interrupted_run_resumes_bitwise(shards, baseline, tmp_path):
+    _, _, records = baseline
+    out = tmp_path / "run"
+    first = run_train([*COMMON, *_data_args(shards), *RESUME_ARGS, "--output_dir", str(out), "--stop_at_step", "3"])
+    assert "stopped early" in first.stdout
+    assert [s for s, _ in checkpoint.list_checkpoints(out)] == [3]
+    second = run_train([*COMMON, *_data_args(shards), *RESUME_ARGS, "--output_dir", str(out), "--resume", "1"])
+    assert "resumed from" in second.stdout
+    resumed, uninterrupted = train_losses(read_log(out)), train_losses(records)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # the log continues the interrupted one
+    assert resumed == uninterrupted  # bit for bit
+    final = lambda recs: [r["val_loss"] for r in recs if r["type"] == "val" and r["step"] == 6]  # noqa: E731
+    assert final(read_log(out)) == final(records)
+
+
+def test_damaged_newest_checkpoint_is_skipped(shards, baseline, tmp_path):
+    base_dir, _, records = baseline
+    out = tmp_path / "run"
+    _copy_checkpoint(base_dir, 3, out)
+    good = (out / "ckpt_00000003.pt").read_bytes()
+    (out / "ckpt_00000005.pt").write_bytes(good[: len(good) // 2])  # a partial write under a final name
+    (out / ".tmp-ckpt_00000006.pt.12345").write_bytes(b"garbage")  # a writer killed mid-write
+    result = run_train([*COMMON, *_data_args(shards), *RESUME_ARGS, "--output_dir", str(out), "--resume", "1"])
+    assert "skipping checkpoint of step 5" in result.stderr
+    assert "step 3)" in result.stdout  # resumed from the good one
+    assert train_losses(read_log(out)) == {s: l for s, l in train_losses(records).items() if s > 3}
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_checkpoint_write_killed_midway_keeps_the_previous(tmp_path, monkeypatch):
+    checkpoint.save_checkpoint(tmp_path, 1, {"weights": np.arange(4)})
+
+    def killed(src, dst):
+        raise OSError("killed during rename")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed)
+        with pytest.raises(OSError, match="killed"):
+            checkpoint.save_checkpoint(tmp_path, 2, {"weights": np.arange(5)})
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000001.pt"]  # no temporary left behind
+    state, path = checkpoint.load_latest(tmp_path)
+    assert state["step"] == 1 and list(state["weights"]) == [0, 1, 2, 3]
+
+
+def test_checkpoints_keep_the_last_k_and_skip_foreign_files(tmp_path):
+    for step in (1, 2, 3, 4):
+        checkpoint.save_checkpoint(tmp_path, step, {"x": step}, keep_last=2)
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [3, 4]
+    import torch
+
+    torch.save({"not": "a checkpoint"}, tmp_path / "ckpt_00000009.pt")  # loads, but has no header
+    (tmp_path / "ckpt_00000010.pt").write_bytes(b"\x00" * 100)
+    with pytest.warns(UserWarning) as warned:
+        state, _ = checkpoint.load_latest(tmp_path)
+    messages = [str(w.message) for w in warned]
+    assert any("skipping checkpoint of step 10" in m and "not a readable checkpoint" in m for m in messages)
+    assert any("skipping checkpoint of step 9" in m and "no header" in m for m in messages)
+    assert state["step"] == 4 and state["x"] == 4
+    assert checkpoint.load_latest(tmp_path / "missing") is None
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import torch
+
+    saved = checkpoint.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    checkpoint.set_rng_state(saved)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+@pytest.mark.parametrize("case", ["batch_not_divisible", "sequence_too_long", "shard_too_small", "missing_file"])
+def test_bad_configs_fail_before_training(shards, tmp_path, case):
+    args = {
+        "batch_not_divisible": [*_data_args(shards), "--total_batch_size", "100"],
+        "sequence_too_long": [*_data_args(shards), "--sequence_length", "512"],
+        "shard_too_small": ["--input_bin", str(shards / "tiny.bin"), "--input_val_bin", str(shards / "val.bin")],
+        "missing_file": ["--input_bin", str(tmp_path / "nope_*.bin")],
+    }[case]
+    expected = {
+        "batch_not_divisible": r"--total_batch_size 100 is not a multiple of .* = 64: use e\.g\. --total_batch_size 128",
+        "sequence_too_long": r"--sequence_length 512 is longer than the model's block_size 256: use --sequence_length 256",
+        "shard_too_small": r"has 50 tokens, fewer than one global batch .*use a smaller B or T",
+        "missing_file": r"no file matches --input_bin .*nope_\*\.bin",
+    }[case]
+    result = run_train([*COMMON, *args, "--num_iterations", "2"], expect_ok=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert re.search(expected, result.stderr), result.stderr
+    assert "step 1/" not in result.stdout
+
+
+def test_tinyshakespeare_is_prepared_on_first_use(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    text = SHARED_DATA / "tinyshakespeare.txt"
+    if not text.exists():
+        pytest.skip(f"{text} not found")
+    (data / "tinyshakespeare.txt").write_text(text.read_text()[:160_000])
+    env_args = ["--model", "tiny", "--device", "cpu", "--num_iterations", "1", "--val_max_steps", "1",
+                "--sample_every", "-1", "--batch_size", "1", "--sequence_length", "16"]
+    command = [sys.executable, str(TRAIN), *env_args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO,
+                            env={**_env(), "PYLLMC_DATA_DIR": str(data)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (data / "tiny_shakespeare_train.bin").exists() and (data / "tiny_shakespeare_val.bin").exists()
+    assert "step 1/1" in result.stdout
+
+    broken = tmp_path / "broken"  # preparation that fails: a text too short for the val split
+    broken.mkdir()
+    (broken / "tinyshakespeare.txt").write_text("To be.")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO,
+                            env={**_env(), "PYLLMC_DATA_DIR": str(broken)})
+    assert result.returncode == 2
+    assert "could not prepare tiny Shakespeare" in result.stderr and "PYLLMC_DATA_DIR" in result.stderr
+
+
+def test_help_explains_every_flag():
+    result = subprocess.run([sys.executable, str(TRAIN), "--help"], capture_output=True, text=True, timeout=TIMEOUT,
+                            cwd=REPO)
+    assert result.returncode == 0
+    for flag in ("--input_bin", "--input_val_bin", "--output_dir", "--model", "--batch_size", "--sequence_length",
+                 "--total_batch_size", "--num_iterations", "--learning_rate", "--warmup_iters",
+                 "--learning_rate_decay_frac", "--weight_decay", "--grad_clip", "--val_loss_every", "--val_max_steps",
+                 "--sample_every", "--hellaswag", "--hellaswag_path", "--dtype", "--device", "--compile", "--seed",
+                 "--backend", "--checkpoint_every", "--resume", "--keep_checkpoints", "--zero_stage", "--write_llmc",
+                 "--write_hf"):
+        assert re.search(rf"^\s+{flag}\b", result.stdout, re.M), flag
+
+
+def test_learning_rate_schedule():
+    sys.path.insert(0, str(REPO))
+    try:
+        import train_gpt2
+    finally:
+        sys.path.pop(0)
+    args = train_gpt2.parse_args(["--learning_rate", "1.0", "--warmup_iters", "10", "--num_iterations", "110",
+                                  "--learning_rate_decay_frac", "0.1"])
+    lr = [train_gpt2.learning_rate_at(it, args) for it in range(110)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)  # linear warmup
+    assert lr[10] == pytest.approx(1.0) and lr[60] == pytest.approx(0.55)  # cosine half way
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    assert train_gpt2.learning_rate_at(110, args) == pytest.approx(0.1)  # the floor
+    detector = train_gpt2.OutlierDetector(window=16)
+    for i in range(16):
+        assert not detector.update(1.0 + 0.01 * (i % 2)) > 5
+    assert detector.update(3.0) > 5
+
+
+def test_plot_reads_the_log(baseline, tmp_path):
+    out, _, records = baseline
+    sys.path.insert(0, str(REPO / "dev"))
+    try:
+        import plot
+    finally:
+        sys.path.pop(0)
+    series = plot.read_log(out / "main.jsonl")
+    assert [s for s, _ in series["train"]] == [1, 2, 3, 4, 5, 6]
+    assert dict(series["train"]) == train_losses(records)
+    assert [s for s, _ in series["val"]] == [6] and series["hellaswag"] == []
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="pip install matplotlib"):
+            plot.main([str(out / "main.jsonl"), "-o", str(tmp_path / "c.png")])
+    else:
+        plot.main([str(out / "main.jsonl"), "--ref", str(out / "main.jsonl"), "-o", str(tmp_path / "c.png")])
+        assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_non_finite_steps_are_skipped(shards, tmp_path):
+    # an absurd learning rate blows the model up after one update: the NaN updates must not be applied
+    run_train([*COMMON, "--input_bin", str(shards / "train.bin"), "--num_iterations", "3", "--learning_rate", "1e12",
+               "--grad_clip", "0", "--val_max_steps", "0", "--output_dir", str(tmp_path)])
+    records = [r for r in read_log(tmp_path) if r["type"] == "train"]
+    assert [r.get("skipped", False) for r in records] == [False, True, True]
+    state, _ = checkpoint.load_latest(tmp_path)
+    import torch
+
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_exported_models_match_the_checkpoint_and_restart_training(shards, baseline, tmp_path):
+    import torch
+
+    from pyllmc.llmc import read_model
+    from pyllmc.model import GPT
+
+    out, _, _ = baseline
+    assert sorted(p.name for p in out.glob("model_*.bin")) == ["model_00000003.bin", "model_00000006.bin"]
+    state, _ = checkpoint.load_latest(out)
+    from_llmc, from_hf = read_model(str(out / "model_00000006.bin")), GPT.from_pretrained(str(out / "hf_00000006"))
+    for name, tensor in state["model"].items():
+        assert torch.equal(from_llmc.state_dict()[name], tensor), name
+        assert torch.equal(from_hf.state_dict()[name], tensor), name
+
+    # start a new run from the llm.c file, with a short HellaSwag evaluation at its end
+    hellaswag = SHARED_DATA / "hellaswag_val_preprocessed.jsonl"
+    extra = ["--hellaswag", str(hellaswag), "--hellaswag_max_examples", "4"] if hellaswag.exists() else []
+    result = run_train([*COMMON, "--input_bin", str(shards / "train.bin"), "--model", str(out / "model_00000006.bin"),
+                        "--num_iterations", "1", "--total_batch_size", "64", "--val_max_steps", "0",
+                        "--output_dir", str(tmp_path), "--checkpoint_every", "-1", *extra])
+    assert "weights from llm.c file" in result.stdout
+    x = torch.from_numpy(np.fromfile(shards / "train.bin", dtype=np.uint16, offset=1024)[:65].astype(np.int64))
+    with torch.no_grad():
+        _, expected = from_llmc(x[:-1].view(2, 32), x[1:].view(2, 32))
+    records = read_log(tmp_path)
+    assert train_losses(records)[1] == pytest.approx(expected.item(), abs=1e-5)
+    if extra:
+        scores = [r for r in records if r["type"] == "hellaswag"]
+        assert len(scores) == 1 and scores[0]["n"] == 4 and 0 <= scores[0]["acc_norm"] <= 1

@@ -1,0 +1,793 @@
+"""
+Train GPT-2 with pyllmc's hand-written kernels.
+
+    python train_gpt2.py                     # tiny Shakespeare demo: a short run, then samples
+    python train_gpt2.py --help              # every option
+    torchrun --standalone --nproc_per_node 8 train_gpt2.py ...   # data-parallel on 8 GPUs
+    bash dev/run_gpt2_124M.sh                # GPT-2 124M on FineWeb-Edu 10B (llm.c's recipe)
+
+With no arguments it trains on tiny Shakespeare (prepared on first use with
+dev/data/tinyshakespeare.py into dev/data/tinyshakespeare/, or into $PYLLMC_DATA_DIR), a model
+that suits the machine (GPT-2 124M on a GPU, the 2-layer "tiny" preset on a CPU), for a short
+run, and prints a sample. Offline: put tinyshakespeare.txt (or prepared
+tiny_shakespeare_{train,val}.bin shards) in a directory and set PYLLMC_DATA_DIR to it, or give
+--input_bin / --input_val_bin.
+
+Decisions (see the design notes):
+  * Precision. bfloat16 training keeps the model's parameters (and so its activations and
+    gradients) in bfloat16, and pyllmc's fused AdamW keeps a float32 master copy of every
+    parameter inside the optimizer state (master_weights=True), as llm.c does: half the
+    parameter/gradient memory and bandwidth of float32 parameters under autocast, with no
+    loss of update precision. float32 (the default on CPU) keeps everything in float32.
+    The loss runs as llm.c's fused classifier (inplace_backward=True): the logits' storage
+    receives their gradient during the forward, so no second (B, T, V) buffer is needed.
+  * Data parallelism. Gradients are all-reduced ONCE per optimizer step, after the last
+    micro step, as one flat buffer (sum, then divide by the world size): simpler than a DDP
+    wrapper with no_sync, and the same with NCCL (GPU) and gloo (CPU). Every rank starts from
+    rank 0's parameters and applies the same update, so the replicas stay identical.
+    --zero_stage 1 shards the optimizer state (ZeRO-1): the parameters are partitioned
+    across ranks (greedy by size), each rank's AdamW holds state for its own part only and
+    steps it, and each parameter is then broadcast from the rank that owns it.
+  * Determinism. Sampling during training draws from its own generator (and runs inside
+    torch.random.fork_rng), so it never moves the training RNG; the data loaders' positions
+    and every RNG state go into the checkpoints. A resumed run therefore continues the loss
+    curve exactly (bitwise on a CPU with the same backend).
+  * Checkpoints (pyllmc.checkpoint): written atomically (temp file, fsync, rename, fsync of
+    the directory); the last --keep_checkpoints are kept; --resume 1 continues from the
+    newest one that loads, skipping (with a warning) a newer file that is damaged.
+
+The output directory (--output_dir) receives main.jsonl (one JSON object per step, eval,
+sample and event; dev/plot.py draws it), the checkpoints ckpt_<step>.pt, and, when asked,
+llm.c-format model files (model_<step>.bin) and Hugging Face directories (hf_<step>/).
+"""
+
+import argparse
+import collections
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# Triton runs kernels on CPU tensors only in its interpreter, which must be on before any kernel
+# is defined; without a GPU switch it on now, so that --backend triton works on a CPU (it
+# changes nothing else: the torch backend and the CUDA extension do not read it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pyllmc  # noqa: E402
+from pyllmc import checkpoint  # noqa: E402
+from pyllmc.data import DistributedDataLoader  # noqa: E402
+from pyllmc.model import GPT, GPTConfig  # noqa: E402
+from pyllmc.tokenizer import EOT_TOKEN, decode  # noqa: E402
+
+REPO = Path(__file__).resolve().parent
+PRESET_HELP = "gpt2, gpt2-medium, gpt2-large, gpt2-xl, d6, d12, d24, d36, d48, tiny, tiny-4"
+OUTLIER_WINDOW = 128  # steps in the running mean/std of the loss and the grad norm
+OUTLIER_ZSCORE = 5.0  # z-scores above this are logged as outliers
+MAX_CONSECUTIVE_SKIPS = 20  # abort when this many updates in a row are skipped (non-finite)
+
+
+class ConfigError(Exception):
+    """A setting that cannot work; raised before training with what to change."""
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Train GPT-2 with pyllmc's kernels (run with no arguments for a short tiny-Shakespeare demo).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("data")
+    g.add_argument("--input_bin", type=str, default="",
+                   help="training token shards (llm.c format), a file or glob pattern; empty: tiny Shakespeare "
+                        "(from $PYLLMC_DATA_DIR or dev/data/tinyshakespeare/, prepared on first use)")
+    g.add_argument("--input_val_bin", type=str, default="",
+                   help="validation token shards, a file or glob pattern; empty: tiny Shakespeare's val split when "
+                        "training on it, else no validation")
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", type=str, default="auto",
+                   help=f"what to train: a preset initialised at random ({PRESET_HELP}); a path to start from: a "
+                        "pyllmc checkpoint (.pt), an llm.c model file (.bin) or a Hugging Face / save_pretrained "
+                        "directory; hf:NAME for GPT.from_pretrained(NAME); auto: gpt2 on a GPU, tiny on a CPU")
+    g.add_argument("--backend", type=str, default="auto", choices=["auto", "cuda", "triton", "torch"],
+                   help="which kernels run the ops: cuda (pyllmc._C), triton, torch (PyTorch reference), "
+                        "auto: the fastest that works on the device")
+    g.add_argument("--dtype", type=str, default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="parameter/activation dtype; bfloat16 keeps float32 master weights in the optimizer; "
+                        "auto: bfloat16 on a GPU, float32 on a CPU")
+    g.add_argument("--compile", type=int, default=0, help="1: torch.compile the model for training")
+    g = parser.add_argument_group("batch and schedule")
+    g.add_argument("--batch_size", "-b", type=int, default=4, help="micro batch size B (sequences per rank per micro step)")
+    g.add_argument("--sequence_length", "-t", type=int, default=64, help="sequence length T (<= the model's block_size)")
+    g.add_argument("--total_batch_size", type=int, default=-1,
+                   help="tokens per optimizer step; must be a multiple of B*T*world_size, the quotient is the number "
+                        "of gradient-accumulation micro steps; -1: B*T*world_size (no accumulation)")
+    g.add_argument("--num_iterations", "-n", type=int, default=-1,
+                   help="optimizer steps to train; -1: 40 for the tiny CPU demo model, else 10")
+    g.add_argument("--learning_rate", "-l", type=float, default=1e-3, help="peak learning rate")
+    g.add_argument("--warmup_iters", type=int, default=0, help="linear warmup steps from 0 to the peak learning rate")
+    g.add_argument("--learning_rate_decay_frac", type=float, default=1.0,
+                   help="cosine decay after warmup, down to learning_rate * this at the last step (1.0: constant)")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (on matrices only)")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
+    g.add_argument("--seed", type=int, default=1337, help="seed of the model initialisation and of the samples")
+    g.add_argument("--zero_stage", type=int, default=0, choices=[0, 1],
+                   help="1: ZeRO-1, shard the optimizer state across data-parallel ranks")
+    g.add_argument("--stop_at_step", type=int, default=0,
+                   help="end this run after this step, with a checkpoint, as if interrupted (for time-limited jobs: "
+                        "continue later with --resume 1); 0: run to --num_iterations")
+    g = parser.add_argument_group("evaluation and samples")
+    g.add_argument("--val_loss_every", type=int, default=0,
+                   help="validation loss (and HellaSwag) every this many steps, at step 0 and at the end; "
+                        "0: only at the end")
+    g.add_argument("--val_max_steps", type=int, default=20, help="batches per validation; 0: no validation")
+    g.add_argument("--hellaswag", type=str, default="0",
+                   help="HellaSwag accuracy at each validation: 1 reads --hellaswag_path, a path reads that file, 0: off")
+    g.add_argument("--hellaswag_path", type=str, default="",
+                   help="HellaSwag jsonl (python dev/data/hellaswag.py writes it); empty: "
+                        "dev/data/hellaswag/hellaswag_val.jsonl, or hellaswag_val*.jsonl in $PYLLMC_DATA_DIR")
+    g.add_argument("--hellaswag_max_examples", type=int, default=-1, help="score only the first N examples; -1: all")
+    g.add_argument("--sample_every", type=int, default=0,
+                   help="print a sample every this many steps and at the end; 0: only at the end; -1: never")
+    g.add_argument("--sample_length", type=int, default=64, help="tokens per sample")
+    g.add_argument("--sample_top_k", type=int, default=50, help="sample from the top k tokens (0: all)")
+    g = parser.add_argument_group("output and checkpoints")
+    g.add_argument("--output_dir", type=str, default="",
+                   help="where main.jsonl and the checkpoints go; empty: write nothing")
+    g.add_argument("--checkpoint_every", type=int, default=0,
+                   help="checkpoint every this many steps and at the end (needs --output_dir); 0: only at the end; "
+                        "-1: never")
+    g.add_argument("--keep_checkpoints", type=int, default=2, help="keep the newest K checkpoints (0: all)")
+    g.add_argument("--resume", type=int, default=0,
+                   help="1: continue from the newest valid checkpoint in --output_dir (starts fresh when there is none)")
+    g.add_argument("--write_llmc", type=int, default=0, help="1: with each checkpoint, also the model in llm.c's format")
+    g.add_argument("--write_hf", type=int, default=0, help="1: with each checkpoint, also a Hugging Face directory")
+    g.add_argument("--log_every", type=int, default=1, help="print a step line every this many steps (the log gets all)")
+    g.add_argument("--device", type=str, default="", help="cuda, cuda:N or cpu; empty: cuda when available")
+    return parser.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# small helpers
+
+def learning_rate_at(it, args):
+    """Linear warmup to the peak, then cosine decay to peak * decay_frac at the last step (it is 0-based)."""
+    max_lr, min_lr = args.learning_rate, args.learning_rate * args.learning_rate_decay_frac
+    if it < args.warmup_iters:
+        return max_lr * (it + 1) / args.warmup_iters
+    decay_steps = max(1, args.num_iterations - args.warmup_iters)
+    ratio = min(1.0, (it - args.warmup_iters) / decay_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
+def format_duration(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def progress(iterable, desc, enabled, total=None):
+    """tqdm when it is installed, else a one-line counter (both on stderr)."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _simple_progress(iterable, desc, total if total is not None else len(iterable))
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def _simple_progress(iterable, desc, total):
+    for i, item in enumerate(iterable):
+        print(f"\r{desc} {i + 1}/{total}", end="", file=sys.stderr, flush=True)
+        yield item
+    print("\r" + " " * (len(desc) + 24) + "\r", end="", file=sys.stderr, flush=True)
+
+
+class OutlierDetector:
+    """Running mean/std of the last `window` values; z-score of a new one (nan until warmed up)."""
+
+    def __init__(self, window=OUTLIER_WINDOW, min_values=10):
+        self.values = collections.deque(maxlen=window)
+        self.min_values = min_values
+
+    def update(self, x):
+        z = float("nan")
+        if len(self.values) >= self.min_values:
+            mean = sum(self.values) / len(self.values)
+            std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / len(self.values))
+            z = (x - mean) / std if std > 0 else float("nan")
+        if math.isfinite(x):
+            self.values.append(x)
+        return z
+
+    def state_dict(self):
+        return {"values": list(self.values)}
+
+    def load_state_dict(self, state):
+        self.values.clear()
+        self.values.extend(state["values"])
+
+
+class JsonlLog:
+    """main.jsonl: one JSON object per line, flushed at once (a crash loses nothing logged)."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            # a resumed run continues the log: drop what the interrupted run logged after its checkpoint
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None:
+            path.write_text("")
+        self.file = open(path, "a")
+
+    def write(self, **record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+class NullLog:
+    def write(self, **record):
+        pass
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def data_dir():
+    if os.environ.get("PYLLMC_DATA_DIR"):
+        return Path(os.environ["PYLLMC_DATA_DIR"])
+    return REPO / "dev" / "data" / "tinyshakespeare"
+
+
+def prepare_tinyshakespeare():
+    """Paths of tiny Shakespeare's train and val shards, prepared with dev/data/tinyshakespeare.py if missing."""
+    directory = data_dir()
+    train, val = directory / "tiny_shakespeare_train.bin", directory / "tiny_shakespeare_val.bin"
+    if train.exists() and val.exists():
+        return train, val
+    command = [sys.executable, str(REPO / "dev" / "data" / "tinyshakespeare.py"), "--output_dir", str(directory)]
+    text = next((directory / name for name in ("tinyshakespeare.txt", "tiny_shakespeare.txt", "input.txt")
+                 if (directory / name).exists()), None)
+    if text is not None:
+        command += ["--input", str(text)]
+    print(f"preparing tiny Shakespeare in {directory} ({'from ' + str(text) if text else 'downloading'})", flush=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or not (train.exists() and val.exists()):
+        last_line = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ConfigError(
+            f"could not prepare tiny Shakespeare in {directory}: {last_line}\n"
+            "  Offline? Put a copy of tinyshakespeare.txt (Karpathy's char-rnn input.txt), or prepared "
+            "tiny_shakespeare_train.bin/tiny_shakespeare_val.bin shards, in a directory and run with "
+            "PYLLMC_DATA_DIR=that/directory, or pass your own shards with --input_bin/--input_val_bin.")
+    return train, val
+
+
+def check_files_exist(pattern, flag):
+    import glob
+    if not glob.glob(pattern):
+        raise ConfigError(f"no file matches {flag} {pattern!r}: check the path, or prepare the data first "
+                          f"(e.g. python dev/data/tinyshakespeare.py, python dev/data/fineweb.py)")
+
+
+def make_loader(pattern, B, T, rank, world_size, flag):
+    try:
+        return DistributedDataLoader(pattern, B, T, rank=rank, world_size=world_size)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{flag}: {err}") from err
+    except ValueError as err:  # a shard smaller than one global batch, a malformed shard
+        raise ConfigError(f"{flag}: {err}") from err
+
+
+def hellaswag_file(args):
+    if args.hellaswag in ("0", "", "false", "False"):
+        return None
+    if args.hellaswag not in ("1", "true", "True"):
+        path = Path(args.hellaswag)
+    elif args.hellaswag_path:
+        path = Path(args.hellaswag_path)
+    else:
+        candidates = [REPO / "dev" / "data" / "hellaswag" / "hellaswag_val.jsonl"]
+        if os.environ.get("PYLLMC_DATA_DIR"):
+            candidates = sorted(Path(os.environ["PYLLMC_DATA_DIR"]).glob("hellaswag_val*.jsonl")) + candidates
+        path = next((p for p in candidates if p.exists()), candidates[-1])
+    if not path.exists():
+        raise ConfigError(f"HellaSwag file {path} not found: write it with python dev/data/hellaswag.py "
+                          f"(--input a local copy when offline), pass --hellaswag PATH, or --hellaswag 0")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# model
+
+def build_model(spec, seed):
+    """(model on the CPU in float32, a description of where it came from)."""
+    path = Path(spec)
+    if spec.startswith("hf:"):
+        return GPT.from_pretrained(spec[3:]), f"pretrained {spec[3:]}"
+    if path.is_dir():
+        return GPT.from_pretrained(str(path)), f"weights from {path}"
+    if path.is_file() and path.suffix == ".bin":
+        from pyllmc.llmc import read_model
+        return read_model(str(path)), f"weights from llm.c file {path}"
+    if path.is_file():  # a training checkpoint of this script
+        try:
+            state = checkpoint.load_checkpoint(path)
+        except ValueError as err:
+            raise ConfigError(f"--model {spec}: {err}") from err
+        model = GPT(GPTConfig(**state["model_config"]))
+        model.load_state_dict(state["model"])
+        return model, f"weights from checkpoint {path} (step {state['step']})"
+    try:
+        config = GPTConfig.from_preset(spec)
+    except ValueError as err:
+        raise ConfigError(f"--model {spec!r} is neither an existing path nor a preset ({PRESET_HELP})") from err
+    return GPT(config, seed=seed), f"preset {spec}, random init (seed {seed})"
+
+
+def model_config_dict(model):
+    return {f.name: getattr(model.config, f.name) for f in dataclasses.fields(GPTConfig)}
+
+
+def partition_parameters(params, world_size):
+    """ZeRO-1 ownership: greedy by size, largest first, onto the least-loaded rank (deterministic)."""
+    load = [0] * world_size
+    owner = {}
+    for i in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i] = rank
+        load[rank] += params[i].numel()
+    return [owner[i] for i in range(len(params))]
+
+
+def all_reduce_gradients(params, world_size):
+    """Average the gradients over ranks with ONE all-reduce of a flat buffer."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(world_size)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def gradient_norm(params):
+    """Global L2 norm of the gradients, accumulated in float32 whatever their dtype."""
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # ---- processes and device ----
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    if args.device:
+        device = args.device
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and ddp:
+        device = f"cuda:{local_rank}"
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    master = rank == 0
+
+    try:
+        train(args, rank, world_size, device, device_type, ddp, master)
+    except ConfigError as err:
+        print(f"train_gpt2.py: error: {err}", file=sys.stderr, flush=True)
+        code = 2
+    else:
+        code = 0
+    finally:
+        if ddp and dist.is_initialized():
+            dist.destroy_process_group()
+    return code
+
+
+def train(args, rank, world_size, device, device_type, ddp, master):
+    def print0(*a, **k):
+        if master:
+            print(*a, **k, flush=True)
+
+    # ---- settings that cannot work fail here, before anything is built ----
+    B, T = args.batch_size, args.sequence_length
+    if B < 1 or T < 1:
+        raise ConfigError(f"--batch_size and --sequence_length must be positive (got {B}, {T})")
+    tokens_per_micro_step = B * T * world_size
+    total_batch_size = tokens_per_micro_step if args.total_batch_size == -1 else args.total_batch_size
+    if total_batch_size <= 0 or total_batch_size % tokens_per_micro_step != 0:
+        multiple = max(1, round(total_batch_size / tokens_per_micro_step)) * tokens_per_micro_step
+        raise ConfigError(
+            f"--total_batch_size {total_batch_size} is not a multiple of batch_size * sequence_length * world_size "
+            f"= {B} * {T} * {world_size} = {tokens_per_micro_step}: use e.g. --total_batch_size {multiple}, "
+            f"or change --batch_size / --sequence_length / the number of processes")
+    grad_accum_steps = total_batch_size // tokens_per_micro_step
+    if args.output_dir == "" and (args.resume or args.checkpoint_every > 0 or args.write_llmc or args.write_hf):
+        raise ConfigError("--resume, --checkpoint_every, --write_llmc and --write_hf need --output_dir")
+    if args.zero_stage == 1 and not ddp:
+        print0("note: --zero_stage 1 has no effect in a single process")
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    ptdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    backend_name = pyllmc.default_backend(device) if args.backend == "auto" else args.backend
+    status = pyllmc.available_backends()[backend_name]
+    if not status.available:
+        raise ConfigError(f"--backend {backend_name} cannot run here: {status.reason}")
+    if backend_name == "cuda" and device_type != "cuda":
+        raise ConfigError("--backend cuda runs on a GPU: use --device cuda (or --backend triton / torch)")
+    if backend_name == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ConfigError("--backend triton runs on CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1, "
+                          "or use --device cuda, or --backend torch")
+
+    # ---- data ----
+    if args.input_bin:
+        train_pattern, val_pattern = args.input_bin, args.input_val_bin
+    else:
+        error = None
+        if master:
+            try:
+                prepare_tinyshakespeare()
+            except ConfigError as err:
+                error = str(err)
+        if ddp:  # the other ranks wait for rank 0's preparation and share its verdict
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise ConfigError(error)
+        train_path, val_path = prepare_tinyshakespeare()
+        train_pattern, val_pattern = str(train_path), args.input_val_bin or str(val_path)
+    check_files_exist(train_pattern, "--input_bin")
+    if val_pattern:
+        check_files_exist(val_pattern, "--input_val_bin")
+    hellaswag_path = hellaswag_file(args)
+
+    # ---- model ----
+    model_spec = args.model if args.model != "auto" else ("gpt2" if device_type == "cuda" else "tiny")
+    resume_state = None
+    if args.resume:
+        found = checkpoint.load_latest(args.output_dir)
+        if found is None:
+            print0(f"--resume 1: no checkpoint in {args.output_dir}, starting from step 0")
+        else:
+            resume_state, resume_path = found
+    if resume_state is not None:
+        model = GPT(GPTConfig(**resume_state["model_config"]))
+        model.load_state_dict(resume_state["model"])
+        source = f"resumed from {resume_path} (step {resume_state['step']})"
+    else:
+        model, source = build_model(model_spec, args.seed)
+    config = model.config
+    if T > config.block_size:
+        raise ConfigError(f"--sequence_length {T} is longer than the model's block_size {config.block_size}: "
+                          f"use --sequence_length {config.block_size} or less")
+    num_iterations = args.num_iterations
+    if num_iterations == -1:
+        num_iterations = 40 if config.n_layer <= 2 and device_type == "cpu" else 10
+    args.num_iterations = num_iterations
+    stop_step = min(num_iterations, args.stop_at_step) if args.stop_at_step > 0 else num_iterations
+
+    train_loader = make_loader(train_pattern, B, T, rank, world_size, "--input_bin")
+    val_loader = None
+    if val_pattern and args.val_max_steps > 0:
+        val_loader = make_loader(val_pattern, B, T, rank, world_size, "--input_val_bin")
+
+    if resume_state is not None:
+        saved = resume_state["args"]
+        for key in ("batch_size", "sequence_length"):
+            if saved[key] != getattr(args, key):
+                raise ConfigError(f"the checkpoint was trained with --{key} {saved[key]}, this run has "
+                                  f"{getattr(args, key)}: an exact resume needs the same value")
+        if resume_state["world_size"] != world_size:
+            raise ConfigError(f"the checkpoint was written by {resume_state['world_size']} processes, this run has "
+                              f"{world_size}: resume with the same number of processes")
+        if resume_state["zero_stage"] != args.zero_stage and world_size > 1:
+            raise ConfigError(f"the checkpoint was written with --zero_stage {resume_state['zero_stage']}: "
+                              f"resume with the same value")
+
+    model.to(device=device, dtype=ptdtype)
+    raw_model = model
+    params = list(raw_model.parameters())
+    if ddp:  # every replica starts from rank 0's parameters
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+    # ---- optimizer (bf16 parameters -> float32 master weights inside AdamW) ----
+    optimizer_kwargs = dict(master_weights=ptdtype != torch.float32, backend=backend_name)
+    optimizer = raw_model.configure_optimizers(weight_decay=args.weight_decay, learning_rate=args.learning_rate,
+                                               betas=(0.9, 0.95), eps=1e-8, **optimizer_kwargs)
+    zero = ddp and args.zero_stage == 1
+    if zero:
+        owners = partition_parameters(params, world_size)
+        owner_of = {id(p): r for p, r in zip(params, owners)}
+        groups = []
+        for group in optimizer.param_groups:
+            mine = [p for p in group["params"] if owner_of[id(p)] == rank]
+            if mine:
+                groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": mine})
+        optimizer = type(optimizer)(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                    **optimizer_kwargs) if groups else None
+
+    if args.compile:
+        model = torch.compile(model)
+
+    # ---- state from the checkpoint ----
+    start_step = 0
+    loss_outliers, norm_outliers = OutlierDetector(), OutlierDetector()
+    if resume_state is not None:
+        start_step = resume_state["step"]
+        if optimizer is not None:
+            saved_optimizer = resume_state["optimizer"][rank] if zero else resume_state["optimizer"]
+            optimizer.load_state_dict(saved_optimizer)
+        mine = resume_state["ranks"][rank]
+        train_loader.load_state_dict(mine["train_loader"])
+        if val_loader is not None and mine.get("val_loader") is not None:
+            val_loader.load_state_dict(mine["val_loader"])
+        loss_outliers.load_state_dict(resume_state["outliers"]["loss"])
+        norm_outliers.load_state_dict(resume_state["outliers"]["norm"])
+        checkpoint.set_rng_state(mine["rng"])
+    if start_step >= stop_step:
+        raise ConfigError(f"the checkpoint is at step {start_step}, already at or past the end "
+                          f"({stop_step}): raise --num_iterations to train further")
+
+    # ---- log ----
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None and master:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        log = JsonlLog(output_dir / "main.jsonl", resume_step=start_step if resume_state is not None else None)
+    else:
+        log = NullLog()
+    log.write(type="config", step=start_step, args=vars(args), model_config=model_config_dict(raw_model),
+              world_size=world_size, backend=backend_name, dtype=dtype_name, device=device)
+
+    device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu"
+    print0(f"model: {source} | {raw_model.num_parameters():,} parameters | {config.n_layer} layers, "
+           f"{config.n_head} heads, {config.n_embd} channels, block {config.block_size}")
+    print0(f"device: {device_name} x {world_size} | backend {backend_name} | {dtype_name}"
+           f"{' + float32 master weights' if ptdtype != torch.float32 else ''}"
+           f"{' | ZeRO-1' if zero else ''}{' | compiled' if args.compile else ''}")
+    print0(f"data: {len(train_loader.files)} train shard(s), {train_loader.num_tokens:,} tokens"
+           f"{f' | {len(val_loader.files)} val shard(s)' if val_loader else ' | no validation'}")
+    print0(f"batch: {B} x {T} x {world_size} rank(s) x {grad_accum_steps} micro steps = {total_batch_size:,} "
+           f"tokens/step | {num_iterations} steps | lr {args.learning_rate:g}, warmup {args.warmup_iters}, "
+           f"decay to x{args.learning_rate_decay_frac:g}")
+
+    # ---- evaluation, samples, checkpoints ----
+    results = {"val_loss": None, "hellaswag": None}
+
+    def evaluate(step):
+        if val_loader is not None:
+            model.eval()
+            val_loader.reset()
+            total = torch.zeros((), device=device, dtype=torch.float32)
+            with torch.no_grad():
+                for _ in progress(range(args.val_max_steps), "val", master):
+                    x, y = val_loader.next_batch()
+                    _, loss = model(x.to(device), y.to(device), return_logits=False)
+                    total += loss.float()
+            total /= args.val_max_steps
+            if ddp:
+                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+                total /= world_size
+            model.train()
+            results["val_loss"] = total.item()
+            print0(f"step {step:{width}d}/{num_iterations} | val loss {results['val_loss']:.4f}")
+            log.write(type="val", step=step, val_loss=results["val_loss"])
+        if hellaswag_path is not None:
+            from pyllmc.hellaswag import evaluate as hellaswag_evaluate
+            max_examples = None if args.hellaswag_max_examples < 0 else args.hellaswag_max_examples
+            result = hellaswag_evaluate(raw_model, str(hellaswag_path), device=device, max_examples=max_examples,
+                                        rank=rank, world_size=world_size, progress=master)
+            results["hellaswag"] = result
+            print0(f"step {step:{width}d}/{num_iterations} | HellaSwag acc_norm {result['acc_norm']:.4f} "
+                   f"(acc {result['acc']:.4f}, n={result['n']})")
+            log.write(type="hellaswag", step=step, **result)
+
+    def sample(step):
+        if not master:
+            return
+        devices = [torch.device(device)] if device_type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # belt and braces: the training RNG never moves
+            generator = torch.Generator(device=device).manual_seed(args.seed + step)
+            prompt = torch.full((1, 1), EOT_TOKEN, dtype=torch.long, device=device)
+            top_k = args.sample_top_k if args.sample_top_k > 0 else None
+            tokens = raw_model.generate(prompt, args.sample_length, temperature=1.0, top_k=top_k, generator=generator)
+        text = decode(tokens[0, 1:].tolist())
+        print0(f"---- sample at step {step} ----\n{text}\n----")
+        log.write(type="sample", step=step, text=text)
+
+    def save(step):
+        # every rank contributes its own data-loader position and RNG state (and, with ZeRO-1, its optimizer shard)
+        mine = {
+            "train_loader": train_loader.state_dict(),
+            "val_loader": val_loader.state_dict() if val_loader is not None else None,
+            "rng": checkpoint.rng_state(),
+        }
+        shard = optimizer.state_dict() if (zero and optimizer is not None) else None
+        if ddp:
+            gathered = [None] * world_size if master else None
+            dist.gather_object((mine, shard), gathered, dst=0)
+        else:
+            gathered = [(mine, shard)]
+        if master:
+            state = {
+                "model_config": model_config_dict(raw_model),
+                "model": raw_model.state_dict(),
+                "optimizer": [s for _, s in gathered] if zero else optimizer.state_dict(),
+                "ranks": [m for m, _ in gathered],
+                "outliers": {"loss": loss_outliers.state_dict(), "norm": norm_outliers.state_dict()},
+                "args": vars(args),
+                "world_size": world_size,
+                "zero_stage": args.zero_stage,
+                "tokens_seen": step * total_batch_size,
+            }
+            path = checkpoint.save_checkpoint(output_dir, step, state, keep_last=args.keep_checkpoints)
+            if args.write_llmc:
+                from pyllmc.llmc import write_model
+                checkpoint.atomic_write(output_dir / f"model_{step:08d}.bin",
+                                        lambda tmp: write_model(tmp, raw_model, dtype=dtype_name))
+            if args.write_hf:
+                raw_model.save_pretrained(str(output_dir / f"hf_{step:08d}"))
+            prune_exports(output_dir, args.keep_checkpoints)
+            print0(f"step {step:{width}d}/{num_iterations} | checkpoint {path}")
+            log.write(type="checkpoint", step=step, path=str(path))
+        if ddp:
+            dist.barrier()
+
+    # ---- training ----
+    width = len(str(num_iterations))
+    checkpointing = output_dir is not None and args.checkpoint_every >= 0
+    step_times, step_mfus = [], []
+    skips_in_a_row = 0
+    run_start = time.perf_counter()
+    model.train()
+    with pyllmc.backend(backend_name):
+        if start_step == 0 and args.val_loss_every > 0:
+            evaluate(0)
+        step = start_step
+        while step < stop_step:
+            t0 = time.perf_counter()
+            lr = learning_rate_at(step, args)
+            step += 1
+            last_step = step == stop_step
+
+            # gradient accumulation: the mean of grad_accum_steps micro-batch losses
+            loss_accum = torch.zeros((), device=device, dtype=torch.float32)
+            for _ in range(grad_accum_steps):
+                x, y = train_loader.next_batch()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                # inplace_backward: the fused classifier writes dloss/dlogits over the logits during the
+                # forward (llm.c's trick), so the (B, T, V) gradient needs no memory of its own
+                _, loss = model(x, y, return_logits=False, inplace_backward=True)
+                loss = loss / grad_accum_steps
+                loss_accum += loss.detach().float()
+                loss.backward()
+            if ddp:  # one all-reduce per optimizer step
+                all_reduce_gradients(params, world_size)
+                dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
+                loss_accum /= world_size
+            norm = gradient_norm(params)
+            loss_value, norm_value = loss_accum.item(), norm.item()
+
+            skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
+            if skipped:  # a NaN/inf would poison the parameters and the optimizer's moments
+                skips_in_a_row += 1
+                print0(f"step {step:{width}d}/{num_iterations} | non-finite loss {loss_value} or grad norm "
+                       f"{norm_value}: update skipped")
+                if skips_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+                    raise RuntimeError(f"{skips_in_a_row} updates in a row were skipped (non-finite loss or gradients): "
+                                       "the run has diverged; lower --learning_rate or resume from an earlier checkpoint")
+            else:
+                skips_in_a_row = 0
+                if args.grad_clip > 0 and norm_value > args.grad_clip:
+                    clip_coef = args.grad_clip / (norm_value + 1e-6)
+                    torch._foreach_mul_([p.grad for p in params if p.grad is not None], clip_coef)
+                if optimizer is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    optimizer.step()
+                if zero:  # each parameter's new value comes from the rank that owns it
+                    for p, owner in zip(params, owners):
+                        dist.broadcast(p.data, src=owner)
+            for p in params:
+                p.grad = None
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+
+            # ---- report the step ----
+            tokens_per_second = total_batch_size / dt
+            mfu = raw_model.estimate_mfu(tokens_per_second, device_name, seq_len=T) if device_type == "cuda" else None
+            if step > start_step + 1 or stop_step == start_step + 1:  # the first step warms up (and compiles)
+                step_times.append(dt)
+                if mfu is not None:
+                    step_mfus.append(mfu)
+            eta = (stop_step - step) * (sum(step_times) / len(step_times) if step_times else dt)
+            loss_z, norm_z = loss_outliers.update(loss_value), norm_outliers.update(norm_value)
+            record = dict(type="train", step=step, loss=loss_value, lr=lr, norm=norm_value, dt_ms=dt * 1000,
+                          tok_per_s=tokens_per_second, mfu=mfu, tokens=step * total_batch_size)
+            if skipped:
+                record["skipped"] = True
+            if loss_z > OUTLIER_ZSCORE or norm_z > OUTLIER_ZSCORE:
+                record.update(outlier=True, loss_z=loss_z, norm_z=norm_z)
+                print0(f"step {step:{width}d}/{num_iterations} | outlier: loss z-score {loss_z:.1f}, "
+                       f"grad norm z-score {norm_z:.1f} (window {OUTLIER_WINDOW})")
+            log.write(**record)
+            if step % args.log_every == 0 or last_step or step == start_step + 1:
+                mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+                print0(f"step {step:{width}d}/{num_iterations} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                       f"norm {norm_value:.2f} | dt {dt * 1000:.1f}ms | tok/s {tokens_per_second:,.0f} | "
+                       f"MFU {mfu_text} | ETA {format_duration(eta)}")
+
+            # ---- evaluate, sample, checkpoint ----
+            if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+                evaluate(step)
+            if args.sample_every >= 0 and (last_step or (args.sample_every > 0 and step % args.sample_every == 0)):
+                sample(step)
+            if checkpointing and (last_step or (args.checkpoint_every > 0 and step % args.checkpoint_every == 0)):
+                save(step)
+
+    # ---- summary ----
+    elapsed = time.perf_counter() - run_start
+    trained = step - start_step
+    mean_dt = sum(step_times) / len(step_times) if step_times else float("nan")
+    summary = dict(type="summary", step=step, steps_this_run=trained, tokens_seen=step * total_batch_size,
+                   time_s=elapsed, train_time_s=sum(step_times), mean_tok_per_s=total_batch_size / mean_dt,
+                   mean_mfu=sum(step_mfus) / len(step_mfus) if step_mfus else None,
+                   final_val_loss=results["val_loss"],
+                   hellaswag_acc_norm=results["hellaswag"]["acc_norm"] if results["hellaswag"] else None)
+    log.write(**summary)
+    mfu_text = f"{100 * summary['mean_mfu']:.1f}%" if summary["mean_mfu"] is not None else "n/a"
+    print0(f"done{' (stopped early: continue with --resume 1)' if stop_step < num_iterations else ''}: "
+           f"step {step}/{num_iterations}, {trained} steps this run, {summary['tokens_seen']:,} tokens seen, "
+           f"{format_duration(elapsed)}")
+    val_text = f"final val loss {results['val_loss']:.4f}" if results["val_loss"] is not None else "no validation"
+    print0(f"  mean tok/s {summary['mean_tok_per_s']:,.0f} | mean MFU {mfu_text} | {val_text}")
+    if results["hellaswag"]:
+        print0(f"  HellaSwag acc_norm {results['hellaswag']['acc_norm']:.4f} (acc {results['hellaswag']['acc']:.4f}, "
+               f"n={results['hellaswag']['n']})")
+
+
+def prune_exports(output_dir, keep):
+    """Keep the newest `keep` llm.c model files and HF directories, like the checkpoints."""
+    if keep <= 0:
+        return
+    import shutil
+    for pattern in ("model_*.bin", "hf_*"):
+        for old in sorted(output_dir.glob(pattern))[:-keep]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
