@@ -766,14 +766,18 @@ def train(args, rank, world_size, device, device_type, ddp, master):
                    time_s=elapsed, train_time_s=sum(step_times), mean_tok_per_s=total_batch_size / mean_dt,
                    mean_mfu=sum(step_mfus) / len(step_mfus) if step_mfus else None,
                    final_val_loss=results["val_loss"],
-                   hellaswag_acc_norm=results["hellaswag"]["acc_norm"] if results["hellaswag"] else None)
+                   hellaswag_acc_norm=results["hellaswag"]["acc_norm"] if results["hellaswag"] else None,
+                   peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30
+                                    if torch.device(device).type == "cuda" else None))
     log.write(**summary)
     mfu_text = f"{100 * summary['mean_mfu']:.1f}%" if summary["mean_mfu"] is not None else "n/a"
     print0(f"done{' (stopped early: continue with --resume 1)' if stop_step < num_iterations else ''}: "
            f"step {step}/{num_iterations}, {trained} steps this run, {summary['tokens_seen']:,} tokens seen, "
            f"{format_duration(elapsed)}")
     val_text = f"final val loss {results['val_loss']:.4f}" if results["val_loss"] is not None else "no validation"
-    print0(f"  mean tok/s {summary['mean_tok_per_s']:,.0f} | mean MFU {mfu_text} | {val_text}")
+    memory_text = (f" | peak GPU memory {summary['peak_memory_gib']:.2f} GiB"
+                   if summary["peak_memory_gib"] is not None else "")
+    print0(f"  mean tok/s {summary['mean_tok_per_s']:,.0f} | mean MFU {mfu_text} | {val_text}{memory_text}")
     if results["hellaswag"]:
         print0(f"  HellaSwag acc_norm {results['hellaswag']['acc_norm']:.4f} (acc {results['hellaswag']['acc']:.4f}, "
                f"n={results['hellaswag']['n']})")

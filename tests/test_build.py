@@ -27,7 +27,11 @@ def test_extension_built_when_nvcc_present():
     # Fails when the install silently fell back to pure Python although nvcc was there.
     from pyllmc import _C
 
-    for name in ("gelu_forward", "gelu_backward", "device_count", "device_error", "cuda_runtime_version"):
+    launchers = ("gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward",
+                 "fused_residual_layernorm_forward", "fused_residual_layernorm_backward",
+                 "cross_entropy_forward", "cross_entropy_backward", "cross_entropy_fused_forward_backward",
+                 "attention_forward", "attention_backward", "adamw_step")
+    for name in launchers + ("device_count", "device_error", "cuda_runtime_version"):
         assert hasattr(_C, name), f"pyllmc._C lacks {name}"
     assert _C.cuda_runtime_version() >= 11000
 
