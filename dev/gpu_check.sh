@@ -55,7 +55,8 @@ if [ "$skip_san" = 0 ]; then
     # Sanitize only the CUDA backend's kernel tests: -k cuda selects the [cuda] parametrizations.
     for tool in memcheck racecheck; do
         step "compute-sanitizer $tool"
-        if compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
+        # bounded: instrumented runs are 10-100x slower; a timeout reports, it does not hang the check
+        if timeout "${SANITIZER_TIMEOUT:-900}" compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
             $PY -m pytest -q -x tests -k "cuda and not compile" -p no:cacheprovider >"$OUT/sanitizer-$tool.log" 2>&1; then
             status+=("compute-sanitizer $tool: clean")
         else
