@@ -440,15 +440,12 @@ def train(args, rank, world_size, device, device_type, ddp, master):
         print0("note: --zero_stage 1 has no effect in a single process")
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
     ptdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
-    backend_name = pyllmc.default_backend(device) if args.backend == "auto" else args.backend
-    status = pyllmc.available_backends()[backend_name]
-    if not status.available:
-        raise ConfigError(f"--backend {backend_name} cannot run here: {status.reason}")
-    if backend_name == "cuda" and device_type != "cuda":
-        raise ConfigError("--backend cuda runs on a GPU: use --device cuda (or --backend triton / torch)")
-    if backend_name == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ConfigError("--backend triton runs on CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1, "
-                          "or use --device cuda, or --backend torch")
+    # The ops' own resolver: the same availability and device rules every op call applies.
+    try:
+        backend_name = pyllmc.backends.resolve(None if args.backend == "auto" else args.backend,
+                                               torch.device(device))
+    except (ValueError, pyllmc.BackendUnavailableError) as err:
+        raise ConfigError(f"--backend {args.backend}: {err}; use another --device or --backend") from None
 
     # ---- data ----
     if args.input_bin:

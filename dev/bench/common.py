@@ -60,12 +60,3 @@ def available_impls() -> list[str]:
     import pyllmc
 
     return [name for name in ("cuda", "triton") if pyllmc.available_backends()[name].available]
-
-
-def try_compile(fn):
-    """torch.compile(fn), or None where inductor can't compile here (reported as a skipped row)."""
-    try:
-        compiled = torch.compile(fn)
-        return compiled
-    except Exception:  # noqa: BLE001 - a baseline that can't build is reported, not fatal
-        return None

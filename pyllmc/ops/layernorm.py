@@ -121,8 +121,7 @@ def _forward(x, weight, bias, eps: float, backend: str):
     x, weight, bias = aligned16(x), aligned16(weight), aligned16(bias)
     rows = _rows(x)
     y = torch.empty_like(x)
-    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
+    mean, rstd = _stats_like(x), _stats_like(x)
     with torch.cuda.device(x.device):
         cuda_ext().layernorm_forward(y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), x.data_ptr(),
                                      weight.data_ptr(), bias.data_ptr(), rows, x.shape[-1], eps, dtype_code(x),
@@ -156,8 +155,7 @@ def _fused_forward(residual, x, weight, bias, eps: float, backend: str):
     rows = _rows(x)
     h = torch.empty_like(x)
     y = torch.empty_like(x)
-    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
+    mean, rstd = _stats_like(x), _stats_like(x)
     with torch.cuda.device(x.device):
         cuda_ext().fused_residual_layernorm_forward(h.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                                                     residual.data_ptr(), x.data_ptr(), weight.data_ptr(),
@@ -189,7 +187,8 @@ def _fused_backward(dh_out, dy, h, weight, mean, rstd, backend: str):
 # ---- custom ops and autograd -------------------------------------------------------------
 
 def _stats_like(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
+    """An empty float32 (rows,) tensor for x's per-row mean or rstd."""
+    return x.new_empty((_rows(x),), dtype=torch.float32)
 
 
 @torch.library.custom_op("pyllmc::layernorm_forward", mutates_args=())
