@@ -12,6 +12,7 @@ Environment variables:
   PYLLMC_NVCC_FLAGS  extra flags appended to every nvcc command
 """
 
+import importlib.util
 import os
 import shlex
 import shutil
@@ -32,18 +33,15 @@ def log(msg):
     print(f"[pyllmc build] {msg}", file=sys.stderr, flush=True)
 
 
-def find_cuda_home():
-    """The CUDA toolkit root: CUDA_HOME / CUDA_PATH, then /usr/local/cuda, then nvcc on PATH."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return Path(home)
-    if Path("/usr/local/cuda/bin/nvcc").exists():
-        return Path("/usr/local/cuda")
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        return Path(nvcc).resolve().parent.parent
-    return None
+def _load_toolchain():
+    """pyllmc/_toolchain.py, by path: the build must not import pyllmc (nor torch)."""
+    spec = importlib.util.spec_from_file_location("_pyllmc_toolchain", ROOT / "pyllmc" / "_toolchain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+find_cuda_home = _load_toolchain().find_cuda_home  # shared with the CUDA simulator's build
 
 
 def cuda_archs():

@@ -5,7 +5,8 @@
 // (torch.cuda.current_stream().cuda_stream). Memory is always allocated on the Python
 // side. The Python ops layer validates shapes, dtypes and devices before calling here;
 // the launchers re-check what would make a kernel read or write out of bounds.
-// Nothing else lives in this file.
+// Nothing else lives in this file. The same file also builds pyllmc._C_sim, the kernels
+// compiled for the CPU simulator (pyllmc/cuda_sim.py, csrc/sim/), which adds its controls.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -15,6 +16,15 @@
 
 namespace py = pybind11;
 using ptr_t = std::uintptr_t;
+
+#ifndef PYLLMC_EXTENSION_NAME
+#define PYLLMC_EXTENSION_NAME _C
+#endif
+#ifdef PYLLMC_CUDA_SIM
+namespace pyllmc_sim {
+void bind(py::module_& m);  // csrc/sim/module.cpp: schedule, cp.async mode, self-tests
+}
+#endif
 
 namespace pyllmc {
 // gelu.cu
@@ -64,8 +74,11 @@ T* as_ptr(ptr_t p) { return reinterpret_cast<T*>(p); }
 cudaStream_t as_stream(ptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
     m.doc() = "pyllmc CUDA kernels (raw-pointer launchers; use pyllmc.ops instead)";
+#ifdef PYLLMC_CUDA_SIM
+    pyllmc_sim::bind(m);
+#endif
 
     // ---- device queries
     m.def("device_count", [] {

@@ -8,6 +8,10 @@ Resolution order for one op call:
      tensors when the extension is built, else "triton" for CUDA tensors, else "torch".
 
 Asking for a backend that cannot run here raises ``BackendUnavailableError`` saying why.
+
+With ``PYLLMC_CUDA_SIM=1`` the "cuda" backend runs the same CUDA kernels compiled for the
+CPU simulator (pyllmc.cuda_sim) on CPU tensors: how the tests run them without a GPU. It is
+reported as ``simulated`` and "auto" never picks it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import os
 from typing import Iterator, NamedTuple, Optional
 
 import torch
+
+from . import cuda_sim
 
 BACKENDS = ("cuda", "triton", "torch")
 _AUTO = "auto"
@@ -32,6 +38,7 @@ class BackendUnavailableError(RuntimeError):
 class BackendStatus(NamedTuple):
     available: bool
     reason: str  # why not, when not available; "" otherwise
+    simulated: bool = False  # "cuda" on the CPU simulator (PYLLMC_CUDA_SIM=1): CPU tensors, test speed
 
 
 def _check_name(name: str, where: str) -> str:
@@ -46,8 +53,15 @@ _probe_cache: dict = {}
 
 
 def _extension():
-    """(pyllmc._C or None, why it is missing)."""
+    """(pyllmc._C, or pyllmc._C_sim under PYLLMC_CUDA_SIM=1, or None; why it is missing)."""
     if "cuda" in _probe_cache:
+        return _probe_cache["cuda"]
+    if cuda_sim.enabled():
+        try:
+            _probe_cache["cuda"] = (cuda_sim.load(), "")
+        except (cuda_sim.BuildError, cuda_sim.RewriteError) as err:
+            _probe_cache["cuda"] = (None, f"PYLLMC_CUDA_SIM=1 asks for the CUDA simulator, which cannot be built "
+                                          f"here: {err}")
         return _probe_cache["cuda"]
     try:
         from pyllmc import _C  # noqa: F401
@@ -99,6 +113,8 @@ def backend_status(name: str) -> BackendStatus:
     ext, why = _extension()
     if ext is None:
         return BackendStatus(False, why)
+    if cuda_sim.enabled():
+        return BackendStatus(True, "", simulated=True)
     if ext.device_count() == 0:
         runtime = ext.device_error() or "no device"
         return BackendStatus(False, f"{_no_gpu_reason()}; the CUDA runtime says: {runtime}")
@@ -106,6 +122,17 @@ def backend_status(name: str) -> BackendStatus:
         return BackendStatus(False, "the CUDA runtime sees a GPU but this torch has no CUDA support "
                              "(install a CUDA build of torch)")
     return BackendStatus(True, "")
+
+
+def cuda_extension():
+    """The module with the CUDA launchers: pyllmc._C, or pyllmc._C_sim when simulated
+    (the caller has checked that the cuda backend is available)."""
+    return _extension()[0]
+
+
+def cuda_simulated() -> bool:
+    """True when the cuda backend runs on the CPU simulator."""
+    return backend_status("cuda").simulated
 
 
 def available_backends() -> dict[str, BackendStatus]:
@@ -134,7 +161,8 @@ def default_backend(device: torch.device | str = "cuda") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         for name in ("cuda", "triton"):
-            if backend_status(name).available:
+            status = backend_status(name)
+            if status.available and not status.simulated:
                 return name
     return "torch"
 
@@ -167,7 +195,11 @@ def resolve(requested: Optional[str], device: torch.device) -> str:
     if name == _AUTO:
         return default_backend(device)
     require_backend(name)
-    if name == "cuda" and device.type != "cuda":
+    if name == "cuda" and cuda_simulated():
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cuda' is simulated on the CPU here (PYLLMC_CUDA_SIM=1): it runs on CPU "
+                             f"tensors; the inputs are on {device}")
+    elif name == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' runs on CUDA tensors; the inputs are on {device}")
     if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreter_on()):
         raise ValueError(f"backend 'triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "

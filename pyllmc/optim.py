@@ -413,12 +413,12 @@ class AdamW(torch.optim.Optimizer):
         hyper.view(torch.int32)[:, _HYPER_COLUMNS - 1] = torch.tensor(
             [h.key - 2**32 if h.key >= 2**31 else h.key for h in hyper_rows], dtype=torch.int32)
         if backend == "cuda":
-            from .ops._common import cuda_ext
+            from .ops._common import cuda_ext, cuda_launch
 
-            with torch.cuda.device(device):
+            with cuda_launch(table) as stream:
                 # hyper stays on the host: the launcher copies its rows into the launch's parameters
                 cuda_ext().adamw_step(table.data_ptr(), len(table_rows), chunk_map.data_ptr(), num_chunks, chunk,
-                                      hyper.data_ptr(), len(hyper_rows), torch.cuda.current_stream(device).cuda_stream)
+                                      hyper.data_ptr(), len(hyper_rows), stream)
         else:
             from .ops._common import triton_kernels
 

@@ -7,6 +7,12 @@ no GPU is visible. It changes nothing but the Triton kernels (the torch backend,
 extension and torch.compile's CPU code do not read it). On a GPU machine it stays off
 and the same tests run the compiled kernels on the GPU.
 
+CUDA kernels: on a machine without a GPU they run on the CPU simulator (pyllmc.cuda_sim):
+PYLLMC_CUDA_SIM=1 is set here unless the environment says otherwise (PYLLMC_CUDA_SIM=0 turns
+it off), so every [cuda] test runs the real csrc/ kernels through the ops layer on CPU
+tensors. The simulator is built once per session, before the first test, from this
+checkout's csrc/ (PYLLMC_CSRC); a build failure stops the run.
+
 Random inputs: every test draws fresh inputs from a seed made of the session seed and the
 test's id. The session seed is random unless PYLLMC_TEST_SEED is set, and is printed in
 the header, so any failure can be replayed exactly.
@@ -15,18 +21,39 @@ the header, so any failure can be replayed exactly.
 import os
 import random
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("PYLLMC_CUDA_SIM", "1")
+os.environ.setdefault("PYLLMC_CSRC", str(Path(__file__).resolve().parent.parent / "csrc"))
 
 SESSION_SEED = int(os.environ.get("PYLLMC_TEST_SEED", random.randrange(2**31)))
 
 
 def pytest_report_header(config):
-    return f"pyllmc: PYLLMC_TEST_SEED={SESSION_SEED}  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    from pyllmc import cuda_sim
+
+    cuda = "simulated on the CPU (PYLLMC_CUDA_SIM=1)" if cuda_sim.enabled() else "pyllmc._C"
+    return (f"pyllmc: PYLLMC_TEST_SEED={SESSION_SEED}  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}  "
+            f"cuda backend: {cuda}")
+
+
+def pytest_sessionstart(session):
+    """Build the CUDA simulator up front: its compile errors are this run's first news."""
+    from pyllmc import cuda_sim
+
+    if not cuda_sim.enabled():
+        return
+    try:
+        cuda_sim.toolchain()
+    except cuda_sim.BuildError as err:  # no compiler or CUDA headers: the [cuda] tests skip, saying so
+        print(f"\npyllmc: the CUDA simulator cannot be built here ({err}); [cuda] tests will skip")
+        return
+    cuda_sim.load()  # BuildError / RewriteError: a kernel that does not compile is a failed run
 
 
 @pytest.fixture(autouse=True)
@@ -44,15 +71,46 @@ def kernel_device(backend_name: str) -> torch.device:
     status = pyllmc.available_backends()[backend_name]
     if not status.available:
         pytest.skip(f"backend {backend_name!r} unavailable: {status.reason}")
+    if status.simulated:
+        return torch.device("cpu")  # the CUDA kernels on the CPU simulator
     if backend_name == "cuda" or torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")  # triton under the interpreter
+
+
+def interpreted(backend_name: str, device: torch.device) -> bool:
+    """True when a kernel backend's tests run in Triton's CPU interpreter (slow; bf16 dots wrong)."""
+    return backend_name == "triton" and device.type == "cpu"
+
+
+def simulated(backend_name: str, device: torch.device) -> bool:
+    """True when the cuda backend's tests run on the CPU simulator (exact numerics, ~us per barrier)."""
+    return backend_name == "cuda" and device.type == "cpu"
 
 
 @pytest.fixture(params=["cuda", "triton"])
 def kernel_backend(request):
     """(backend name, device) for each kernel implementation; skips a backend that can't run."""
     return request.param, kernel_device(request.param)
+
+
+def expect_cuda_backend_device_error(call_on) -> None:
+    """`call_on(device)` runs an op with backend="cuda" on inputs placed on `device`. Asserts the
+    error for inputs on the wrong device: a ValueError naming the device the backend takes (CUDA
+    tensors on a GPU, CPU tensors on the simulator), or BackendUnavailableError where it cannot run."""
+    import pyllmc
+
+    status = pyllmc.available_backends()["cuda"]
+    if not status.available:
+        with pytest.raises(pyllmc.BackendUnavailableError, match="cuda"):
+            call_on("cpu")
+    elif status.simulated:
+        with pytest.raises(ValueError, match=r"backend 'cuda' is simulated on the CPU here \(PYLLMC_CUDA_SIM=1\): "
+                                             r"it runs on CPU tensors; the inputs are on meta"):
+            call_on("meta")
+    else:
+        with pytest.raises(ValueError, match="backend 'cuda' runs on CUDA tensors; the inputs are on cpu"):
+            call_on("cpu")
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import torch
 import pyllmc
 from pyllmc import ops
 from pyllmc.ops.attention import SUPPORTED_HEAD_DIMS, backends_for_head_dim, supports_head_dim
+from conftest import expect_cuda_backend_device_error, interpreted, simulated
 from tolerances import assert_flash_close
 
 # (B, H, T, D): T = 1, odd T, T just under a power of two, every head dim of GPT-2 sizes
@@ -46,7 +47,7 @@ def random_qkv(shape, device, dtype, requires_grad=True):
 
 
 def skip_unsupported(name, device, shape, dtype):
-    if device.type == "cpu" and dtype == torch.bfloat16:
+    if interpreted(name, device) and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter computes tl.dot wrong on bfloat16: bf16 runs on the GPU only")
     if not supports_head_dim(name, shape[3], dtype):
         pytest.skip(f"backend {name!r} does not take D={shape[3]} in {dtype}")
@@ -69,8 +70,11 @@ def test_attention_matches_reference(kernel_backend, shape, dtype):
     name, device = kernel_backend
     skip_unsupported(name, device, shape, dtype)
     if device.type == "cpu" and shape in CPU_ONE_HEAD:
-        if shape[2] > 512 and dtype != torch.float32:
+        if interpreted(name, device) and shape[2] > 512 and dtype != torch.float32:
             pytest.skip("long sequence under the interpreter: float32 here, every dtype on the GPU")
+        if simulated(name, device) and shape[2] > 512 and dtype == torch.float32:
+            pytest.skip("the float32 path (one warp per query, a shuffle reduction per key) takes ~25 s at "
+                        "T = 1023 on the simulator: float32 runs at T <= 256 here, every T on the GPU")
         shape = (shape[0], 1) + shape[2:]
     q, k, v = random_qkv(shape, device, dtype)
     dout = torch.randn(shape, device=device).to(dtype)
@@ -105,7 +109,7 @@ def test_attention_strided_qkv(kernel_backend):
     """GPT-2 splits one (B, T, 3C) qkv tensor into strided (B, H, T, D) views."""
     name, device = kernel_backend
     B, T, H, D = 2, 45, 3, 64
-    dtype = torch.float16 if device.type == "cpu" else torch.bfloat16
+    dtype = torch.float16 if interpreted(name, device) else torch.bfloat16
     qkv = torch.randn(B, T, 3 * H * D, device=device).to(dtype).requires_grad_(True)
     q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
     assert not q.is_contiguous()
@@ -139,7 +143,7 @@ def test_attention_noncontiguous_grad_output(kernel_backend):
 
 def test_attention_backward_is_deterministic(kernel_backend):
     name, device = kernel_backend
-    dtype = torch.float16 if device.type == "cpu" else torch.bfloat16
+    dtype = torch.float16 if interpreted(name, device) else torch.bfloat16
     shape = (1, 2, 100, 64) if device.type == "cpu" else (4, 12, 1024, 64)
     q, k, v = random_qkv(shape, device, dtype, requires_grad=False)
     dout = torch.randn(shape, device=device).to(dtype)
@@ -248,13 +252,11 @@ def test_attention_rejects_unsupported_head_dim(backend_name):
 
 
 def test_attention_wrong_device_for_backend():
-    x = torch.randn(1, 1, 4, 64)
-    if pyllmc.available_backends()["cuda"].available:
-        with pytest.raises(ValueError, match="backend 'cuda' runs on CUDA tensors"):
-            ops.attention(x, x, x, backend="cuda")
-    else:
-        with pytest.raises(pyllmc.BackendUnavailableError, match="cuda"):
-            ops.attention(x, x, x, backend="cuda")
+    def attend_on(device):
+        x = torch.randn(1, 1, 4, 64, device=device)
+        ops.attention(x, x, x, backend="cuda")
+
+    expect_cuda_backend_device_error(attend_on)
     if pyllmc.available_backends()["triton"].available:
         m = torch.empty(1, 1, 4, 64, device="meta")
         with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors"):

@@ -10,10 +10,11 @@ from pyllmc import backends as backend_mod
 def test_available_backends_reports_every_backend():
     status = pyllmc.available_backends()
     assert list(status) == ["cuda", "triton", "torch"]
-    assert status["torch"] == (True, "")
-    for name, (available, reason) in status.items():
+    assert status["torch"] == (True, "", False)
+    for name, (available, reason, simulated) in status.items():
         assert isinstance(available, bool)
         assert available == (reason == ""), f"{name}: an unavailable backend must say why"
+        assert not simulated or (name == "cuda" and available), "only the cuda backend is ever simulated"
 
 
 def test_auto_picks_torch_for_cpu_tensors():
@@ -23,8 +24,18 @@ def test_auto_picks_torch_for_cpu_tensors():
 
 def test_auto_on_cuda_prefers_cuda_then_triton():
     status = pyllmc.available_backends()
-    expected = "cuda" if status["cuda"].available else "triton" if status["triton"].available else "torch"
+    real_cuda = status["cuda"].available and not status["cuda"].simulated
+    expected = "cuda" if real_cuda else "triton" if status["triton"].available else "torch"
     assert pyllmc.default_backend("cuda") == expected
+
+
+def test_auto_never_picks_the_simulator():
+    """The simulated cuda backend runs only when asked for by name."""
+    if not pyllmc.available_backends()["cuda"].simulated:
+        pytest.skip("the cuda backend is not simulated here")
+    assert pyllmc.default_backend("cpu") == "torch"
+    assert backend_mod.resolve(None, torch.device("cpu")) == "torch"
+    assert backend_mod.resolve("cuda", torch.device("cpu")) == "cuda"
 
 
 def test_context_manager_nests_and_restores():
@@ -62,7 +73,7 @@ def test_unknown_backend_names():
 
 
 def test_unavailable_backend_says_why():
-    for name, (available, reason) in pyllmc.available_backends().items():
+    for name, (available, reason, _) in pyllmc.available_backends().items():
         if available:
             continue
         with pytest.raises(pyllmc.BackendUnavailableError, match=f"pyllmc backend '{name}' cannot run here"):

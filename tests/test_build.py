@@ -2,8 +2,6 @@
 extension answers sensibly on a machine without a GPU."""
 
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +11,9 @@ import pyllmc
 
 def nvcc_available() -> bool:
     """The same search setup.py does."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return True
-    return Path("/usr/local/cuda/bin/nvcc").exists() or shutil.which("nvcc") is not None
+    from pyllmc._toolchain import find_cuda_home
+
+    return find_cuda_home() is not None
 
 
 @pytest.mark.skipif(os.environ.get("PYLLMC_NO_CUDA") == "1", reason="PYLLMC_NO_CUDA=1: a pure-Python install was asked for")
@@ -36,8 +32,9 @@ def test_extension_built_when_nvcc_present():
     assert _C.cuda_runtime_version() >= 11000
 
 
-def test_extension_reports_no_gpu():
-    """Without a GPU the extension imports, counts 0 devices, and the cuda backend says why."""
+def test_extension_reports_no_gpu(monkeypatch):
+    """Without a GPU the extension imports, counts 0 devices, and the cuda backend (the real
+    one: the simulator switched off) says why."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     try:
@@ -46,6 +43,10 @@ def test_extension_reports_no_gpu():
         pytest.skip("pyllmc._C not built on this machine")
     assert _C.device_count() == 0
     assert _C.device_error() != ""
+    from pyllmc import backends
+
+    monkeypatch.setenv("PYLLMC_CUDA_SIM", "0")
+    monkeypatch.setattr(backends, "_probe_cache", {})
     status = pyllmc.available_backends()["cuda"]
     assert not status.available
     assert "no CUDA GPU is visible" in status.reason

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import pyllmc
 from pyllmc import ops
+from conftest import expect_cuda_backend_device_error, interpreted
 from tolerances import assert_elementwise_close, assert_flash_close
 
 GPT2_C = (768, 1024, 1280, 1600)
@@ -92,8 +93,8 @@ SHAPE_CASES = [(rows, C) for C in GPT2_C + ODD_C for rows in ROWS]
 INTERPRETER_C_AT_MANY_ROWS = (17, 768, 1128)
 
 
-def skip_slow_under_interpreter(device, rows, C):
-    if device.type == "cpu" and rows == ROWS[-1] and C not in INTERPRETER_C_AT_MANY_ROWS:
+def skip_slow_under_interpreter(name, device, rows, C):
+    if interpreted(name, device) and rows == ROWS[-1] and C not in INTERPRETER_C_AT_MANY_ROWS:
         pytest.skip(f"{rows} rows x C={C}: on the GPU only (the interpreter covers {INTERPRETER_C_AT_MANY_ROWS})")
 
 
@@ -101,7 +102,7 @@ def skip_slow_under_interpreter(device, rows, C):
 @pytest.mark.parametrize("rows,C", SHAPE_CASES)
 def test_layernorm_matches_torch(kernel_backend, rows, C, dtype):
     name, device = kernel_backend
-    skip_slow_under_interpreter(device, rows, C)
+    skip_slow_under_interpreter(name, device, rows, C)
     got, inputs = run_layernorm(name, (rows, C), dtype, device)
     check_against_torch(got, inputs, dtype)
 
@@ -110,7 +111,7 @@ def test_layernorm_matches_torch(kernel_backend, rows, C, dtype):
 @pytest.mark.parametrize("rows,C", SHAPE_CASES)
 def test_fused_residual_layernorm_matches_torch(kernel_backend, rows, C, dtype):
     name, device = kernel_backend
-    skip_slow_under_interpreter(device, rows, C)
+    skip_slow_under_interpreter(name, device, rows, C)
     got, inputs = run_fused(name, (rows, C), dtype, device)
     check_against_torch(got, inputs, dtype)
 
@@ -360,15 +361,11 @@ def test_fused_rejects_bad_residual(backend_name, case, match):
 
 
 def test_wrong_device_for_backend():
-    """CPU tensors sent to the cuda backend: ValueError when a GPU exists, else the
-    backend-unavailable error; meta tensors can never run on triton."""
+    """Tensors on a device the cuda backend cannot take: a clear error; meta tensors can never
+    run on triton."""
     x, weight, bias = good()
-    if pyllmc.available_backends()["cuda"].available:
-        with pytest.raises(ValueError, match="backend 'cuda' runs on CUDA tensors"):
-            ops.layernorm(x, weight, bias, backend="cuda")
-    else:
-        with pytest.raises(pyllmc.BackendUnavailableError, match="cuda"):
-            ops.layernorm(x, weight, bias, backend="cuda")
+    expect_cuda_backend_device_error(lambda device: ops.layernorm(*(t.to(device) for t in (x, weight, bias)),
+                                                                  backend="cuda"))
     if pyllmc.available_backends()["triton"].available:
         meta = [t.to("meta") for t in (x, weight, bias)]
         with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors"):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import pyllmc
 from pyllmc.model import GPT, GPTConfig, PEAK_BF16_FLOPS, PRESETS, peak_bf16_flops
-from conftest import kernel_device
+from conftest import interpreted, kernel_device
 
 V = 50257
 
@@ -293,7 +293,7 @@ def test_backend_parity_bfloat16(kernel_backend):
     """A bf16 model on the kernel backend against the float32 torch-backend model: the bf16
     error of the kernels is within 2x (+ eps) of the torch backend's own bf16 error."""
     name, device = kernel_backend
-    if device.type == "cpu":
+    if interpreted(name, device):
         pytest.skip("bf16 dot products are wrong under the Triton interpreter: run on a GPU")
     config = tiny_config(n_layer=2, n_head=2, n_embd=128, block_size=64)  # head dim 64
     model = GPT(config, seed=0).to(device)

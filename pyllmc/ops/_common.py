@@ -7,9 +7,9 @@ fails in Python before any kernel sees it.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import importlib
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -74,12 +74,10 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     return _backends.resolve(backend, device)
 
 
-@functools.lru_cache(maxsize=None)
 def cuda_ext():
-    """The pyllmc._C module (the caller has checked the cuda backend is available)."""
-    from pyllmc import _C
-
-    return _C
+    """The module with the CUDA launchers: pyllmc._C, or pyllmc._C_sim when the cuda backend
+    is simulated (the caller has checked the cuda backend is available)."""
+    return _backends.cuda_extension()
 
 
 def triton_kernels(module: str):
@@ -91,9 +89,29 @@ def dtype_code(t: torch.Tensor) -> int:
     return DTYPE_CODES[t.dtype]
 
 
-def stream_handle(t: torch.Tensor) -> int:
-    """The raw cudaStream_t of torch's current stream on t's device."""
-    return torch.cuda.current_stream(t.device).cuda_stream
+@contextlib.contextmanager
+def cuda_launch(t: torch.Tensor) -> Iterator[int]:
+    """Around a cuda-backend launch for tensors on t's device: makes that device current and
+    yields the raw cudaStream_t of torch's current stream there. On the CPU simulator (CPU
+    tensors) there is no device to select and every launch is synchronous: stream 0."""
+    if t.device.type == "cpu":
+        yield 0
+        return
+    with torch.cuda.device(t.device):
+        yield torch.cuda.current_stream(t.device).cuda_stream
+
+
+_sm_counts: dict = {}
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of the GPU behind `device` (the simulated GPU's for CPU tensors), cached."""
+    if device.type == "cpu":
+        return _backends.cuda_sim.multiprocessor_count()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
 
 
 def aligned16(t: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,9 @@ from ._common import (
     check_same_dtype,
     check_tensor,
     cuda_ext,
+    cuda_launch,
     dtype_code,
     resolve_backend,
-    stream_handle,
     triton_kernels,
 )
 
@@ -112,9 +112,9 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str):
     out = torch.empty_like(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if out.numel():
-        with torch.cuda.device(q.device):
+        with cuda_launch(q) as stream:
             cuda_ext().attention_forward(out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                         B, H, T, D, dtype_code(q), stream_handle(q))
+                                         B, H, T, D, dtype_code(q), stream)
     return out, lse
 
 
@@ -128,11 +128,11 @@ def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)  # the kernel's rowsum(dout * out)
     if dq.numel():
-        with torch.cuda.device(q.device):
+        with cuda_launch(q) as stream:
             cuda_ext().attention_backward(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
                                           dout.data_ptr(), out.data_ptr(), lse.data_ptr(),
                                           q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                          B, H, T, D, dtype_code(q), stream_handle(q))
+                                          B, H, T, D, dtype_code(q), stream)
     return dq, dk, dv
 
 

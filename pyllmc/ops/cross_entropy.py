@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import check_same_device, check_tensor, cuda_ext, dtype_code, resolve_backend, stream_handle, \
+from ._common import check_same_device, check_tensor, cuda_ext, cuda_launch, dtype_code, resolve_backend, \
     triton_kernels
 
 TARGET_DTYPES = (torch.int64, torch.int32)
@@ -149,10 +149,10 @@ def _forward(logits, targets, ignore_index: int, backend: str):
     loss, n_valid = _new_scalar(logits), _new_scalar(logits)
     lse = torch.empty(N, device=logits.device, dtype=torch.float32)
     row_losses = torch.empty_like(lse)  # workspace: per-row losses, summed in a fixed order
-    with torch.cuda.device(logits.device):
+    with cuda_launch(logits) as stream:
         cuda_ext().cross_entropy_forward(loss.data_ptr(), lse.data_ptr(), n_valid.data_ptr(), row_losses.data_ptr(),
                                          logits.data_ptr(), targets.data_ptr(), N, V, _row_stride(logits),
-                                         ignore_index, dtype_code(logits), stream_handle(logits))
+                                         ignore_index, dtype_code(logits), stream)
     return loss, lse, n_valid
 
 
@@ -170,10 +170,10 @@ def _backward(logits, targets, lse, n_valid, dloss, ignore_index: int, backend: 
                                                                       ignore_index)
     N, V = logits.shape
     dlogits = _new_grad_like(logits)
-    with torch.cuda.device(logits.device):
+    with cuda_launch(logits) as stream:
         cuda_ext().cross_entropy_backward(dlogits.data_ptr(), logits.data_ptr(), targets.data_ptr(), lse.data_ptr(),
                                           n_valid.data_ptr(), dloss.data_ptr(), N, V, _row_stride(logits),
-                                          ignore_index, dtype_code(logits), stream_handle(logits))
+                                          ignore_index, dtype_code(logits), stream)
     return dlogits
 
 
@@ -187,11 +187,11 @@ def _fused(logits, targets, ignore_index: int, backend: str):
     N, V = logits.shape
     loss, n_valid = _new_scalar(logits), _new_scalar(logits)
     row_losses = torch.empty(N, device=logits.device, dtype=torch.float32)
-    with torch.cuda.device(logits.device):
+    with cuda_launch(logits) as stream:
         cuda_ext().cross_entropy_fused_forward_backward(loss.data_ptr(), n_valid.data_ptr(), row_losses.data_ptr(),
                                                         logits.data_ptr(), targets.data_ptr(), N, V, row_stride,
                                                         ignore_index, zero_padding, dtype_code(logits),
-                                                        stream_handle(logits))
+                                                        stream)
     return loss, n_valid
 
 
@@ -200,9 +200,9 @@ def _scale_grad(dlogits, dloss, backend: str) -> None:
         triton_kernels("cross_entropy").cross_entropy_scale_grad(dlogits, dloss)
         return
     N, V = dlogits.shape
-    with torch.cuda.device(dlogits.device):
+    with cuda_launch(dlogits) as stream:
         cuda_ext().cross_entropy_scale_grad(dlogits.data_ptr(), dloss.data_ptr(), N, V, _row_stride(dlogits),
-                                            dtype_code(dlogits), stream_handle(dlogits))
+                                            dtype_code(dlogits), stream)
 
 
 # ---- custom ops and autograd ----------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import aligned16, check_tensor, cuda_ext, dtype_code, resolve_backend, stream_handle, triton_kernels
+from ._common import aligned16, check_tensor, cuda_ext, cuda_launch, dtype_code, resolve_backend, triton_kernels
 
 
 def gelu(x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -31,8 +31,8 @@ def _forward(x: torch.Tensor, backend: str) -> torch.Tensor:
         return triton_kernels("gelu").gelu_forward(x)
     x = aligned16(x)
     out = torch.empty_like(x)
-    with torch.cuda.device(x.device):
-        cuda_ext().gelu_forward(out.data_ptr(), x.data_ptr(), x.numel(), dtype_code(x), stream_handle(x))
+    with cuda_launch(x) as stream:
+        cuda_ext().gelu_forward(out.data_ptr(), x.data_ptr(), x.numel(), dtype_code(x), stream)
     return out
 
 
@@ -41,9 +41,9 @@ def _backward(x: torch.Tensor, dout: torch.Tensor, backend: str) -> torch.Tensor
         return triton_kernels("gelu").gelu_backward(x, dout)
     x, dout = aligned16(x), aligned16(dout)
     dinp = torch.empty_like(x)
-    with torch.cuda.device(x.device):
+    with cuda_launch(x) as stream:
         cuda_ext().gelu_backward(dinp.data_ptr(), x.data_ptr(), dout.data_ptr(), x.numel(), dtype_code(x),
-                                 stream_handle(x))
+                                 stream)
     return dinp
 
 

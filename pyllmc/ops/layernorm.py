@@ -29,9 +29,10 @@ from ._common import (
     check_same_dtype,
     check_tensor,
     cuda_ext,
+    cuda_launch,
     dtype_code,
+    multiprocessor_count,
     resolve_backend,
-    stream_handle,
     triton_kernels,
 )
 
@@ -102,16 +103,10 @@ def _rows(x: torch.Tensor) -> int:
 
 # ---- raw kernel calls ------------------------------------------------------------------
 
-_sm_counts: dict = {}
-
-
 def cuda_num_partials(rows: int, device: torch.device) -> int:
     """Blocks of the CUDA backward (= rows of its partial-sum scratch): two per SM fills the
     GPU with one wave; each block owns a contiguous range of rows."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return max(1, min(rows, 2 * _sm_counts[index]))
+    return max(1, min(rows, 2 * multiprocessor_count(device)))
 
 
 def _forward(x, weight, bias, eps: float, backend: str):
@@ -122,10 +117,10 @@ def _forward(x, weight, bias, eps: float, backend: str):
     rows = _rows(x)
     y = torch.empty_like(x)
     mean, rstd = _stats_like(x), _stats_like(x)
-    with torch.cuda.device(x.device):
+    with cuda_launch(x) as stream:
         cuda_ext().layernorm_forward(y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), x.data_ptr(),
                                      weight.data_ptr(), bias.data_ptr(), rows, x.shape[-1], eps, dtype_code(x),
-                                     stream_handle(x))
+                                     stream)
     return y, mean, rstd
 
 
@@ -140,10 +135,10 @@ def _backward(dy, x, weight, mean, rstd, backend: str):
     dweight = torch.empty_like(weight)
     dbias = torch.empty_like(weight)
     scratch = torch.empty((2, partials, C), device=x.device, dtype=torch.float32)
-    with torch.cuda.device(x.device):
+    with cuda_launch(x) as stream:
         cuda_ext().layernorm_backward(dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), scratch.data_ptr(),
                                       dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(),
-                                      rstd.data_ptr(), rows, C, partials, dtype_code(x), stream_handle(x))
+                                      rstd.data_ptr(), rows, C, partials, dtype_code(x), stream)
     return dx, dweight, dbias
 
 
@@ -156,11 +151,11 @@ def _fused_forward(residual, x, weight, bias, eps: float, backend: str):
     h = torch.empty_like(x)
     y = torch.empty_like(x)
     mean, rstd = _stats_like(x), _stats_like(x)
-    with torch.cuda.device(x.device):
+    with cuda_launch(x) as stream:
         cuda_ext().fused_residual_layernorm_forward(h.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                                                     residual.data_ptr(), x.data_ptr(), weight.data_ptr(),
                                                     bias.data_ptr(), rows, x.shape[-1], eps, dtype_code(x),
-                                                    stream_handle(x))
+                                                    stream)
     return h, y, mean, rstd
 
 
@@ -175,12 +170,12 @@ def _fused_backward(dh_out, dy, h, weight, mean, rstd, backend: str):
     dweight = torch.empty_like(weight)
     dbias = torch.empty_like(weight)
     scratch = torch.empty((2, partials, C), device=h.device, dtype=torch.float32)
-    with torch.cuda.device(h.device):
+    with cuda_launch(h) as stream:
         cuda_ext().fused_residual_layernorm_backward(dh.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
                                                      scratch.data_ptr(), dh_out.data_ptr(), dy.data_ptr(),
                                                      h.data_ptr(), weight.data_ptr(), mean.data_ptr(),
                                                      rstd.data_ptr(), rows, C, partials, dtype_code(h),
-                                                     stream_handle(h))
+                                                     stream)
     return dh, dweight, dbias
 
 

@@ -1,0 +1,379 @@
+"""The CUDA simulator itself (pyllmc.cuda_sim, csrc/sim/): its source rewrite, its PTX
+instructions against numpy models of the PTX ISA, CUDA's rules it enforces, and the kernels
+of csrc/ under every schedule and in the AddressSanitizer build.
+
+The [cuda] tests of the other files check the kernels' answers on the simulator; this file
+checks the simulator, and that the kernels' answers do not depend on the order threads run in.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyllmc import cuda_sim
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sim():
+    """The loaded simulator module, or skip (only on a machine that can build it)."""
+    if not cuda_sim.enabled():
+        pytest.skip("the CUDA simulator is off (PYLLMC_CUDA_SIM is not 1: a GPU is here or it was turned off)")
+    try:
+        return cuda_sim.load()
+    except cuda_sim.BuildError as err:
+        pytest.skip(f"the CUDA simulator cannot be built here: {err}")
+
+
+def driver():
+    spec = importlib.util.spec_from_file_location("cuda_driver", ROOT / "dev" / "cuda_driver.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cuda_driver"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+# ---- the source rewrite ------------------------------------------------------------------------
+
+LAUNCH_SOURCE = """\
+// a comment with kernel<<<1, 2>>>(x) and asm("nop") in it
+template <typename T, int N>
+__global__ void k(T* x) {}
+void f(float* x, cudaStream_t s) {
+    k<float, 3 * 2>
+        <<<dim3(1, 2), 64, 0, s>>>(
+            x);
+    other_kernel<<<1, 32>>>();
+}
+"""
+
+
+def test_rewrite_turns_launches_into_calls_and_keeps_lines():
+    out = cuda_sim.rewrite(LAUNCH_SOURCE, "/src/k.cu")
+    assert out.startswith('#line 1 "/src/k.cu"\n')
+    body = out.split("\n", 1)[1]
+    assert body.count("\n") == LAUNCH_SOURCE.count("\n"), "line numbers must not move"
+    assert '::cuda_sim::launch("k<float, 3 * 2>", k<float, 3 * 2>' in body
+    assert ", ::cuda_sim::config(dim3(1, 2), 64, 0, s)" in body
+    assert '::cuda_sim::launch("other_kernel", other_kernel, ::cuda_sim::config(1, 32));' in body
+    assert "kernel<<<1, 2>>>(x)" in body, "comments are left alone"
+
+
+def test_rewrite_shared_memory_declarations():
+    src = ("__global__ void k() {\n"
+           "    extern __shared__ __align__(16) unsigned char raw[];\n"
+           "    __shared__ float sums[4][32];\n"
+           "    __shared__ int one;\n"
+           "}\n")
+    out = cuda_sim.rewrite(src, "k.cu", file_index=2)
+    assert "unsigned char* raw = ::cuda_sim::dynamic_shared_ptr<unsigned char>(16, __FILE__, __LINE__);" in out
+    assert "auto& sums = ::cuda_sim::static_shared_ref<float[4][32]>(2001, 0, __FILE__, __LINE__);" in out
+    assert "auto& one = ::cuda_sim::static_shared_ref<int>(2002, 0, __FILE__, __LINE__);" in out
+
+
+def test_rewrite_inline_ptx_binds_every_operand():
+    src = ('void f(unsigned (&r)[4], const void* p) {\n'
+           '    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\\n"\n'
+           '                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])\n'
+           '                 : "r"(smem_u32(p))\n'
+           '                 : "memory");\n'
+           '    asm volatile("cp.async.commit_group;\\n" ::: "memory");\n'
+           '}\n')
+    out = cuda_sim.rewrite(src, "k.cu")
+    assert out.count("\n") == src.count("\n") + 1
+    assert ('::cuda_sim::asm_exec("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\\n", '
+            '{::cuda_sim::asm_operand("=r", (r[0])), ::cuda_sim::asm_operand("=r", (r[1])), '
+            '::cuda_sim::asm_operand("=r", (r[2])), ::cuda_sim::asm_operand("=r", (r[3])), '
+            '::cuda_sim::asm_operand("r", (smem_u32(p)))}, __FILE__, __LINE__)') in out
+    assert '::cuda_sim::asm_exec("cp.async.commit_group;\\n", {}, __FILE__, __LINE__)' in out
+
+
+@pytest.mark.parametrize("src, match", [
+    ('void f() {\n  asm volatile("bar.sync 0;");\n}\n', r"k\.cu:2: inline PTX 'bar\.sync' is not supported"),
+    ('void f(int x) {\n\n  asm("mov.b32 %0, %1;" : "=r"(x) : "r"(x));\n}\n', r"k\.cu:3: inline PTX 'mov\.b32'"),
+    ("__global__ void k() {\n  static __shared__ float s[4];\n}\n", r"k\.cu:2: 'static __shared__'"),
+    ("__global__ void k() {\n  __shared__ float a[4], b[4];\n}\n", r"k\.cu:2: one variable"),
+    ("__global__ void k() {\n  extern __shared__ float a[8];\n}\n", r"k\.cu:2: extern __shared__ must be"),
+])
+def test_rewrite_refuses_what_it_cannot_run(src, match):
+    with pytest.raises(cuda_sim.RewriteError, match=match):
+        cuda_sim.rewrite(src, "k.cu")
+
+
+def test_every_csrc_file_rewrites():
+    """The project's own kernels pass the rewrite (every asm they hold is simulated)."""
+    for path in sorted((ROOT / "csrc").glob("*.cu*")):
+        source = path.read_text()
+        out = cuda_sim.rewrite(source, str(path))
+        assert out.count("\n") == source.count("\n") + 1, path.name
+        if "<<<" in source.replace("<<<...>>>", ""):
+            assert "::cuda_sim::launch(" in out, path.name
+
+
+# ---- PTX instructions against the ISA -----------------------------------------------------------
+
+def _bits16(values: np.ndarray, bf16: bool) -> np.ndarray:
+    t = torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16 if bf16 else torch.float16)
+    return t.view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
+
+
+def _pack(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return (lo | (hi << 16)).astype(np.uint32)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_mma_m16n8k16_follows_the_fragment_layouts(bf16):
+    """mma.sync.m16n8k16: registers placed per the PTX ISA's fragment tables (g = lane / 4,
+    t = lane % 4); D = A B + C with exact products and one rounding."""
+    m = sim()
+    rng = np.random.default_rng(7)
+    A = rng.standard_normal((16, 16))
+    B = rng.standard_normal((16, 8))
+    C = rng.standard_normal((16, 8)).astype(np.float32)
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    A = torch.from_numpy(A).to(dtype).double().numpy()  # the values the registers can hold
+    B = torch.from_numpy(B).to(dtype).double().numpy()
+    a = np.zeros((32, 4), np.uint32)
+    b = np.zeros((32, 2), np.uint32)
+    c = np.zeros((32, 4), np.float32)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        rows_cols = [(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)]
+        for i, (r, col) in enumerate(rows_cols):
+            a[lane, i] = _pack(_bits16(A[r, col:col + 1], bf16), _bits16(A[r, col + 1:col + 2], bf16))[0]
+        for i, k in enumerate((2 * t, 2 * t + 8)):
+            b[lane, i] = _pack(_bits16(B[k:k + 1, g], bf16), _bits16(B[k + 1:k + 2, g], bf16))[0]
+        c[lane] = [C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1]]
+    d = np.zeros((32, 4), np.float32)
+    m.selftest_mma(ptr(d), ptr(a), ptr(b), ptr(c), bf16)
+    want = A @ B + C
+    got = np.zeros((16, 8))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        got[g, 2 * t], got[g, 2 * t + 1], got[g + 8, 2 * t], got[g + 8, 2 * t + 1] = d[lane]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("matrices", [1, 2, 4])
+@pytest.mark.parametrize("trans", [False, True])
+def test_ldmatrix_follows_the_isa(matrices, trans):
+    """ldmatrix.m8n8.xN{.trans}.b16: lanes 8m..8m+7 address the rows of matrix m; lane l gets
+    (row l/4, cols 2(l%4), 2(l%4)+1) of each matrix, or that of its transpose with .trans."""
+    m = sim()
+    rng = np.random.default_rng(matrices * 2 + trans)
+    image = rng.integers(0, 2**16, size=40 * 8, dtype=np.uint16)  # 40 rows of 8 elements (16 bytes)
+    offsets = (rng.permutation(40)[:32] * 8).astype(np.int32)      # each lane's row, anywhere in the image
+    out = np.zeros((32, 4), np.uint32)
+    m.selftest_ldmatrix(ptr(out), ptr(image), image.size, ptr(offsets), matrices, trans)
+    for mat in range(matrices):
+        tile = np.stack([image[offsets[8 * mat + r]:offsets[8 * mat + r] + 8] for r in range(8)]).astype(np.uint32)
+        if trans:
+            tile = tile.T
+        for lane in range(32):
+            row, col = lane // 4, 2 * (lane % 4)
+            assert out[lane, mat] == tile[row, col] | (tile[row, col + 1] << 16), (mat, lane)
+    assert (out[:, matrices:] == 0).all()
+
+
+@pytest.mark.parametrize("mode", cuda_sim.CP_ASYNC_MODES)
+def test_cp_async_groups_zero_fill_and_the_two_landing_models(mode):
+    """cp.async with src-size 16, 5 and 0 (the rest zero-filled), one group each; after
+    wait_group 2 only the oldest group must have landed ("at_wait" lands nothing earlier,
+    "immediate" everything at issue); after wait_group 0 all have."""
+    m = sim()
+    src = np.random.default_rng(3).integers(1, 256, size=3 * 32 * 16, dtype=np.uint8)
+    after_first = np.zeros((32, 3, 16), np.uint8)
+    after_all = np.zeros((32, 3, 16), np.uint8)
+    with cuda_sim.schedule(cp_async=mode):
+        m.selftest_cp_async(ptr(after_first), ptr(after_all), ptr(src))
+    copies = src.reshape(3, 32, 16).transpose(1, 0, 2)  # [thread][group][byte]
+    landed = copies.copy()
+    landed[:, 1, 5:] = 0
+    landed[:, 2, :] = 0
+    np.testing.assert_array_equal(after_all, landed)
+    np.testing.assert_array_equal(after_first[:, 0], landed[:, 0])
+    if mode == "at_wait":
+        assert (after_first[:, 1:] == 0xFF).all(), "a group that was not waited for has landed"
+    else:
+        np.testing.assert_array_equal(after_first, landed)
+
+
+def _shfl_model(mode, lane, b, width):
+    """CUDA's documented shuffle semantics, per lane: the source lane (or the caller's own)."""
+    start = lane // width * width
+    if mode == 0:
+        return start + b % width
+    if mode == 1:
+        return lane - b if lane - start >= b else lane
+    if mode == 2:
+        return lane + b if lane - start + b < width else lane
+    src = lane ^ b
+    return lane if src // width > lane // width else src  # later segments give the own value
+
+
+@pytest.mark.parametrize("width", [32, 16, 8, 1])
+@pytest.mark.parametrize("mode, b", [(0, 5), (0, 37), (1, 3), (2, 3), (3, 1), (3, 6), (3, 17)])
+def test_shuffles(mode, b, width):
+    m = sim()
+    values = (np.arange(32, dtype=np.int32) * 10 + 1)
+    out = np.zeros(32, np.int32)
+    m.selftest_shfl(ptr(out), ptr(values), mode, b, width, 0xFFFFFFFF)
+    want = [values[_shfl_model(mode, lane, b, width)] for lane in range(32)]
+    np.testing.assert_array_equal(out, want)
+
+
+def test_votes_with_a_partial_mask():
+    m = sim()
+    predicates = np.array([lane % 3 == 0 for lane in range(32)], np.int32)
+    mask = 0x00FF00FF
+    out = np.full((32, 3), 7, np.uint32)
+    m.selftest_vote(ptr(out), ptr(predicates), mask)
+    ballot = sum(1 << lane for lane in range(32) if predicates[lane] and mask >> lane & 1)
+    for lane in range(32):
+        if mask >> lane & 1:
+            assert list(out[lane]) == [ballot, 1, 0]
+        else:
+            assert list(out[lane]) == [7, 7, 7]
+
+
+def test_syncthreads_count():
+    m = sim()
+    predicates = (np.arange(96) % 5 == 0).astype(np.int32)
+    out = np.zeros(96, np.int32)
+    m.selftest_syncthreads_count(ptr(out), ptr(predicates), 96)
+    assert (out == predicates.sum()).all()
+
+
+def test_uninitialized_static_shared_memory_reads_as_nan():
+    m = sim()
+    out = np.zeros(4, np.float32)
+    m.selftest_static_shared(ptr(out))
+    assert (out.view(np.uint32) == 0xFFFFFFFF).all()
+
+
+# ---- schedules ------------------------------------------------------------------------------------
+
+def _order(blocks, threads):
+    m = sim()
+    order = np.full((blocks, threads), -1, np.int32)
+    counter = np.zeros(blocks, np.int32)
+    m.selftest_order(ptr(order), ptr(counter), blocks, threads)
+    return order
+
+
+def test_schedules_order_warps_and_lanes():
+    threads = 96
+    with cuda_sim.schedule("forward"):
+        assert (_order(2, threads) == np.arange(threads)).all()
+    with cuda_sim.schedule("reverse"):
+        want = np.concatenate([np.arange(64, 96), np.arange(32, 64), np.arange(0, 32)])
+        assert (_order(2, threads) == want).all()
+    with cuda_sim.schedule("random", seed=1):
+        first = _order(3, threads)
+    with cuda_sim.schedule("random", seed=1):
+        again = _order(3, threads)
+    with cuda_sim.schedule("random", seed=2):
+        other = _order(3, threads)
+    assert (first == again).all(), "a seed must give the same order every time"
+    assert not (first == other).all()
+    for row in first:
+        assert sorted(row) == list(range(threads))
+        assert list(row) != list(range(threads))
+    assert not (first[0] == first[1]).all(), "every block draws its own order"
+
+
+# ---- what the simulator refuses -------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, arg, match", [
+    ("divergent_barrier", 0, r"__syncthreads while 32 other thread\(s\) wait at the one at .*selftest\.cu"),
+    ("deadlock", 0, r"deadlock, no thread can go on .*wait in __shfl_xor_sync"),
+    ("early_exit", 0, r"waits for lanes 0xffff0000 that have exited|exits while lanes"),
+    ("mask_mismatch", 0, r"lanes disagree on a warp collective"),
+    ("shared_overflow", 64, r"byte 0 past the end of this launch's 256 bytes of dynamic shared memory"),
+    ("bad_global", 1 << 40, r"invalid memory access at address"),
+    ("stack_overflow", 200, r"stack overflow"),
+    ("ldmatrix_out_of_bounds", 0, r"ldmatrix touches shared bytes \[128, 144\) of dynamic shared memory, but the launch has 128"),
+    ("too_many_threads", 0, r"invalid block \(2048, 1, 1\)"),
+    ("zero_grid", 0, r"invalid grid \(0, 1, 1\)"),
+    ("smem_without_optin", 0, r"65536 bytes of dynamic shared memory, more than the kernel's limit of 49152"),
+])
+def test_misuse_is_a_clear_launch_error(case, arg, match):
+    m = sim()
+    out = np.zeros(64, np.float32)
+    with pytest.raises(RuntimeError, match=match) as info:
+        m.selftest_misuse(case, ptr(out) if case != "bad_global" else 0, arg)
+    assert "pyllmc CUDA error" in str(info.value)
+    # the simulator carries on: the next launch runs normally
+    m.selftest_misuse("smem_with_optin", ptr(out), 0)
+
+
+def test_opted_in_dynamic_shared_memory_launches():
+    m = sim()
+    out = np.zeros(1, np.int32)
+    m.selftest_misuse("smem_with_optin", ptr(out), 0)
+    assert out[0] == 2
+
+
+# ---- the kernels of csrc/ do not depend on the schedule ------------------------------------------
+
+def _digests(schedule, seed=0, cp_async="at_wait"):
+    with cuda_sim.schedule(schedule, seed, cp_async):
+        return {r.name: r.digest for r in driver().run_cases()}
+
+
+def test_every_launcher_gives_the_same_bits_in_every_schedule():
+    """All CUDA launchers (dev/cuda_driver.py: five families, three dtypes, odd shapes, forward
+    and backward) give bit-identical outputs with warps run forward, reversed and in two random
+    orders, and with cp.async landing at its wait or at once: no result depends on thread order."""
+    sim()
+    forward = _digests("forward")
+    assert len(forward) > 50
+    for schedule, seed, cp_async in (("reverse", 0, "at_wait"), ("random", 1, "at_wait"),
+                                     ("random", 2, "immediate"), ("forward", 0, "immediate")):
+        other = _digests(schedule, seed, cp_async)
+        moved = [name for name in forward if forward[name] != other[name]]
+        assert not moved, f"{schedule} (seed {seed}, cp.async {cp_async}) changes: {moved}"
+
+
+def test_the_driver_matches_the_torch_backend():
+    """The driver's own smoke check (fp16 included, which the op tests leave to the GPU)."""
+    sim()
+    results = driver().run_cases(check=True)
+    bad = [(r.name, r.max_error) for r in results if not r.ok]
+    assert not bad, bad
+
+
+@pytest.mark.slow
+def test_sanitizer_build_runs_every_launcher_cleanly(tmp_path):
+    """The simulator and kernels built with -fsanitize=address,undefined: every launcher runs
+    over exact-size torch buffers with no report, and gives the default build's bits."""
+    sim()
+    try:
+        preload = cuda_sim.sanitizer_preload()
+    except cuda_sim.BuildError as err:
+        pytest.skip(str(err))
+    cuda_sim.build("sanitize")  # here, so its compile time is not the subprocess's timeout
+    env = dict(os.environ, PYLLMC_CUDA_SIM="1", PYLLMC_CUDA_SIM_VARIANT="sanitize",
+               LD_PRELOAD=":".join(preload),
+               # Python itself leaks by design; the kernels' reports are what matter
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+    out_json = tmp_path / "sanitize.json"
+    run = subprocess.run([sys.executable, str(ROOT / "dev" / "cuda_driver.py"), "--json", str(out_json),
+                          "--schedule", "random", "--seed", "3"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout[-3000:] + run.stderr[-6000:])
+    assert "ERROR: AddressSanitizer" not in run.stderr and "runtime error:" not in run.stderr, run.stderr[-6000:]
+    import json
+
+    sanitized = {r["name"]: r["digest"] for r in json.loads(out_json.read_text())}
+    assert sanitized == _digests("forward")
