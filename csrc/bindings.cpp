@@ -8,9 +8,12 @@
 // Nothing else lives in this file. The same file also builds pyllmc._C_sim, the kernels
 // compiled for the CPU simulator (pyllmc/cuda_sim.py, csrc/sim/), which adds its controls.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <cuda_runtime.h>  // host API only: this file is compiled by the C++ compiler, not nvcc
 
@@ -36,11 +39,11 @@ void adamw_step(const void* tensors, int num_tensors, const void* chunk_to_tenso
 int adamw_chunk_size();
 int adamw_max_rows();
 // attention.cu
-void attention_forward(void* out, float* lse, const void* q, const void* k, const void* v, int B, int H, int T,
-                       int D, int dtype, cudaStream_t stream);
+void attention_forward(void* out, float* lse, const void* q, const void* k, const void* v, const long long* strides,
+                       int B, int H, int T, int D, int dtype, cudaStream_t stream);
 void attention_backward(void* dq, void* dk, void* dv, float* delta, const void* dout, const void* out,
-                        const float* lse, const void* q, const void* k, const void* v, int B, int H, int T, int D,
-                        int dtype, cudaStream_t stream);
+                        const float* lse, const void* q, const void* k, const void* v, const long long* strides,
+                        int B, int H, int T, int D, int dtype, cudaStream_t stream);
 // layernorm.cu
 void layernorm_forward(void* out, void* mean, void* rstd, const void* inp, const void* weight, const void* bias,
                        long long rows, int C, float eps, int dtype, cudaStream_t stream);
@@ -63,7 +66,8 @@ void cross_entropy_backward(void* dlogits, const void* logits, const long long* 
                             long long ignore_index, int dtype, cudaStream_t stream);
 void cross_entropy_fused_forward_backward(float* loss, float* n_valid, float* row_losses, void* logits,
                                           const long long* targets, long long N, long long V, long long row_stride,
-                                          long long ignore_index, bool zero_padding, int dtype, cudaStream_t stream);
+                                          long long pad_end, long long ignore_index, float loss_scale, int dtype,
+                                          cudaStream_t stream);
 void cross_entropy_scale_grad(void* dlogits, const float* dloss, long long N, long long V, long long row_stride,
                               int dtype, cudaStream_t stream);
 }  // namespace pyllmc
@@ -117,21 +121,25 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
     m.def("adamw_chunk_size", &pyllmc::adamw_chunk_size, "Elements per block of adamw_step.");
     m.def("adamw_max_rows", &pyllmc::adamw_max_rows, "Hyperparameter rows one adamw_step launch takes.");
 
-    // ---- attention (causal, scale 1/sqrt(D); lse and delta are float32 (B, H, T))
-    m.def("attention_forward", [](ptr_t out, ptr_t lse, ptr_t q, ptr_t k, ptr_t v, int B, int H, int T, int D,
-                                  int dtype, ptr_t stream) {
-        pyllmc::attention_forward(as_ptr(out), as_ptr<float>(lse), as_ptr(q), as_ptr(k), as_ptr(v), B, H, T, D, dtype,
-                                  as_stream(stream));
-    }, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("B"), py::arg("H"),
-       py::arg("T"), py::arg("D"), py::arg("dtype"), py::arg("stream"));
+    // ---- attention (causal, scale 1/sqrt(D); lse and delta are float32 (B, H, T) contiguous; strides: a list
+    // of the (batch, head, position) element strides of every (B, H, T, D) operand, in the launcher's order)
+    m.def("attention_forward", [](ptr_t out, ptr_t lse, ptr_t q, ptr_t k, ptr_t v, const std::vector<long long>& strides,
+                                  int B, int H, int T, int D, int dtype, ptr_t stream) {
+        if (strides.size() != 12) throw std::invalid_argument("pyllmc: attention_forward: strides must hold 12 values");
+        pyllmc::attention_forward(as_ptr(out), as_ptr<float>(lse), as_ptr(q), as_ptr(k), as_ptr(v), strides.data(), B,
+                                  H, T, D, dtype, as_stream(stream));
+    }, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("strides"), py::arg("B"),
+       py::arg("H"), py::arg("T"), py::arg("D"), py::arg("dtype"), py::arg("stream"));
     m.def("attention_backward", [](ptr_t dq, ptr_t dk, ptr_t dv, ptr_t delta, ptr_t dout, ptr_t out, ptr_t lse,
-                                   ptr_t q, ptr_t k, ptr_t v, int B, int H, int T, int D, int dtype, ptr_t stream) {
+                                   ptr_t q, ptr_t k, ptr_t v, const std::vector<long long>& strides, int B, int H,
+                                   int T, int D, int dtype, ptr_t stream) {
+        if (strides.size() != 24) throw std::invalid_argument("pyllmc: attention_backward: strides must hold 24 values");
         pyllmc::attention_backward(as_ptr(dq), as_ptr(dk), as_ptr(dv), as_ptr<float>(delta), as_ptr(dout),
-                                   as_ptr(out), as_ptr<const float>(lse), as_ptr(q), as_ptr(k), as_ptr(v), B, H, T, D,
-                                   dtype, as_stream(stream));
+                                   as_ptr(out), as_ptr<const float>(lse), as_ptr(q), as_ptr(k), as_ptr(v),
+                                   strides.data(), B, H, T, D, dtype, as_stream(stream));
     }, py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("dout"), py::arg("out"),
-       py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("B"), py::arg("H"), py::arg("T"),
-       py::arg("D"), py::arg("dtype"), py::arg("stream"));
+       py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("strides"), py::arg("B"), py::arg("H"),
+       py::arg("T"), py::arg("D"), py::arg("dtype"), py::arg("stream"));
 
     // ---- layernorm
     m.def("layernorm_forward", [](ptr_t out, ptr_t mean, ptr_t rstd, ptr_t inp, ptr_t weight, ptr_t bias,
@@ -191,15 +199,15 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
        py::arg("dtype"), py::arg("stream"));
     m.def("cross_entropy_fused_forward_backward", [](ptr_t loss, ptr_t n_valid, ptr_t row_losses, ptr_t logits,
                                                      ptr_t targets, long long N, long long V, long long row_stride,
-                                                     long long ignore_index, bool zero_padding, int dtype,
-                                                     ptr_t stream) {
+                                                     long long pad_end, long long ignore_index, float loss_scale,
+                                                     int dtype, ptr_t stream) {
         pyllmc::cross_entropy_fused_forward_backward(as_ptr<float>(loss), as_ptr<float>(n_valid),
                                                      as_ptr<float>(row_losses), as_ptr(logits),
-                                                     as_ptr<const long long>(targets), N, V, row_stride,
-                                                     ignore_index, zero_padding, dtype, as_stream(stream));
+                                                     as_ptr<const long long>(targets), N, V, row_stride, pad_end,
+                                                     ignore_index, loss_scale, dtype, as_stream(stream));
     }, py::arg("loss"), py::arg("n_valid"), py::arg("row_losses"), py::arg("logits"), py::arg("targets"),
-       py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("ignore_index"), py::arg("zero_padding"),
-       py::arg("dtype"), py::arg("stream"));
+       py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("pad_end"), py::arg("ignore_index"),
+       py::arg("loss_scale"), py::arg("dtype"), py::arg("stream"));
     m.def("cross_entropy_scale_grad", [](ptr_t dlogits, ptr_t dloss, long long N, long long V, long long row_stride,
                                          int dtype, ptr_t stream) {
         pyllmc::cross_entropy_scale_grad(as_ptr(dlogits), as_ptr<const float>(dloss), N, V, row_stride, dtype,

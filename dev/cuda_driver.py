@@ -134,8 +134,9 @@ def all_cases() -> list[Case]:
         tag = str(dtype).replace("torch.", "")
         for n in (1, 37, 1029):
             cases.append(Case(f"gelu n={n} {tag}", dtype, gelu_case(n)))
-        # C = 1 and 37: scalar chunks; 768: GPT-2's (vector chunks); 8200: past the register kernel
-        for rows, C in ((3, 1), (5, 37), (7, 768), (2, 8200)):
+        # C = 1 and 37: scalar chunks; 768: GPT-2 124M (vector chunks, row kept in registers); 1600:
+        # GPT-2 XL (the backward reads the row twice); 8200: past the register kernels
+        for rows, C in ((3, 1), (5, 37), (7, 768), (3, 1600), (2, 8200)):
             for fused in (False, True):
                 name = "fused_residual_layernorm" if fused else "layernorm"
                 # C = 1: x - mean = 0 exactly, so dx and dweight are 0 and torch's are rounding noise
@@ -211,6 +212,8 @@ def main(argv=None) -> int:
     parser.add_argument("--schedule", choices=cuda_sim.SCHEDULES, default="forward",
                         help="simulator only: the order warps (and lanes, blocks) take turns")
     parser.add_argument("--seed", type=int, default=0, help="simulator only: seed of the random schedule")
+    parser.add_argument("--greedy", action="store_true",
+                        help="simulator only: each warp runs as far as it can before the next (else in step)")
     parser.add_argument("--cp-async", choices=cuda_sim.CP_ASYNC_MODES, default="at_wait",
                         help="simulator only: when cp.async copies land")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -218,9 +221,10 @@ def main(argv=None) -> int:
 
     device = cuda_device()
     if device.type == "cpu":
-        cuda_sim.set_schedule(args.schedule, args.seed)
+        cuda_sim.set_schedule(args.schedule, args.seed, args.greedy)
         cuda_sim.set_cp_async(args.cp_async)
-        where = f"the CPU simulator (schedule {args.schedule}, seed {args.seed}, cp.async {args.cp_async})"
+        where = (f"the CPU simulator (schedule {args.schedule}{' greedy' if args.greedy else ''}, seed {args.seed}, "
+                 f"cp.async {args.cp_async})")
     else:
         where = torch.cuda.get_device_name()
     print(f"cuda_driver: every CUDA launcher on {where}", flush=True)

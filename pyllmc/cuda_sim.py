@@ -538,11 +538,12 @@ SCHEDULES = ("forward", "reverse", "random")
 CP_ASYNC_MODES = ("at_wait", "immediate")
 
 
-def set_schedule(name: str, seed: int = 0) -> None:
-    """The order in which warps (and, for "random", lanes and blocks) take turns."""
+def set_schedule(name: str, seed: int = 0, greedy: bool = False) -> None:
+    """The order in which warps (and, for "random", lanes and blocks) take turns; greedy: each
+    warp runs as far as it can before the next one (else warps move in step)."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
-    load().sim_set_schedule(SCHEDULES.index(name), int(seed))
+    load().sim_set_schedule(SCHEDULES.index(name), int(seed), bool(greedy))
 
 
 def set_cp_async(mode: str) -> None:
@@ -553,16 +554,16 @@ def set_cp_async(mode: str) -> None:
 
 
 @contextlib.contextmanager
-def schedule(name: str = "forward", seed: int = 0, cp_async: str = "at_wait") -> Iterator[None]:
+def schedule(name: str = "forward", seed: int = 0, cp_async: str = "at_wait", greedy: bool = False) -> Iterator[None]:
     """Run the block with the given schedule and cp.async mode, then restore the previous ones."""
     module = load()
     previous = module.sim_get_options()
-    set_schedule(name, seed)
+    set_schedule(name, seed, greedy)
     set_cp_async(cp_async)
     try:
         yield
     finally:
-        module.sim_set_schedule(previous["schedule"], previous["seed"])
+        module.sim_set_schedule(previous["schedule"], previous["seed"], previous["greedy"])
         module.sim_set_cp_async(previous["cp_async"])
 
 

@@ -13,6 +13,11 @@ it off), so every [cuda] test runs the real csrc/ kernels through the ops layer 
 tensors. The simulator is built once per session, before the first test, from this
 checkout's csrc/ (PYLLMC_CSRC); a build failure stops the run.
 
+Markers and limits: tests that run CUDA kernels ([cuda] parametrizations, GPU-only tests)
+are marked `gpu` (`pytest -m gpu` is the GPU check's test stage); PYLLMC_TEST_TIMEOUT=N fails
+a test that runs longer than N seconds (a SIGALRM between Python bytecodes; a kernel that
+never returns is left to the caller's own timeout).
+
 Random inputs: every test draws fresh inputs from a seed made of the session seed and the
 test's id. The session seed is random unless PYLLMC_TEST_SEED is set, and is printed in
 the header, so any failure can be replayed exactly.
@@ -20,6 +25,8 @@ the header, so any failure can be replayed exactly.
 
 import os
 import random
+import signal
+import threading
 import zlib
 from pathlib import Path
 
@@ -54,6 +61,33 @@ def pytest_sessionstart(session):
         print(f"\npyllmc: the CUDA simulator cannot be built here ({err}); [cuda] tests will skip")
         return
     cuda_sim.load()  # BuildError / RewriteError: a kernel that does not compile is a failed run
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params.values() if callspec else ()
+        if "cuda" in params or "on_gpu_only" in item.fixturenames:
+            item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture(autouse=True)
+def _time_limit():
+    seconds = int(os.environ.get("PYLLMC_TEST_TIMEOUT", "0") or 0)
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"the test ran past its {seconds} s limit (PYLLMC_TEST_TIMEOUT)")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)
@@ -111,6 +145,23 @@ def expect_cuda_backend_device_error(call_on) -> None:
     else:
         with pytest.raises(ValueError, match="backend 'cuda' runs on CUDA tensors; the inputs are on cpu"):
             call_on("cpu")
+
+
+def cuda_extension_modules() -> list:
+    """The builds of the CUDA launchers importable here: pyllmc._C (when nvcc built it) and the
+    CPU simulator's pyllmc._C_sim (when it is on). Their host-side checks run on either."""
+    from pyllmc import cuda_sim
+
+    modules = []
+    try:
+        from pyllmc import _C
+
+        modules.append(_C)
+    except ImportError:
+        pass
+    if cuda_sim.enabled():
+        modules.append(cuda_sim.load())
+    return modules
 
 
 @pytest.fixture

@@ -264,31 +264,44 @@ def test_uninitialized_static_shared_memory_reads_as_nan():
 # ---- schedules ------------------------------------------------------------------------------------
 
 def _order(blocks, threads):
+    """Per block, the events in the order they happened: 2t when thread t passes the point
+    before a warp shuffle, 2t + 1 when it passes the point after it."""
     m = sim()
-    order = np.full((blocks, threads), -1, np.int32)
+    order = np.full((blocks, 2 * threads), -1, np.int32)
     counter = np.zeros(blocks, np.int32)
     m.selftest_order(ptr(order), ptr(counter), blocks, threads)
     return order
 
 
+def _events(threads, phase):
+    return [2 * t + phase for t in threads]
+
+
 def test_schedules_order_warps_and_lanes():
-    threads = 96
-    with cuda_sim.schedule("forward"):
-        assert (_order(2, threads) == np.arange(threads)).all()
+    warps = [range(0, 32), range(32, 64), range(64, 96)]
+    with cuda_sim.schedule("forward"):  # in step: every warp before the shuffle, then every warp after it
+        want = sum((_events(w, 0) for w in warps), []) + sum((_events(w, 1) for w in warps), [])
+        assert (_order(2, 96) == want).all()
     with cuda_sim.schedule("reverse"):
-        want = np.concatenate([np.arange(64, 96), np.arange(32, 64), np.arange(0, 32)])
-        assert (_order(2, threads) == want).all()
+        back = warps[::-1]
+        want = sum((_events(w, 0) for w in back), []) + sum((_events(w, 1) for w in back), [])
+        assert (_order(2, 96) == want).all()
+    with cuda_sim.schedule("forward", greedy=True):  # each warp all the way to the barrier, then the next
+        want = sum((_events(w, 0) + _events(w, 1) for w in warps), [])
+        assert (_order(2, 96) == want).all()
     with cuda_sim.schedule("random", seed=1):
-        first = _order(3, threads)
+        first = _order(3, 96)
     with cuda_sim.schedule("random", seed=1):
-        again = _order(3, threads)
+        again = _order(3, 96)
     with cuda_sim.schedule("random", seed=2):
-        other = _order(3, threads)
+        other = _order(3, 96)
     assert (first == again).all(), "a seed must give the same order every time"
     assert not (first == other).all()
     for row in first:
-        assert sorted(row) == list(range(threads))
-        assert list(row) != list(range(threads))
+        assert sorted(row) == list(range(2 * 96))
+        position = {e: i for i, e in enumerate(row)}
+        assert all(position[2 * t] < position[2 * t + 1] for t in range(96))
+        assert list(row[:32]) != _events(range(32), 0), "lanes and warps are shuffled"
     assert not (first[0] == first[1]).all(), "every block draws its own order"
 
 
@@ -326,23 +339,27 @@ def test_opted_in_dynamic_shared_memory_launches():
 
 # ---- the kernels of csrc/ do not depend on the schedule ------------------------------------------
 
-def _digests(schedule, seed=0, cp_async="at_wait"):
-    with cuda_sim.schedule(schedule, seed, cp_async):
+def _digests(schedule, seed=0, cp_async="at_wait", greedy=False):
+    with cuda_sim.schedule(schedule, seed, cp_async, greedy):
         return {r.name: r.digest for r in driver().run_cases()}
 
 
 def test_every_launcher_gives_the_same_bits_in_every_schedule():
     """All CUDA launchers (dev/cuda_driver.py: five families, three dtypes, odd shapes, forward
-    and backward) give bit-identical outputs with warps run forward, reversed and in two random
-    orders, and with cp.async landing at its wait or at once: no result depends on thread order."""
+    and backward) give bit-identical outputs with warps run forward, reversed and in random
+    orders, in step or each as far as it can (greedy), and with cp.async landing at its wait or
+    at once: no result depends on the order threads run in."""
     sim()
     forward = _digests("forward")
     assert len(forward) > 50
-    for schedule, seed, cp_async in (("reverse", 0, "at_wait"), ("random", 1, "at_wait"),
-                                     ("random", 2, "immediate"), ("forward", 0, "immediate")):
-        other = _digests(schedule, seed, cp_async)
+    for schedule, seed, cp_async, greedy in (("reverse", 0, "at_wait", False), ("random", 1, "at_wait", False),
+                                             ("random", 2, "immediate", False), ("forward", 0, "immediate", False),
+                                             ("forward", 0, "at_wait", True), ("reverse", 0, "immediate", True),
+                                             ("random", 3, "at_wait", True)):
+        other = _digests(schedule, seed, cp_async, greedy)
         moved = [name for name in forward if forward[name] != other[name]]
-        assert not moved, f"{schedule} (seed {seed}, cp.async {cp_async}) changes: {moved}"
+        assert not moved, (f"{schedule}{' greedy' if greedy else ''} (seed {seed}, cp.async {cp_async}) "
+                           f"changes: {moved}")
 
 
 def test_the_driver_matches_the_torch_backend():
@@ -369,7 +386,7 @@ def test_sanitizer_build_runs_every_launcher_cleanly(tmp_path):
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     out_json = tmp_path / "sanitize.json"
     run = subprocess.run([sys.executable, str(ROOT / "dev" / "cuda_driver.py"), "--json", str(out_json),
-                          "--schedule", "random", "--seed", "3"],
+                          "--schedule", "random", "--seed", "3", "--greedy"],
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout[-3000:] + run.stderr[-6000:])
     assert "ERROR: AddressSanitizer" not in run.stderr and "runtime error:" not in run.stderr, run.stderr[-6000:]

@@ -13,7 +13,8 @@
 //   cooperative fibers (each with its own guarded stack) that switch only at barriers and warp
 //   collectives. Between two such points a thread runs alone, so atomics are plain
 //   read-modify-writes and the order in which warps (and lanes) run is a choice: forward,
-//   reversed, or a seeded random order (set_schedule), which makes order-dependent races show.
+//   reversed, or a seeded random order, with warps moving in step or each running as far as
+//   it can (greedy) (set_schedule): order-dependent races show as results that change.
 // - __syncthreads is a block barrier: exited threads count as arrived, and reaching it from
 //   two different source lines at once is an error. Warp collectives (shuffles, votes,
 //   __syncwarp, ldmatrix, mma) wait for every lane of their mask; lanes that disagree on the

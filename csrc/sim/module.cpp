@@ -28,11 +28,12 @@ T* as_ptr(ptr_t p) { return reinterpret_cast<T*>(p); }
 
 void bind(py::module_& m) {
     using cuda_sim::options;
-    m.def("sim_set_schedule", [](int schedule, unsigned long long seed) {
+    m.def("sim_set_schedule", [](int schedule, unsigned long long seed, bool greedy) {
         if (schedule < 0 || schedule > 2) throw std::invalid_argument("schedule must be 0, 1 or 2");
         options().schedule = static_cast<cuda_sim::Schedule>(schedule);
         options().seed = seed;
-    }, py::arg("schedule"), py::arg("seed"));
+        options().greedy = greedy;
+    }, py::arg("schedule"), py::arg("seed"), py::arg("greedy"));
     m.def("sim_set_cp_async", [](int mode) {
         if (mode < 0 || mode > 1) throw std::invalid_argument("cp_async mode must be 0 or 1");
         options().cp_async = static_cast<cuda_sim::CpAsyncMode>(mode);
@@ -41,6 +42,7 @@ void bind(py::module_& m) {
         py::dict d;
         d["schedule"] = static_cast<int>(options().schedule);
         d["seed"] = options().seed;
+        d["greedy"] = options().greedy;
         d["cp_async"] = static_cast<int>(options().cp_async);
         d["multiprocessor_count"] = options().multiprocessor_count;
         return d;

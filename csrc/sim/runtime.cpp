@@ -379,6 +379,12 @@ unsigned long long splitmix64(unsigned long long& x) {
     return z ^ (z >> 31);
 }
 
+std::vector<int> order_of_lanes(int n) {
+    std::vector<int> order(n);
+    for (int i = 0; i < n; ++i) order[i] = i;
+    return order;
+}
+
 // 0..n-1 in the schedule's order; `salt` makes every block's random order its own.
 std::vector<int> order_of(int n, unsigned long long salt) {
     std::vector<int> order(n);
@@ -450,33 +456,43 @@ void run_block(const uint3& idx, unsigned long long block_linear) {
         asan_fresh_stack(&t);
         start_fiber(&t);
     }
-    // The order threads take turns in: warps in the schedule's order; lanes ascending, or in a
-    // random order too under the random schedule.
-    std::vector<int> turns;
-    turns.reserve(b.num_threads);
-    for (int w : order_of(num_warps, block_linear * 0x100000001b3ull)) {
+    // Who runs next. Warps take turns in the schedule's order (drawn anew every round under the
+    // random schedule); a warp's lanes go in ascending order (a random one under the random
+    // schedule). In step (the default), every runnable lane takes one step per round, so warps
+    // move together from one barrier or collective to the next; greedy, a warp runs until none
+    // of its lanes can before the next warp's turn, so warps drift as far apart as the barriers
+    // allow: a read that only a later barrier would protect then sees what a faster warp wrote.
+    const bool random = g_options.schedule == Schedule::kRandom;
+    const unsigned long long salt = block_linear * 0x100000001b3ull;
+    std::vector<std::vector<int>> warp_lanes(num_warps);  // per warp: its threads in turn order
+    for (int w = 0; w < num_warps; ++w) {
         const int lanes = std::min(32, b.num_threads - 32 * w);
-        std::vector<int> lane_order(lanes);
-        for (int l = 0; l < lanes; ++l) lane_order[l] = l;
-        if (g_options.schedule == Schedule::kRandom) lane_order = order_of(lanes, block_linear * 131 + w + 7);
-        for (int l : lane_order) turns.push_back(32 * w + l);
+        for (int l : random ? order_of(lanes, salt + 131 * w + 7) : order_of_lanes(lanes)) warp_lanes[w].push_back(32 * w + l);
     }
+    std::vector<int> warp_order = order_of(num_warps, salt);
 
     g_block_idx = idx;
     ++g_stats.blocks;
     g_stats.threads += b.num_threads;
-    while (b.exited < b.num_threads) {
+    for (unsigned long long round = 1; b.exited < b.num_threads; ++round) {
+        if (random && round > 1) warp_order = order_of(num_warps, salt + round * 0x9e3779b9ull);
         bool ran = false;
-        for (int i : turns) {
-            Thread& t = b.threads[i];
-            if (t.state != kRunnable) continue;
-            g_thread = &t;
-            g_regs = &t.regs;
-            resume(&t);
-            g_thread = nullptr;
-            g_regs = &g_host_regs;
-            ran = true;
-            if (b.failed) return;
+        for (int w : warp_order) {
+            for (bool again = true; again;) {
+                again = false;
+                for (int i : warp_lanes[w]) {
+                    Thread& t = b.threads[i];
+                    if (t.state != kRunnable) continue;
+                    g_thread = &t;
+                    g_regs = &t.regs;
+                    resume(&t);
+                    g_thread = nullptr;
+                    g_regs = &g_host_regs;
+                    ran = true;
+                    if (b.failed) return;
+                    again = g_options.greedy;
+                }
+            }
         }
         if (!ran) {
             deadlock();

@@ -122,12 +122,15 @@ __global__ void syncthreads_count_kernel(int* out, const int* predicates) {
     out[threadIdx.x] = __syncthreads_count(predicates[threadIdx.x]);
 }
 
-// ---- the order in which warps and lanes reach their first instruction
+// ---- the order in which threads pass two points with a warp collective between them:
+// event 2 * thread before the shuffle, 2 * thread + 1 after it
 
 __global__ void order_kernel(int* order, int* counter) {
-    const int slot = atomicAdd(counter + blockIdx.x, 1);
-    order[blockIdx.x * blockDim.x + slot] = threadIdx.x;
-    __syncthreads();  // a barrier: every warp must have run to here first
+    int* events = order + blockIdx.x * 2 * blockDim.x;
+    events[atomicAdd(counter + blockIdx.x, 1)] = 2 * threadIdx.x;
+    const int v = __shfl_xor_sync(0xffffffffu, static_cast<int>(threadIdx.x), 1);
+    events[atomicAdd(counter + blockIdx.x, 1)] = 2 * (v ^ 1) + 1;
+    __syncthreads();
 }
 
 // ---- what a real GPU leaves undefined, or refuses, and the simulator reports

@@ -17,6 +17,7 @@ enum class CpAsyncMode : int { kAtWait = 0, kImmediate = 1 };
 struct Options {
     Schedule schedule = Schedule::kForward;
     unsigned long long seed = 0;  // for Schedule::kRandom
+    bool greedy = false;          // a warp runs as far as it can before the next one (else in step)
     CpAsyncMode cp_async = CpAsyncMode::kAtWait;
     int multiprocessor_count = 4;  // what cudaDeviceGetAttribute reports: a small GPU
 };
