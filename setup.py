@@ -41,16 +41,16 @@ def _load_toolchain():
     return module
 
 
-find_cuda_home = _load_toolchain().find_cuda_home  # shared with the CUDA simulator's build
+# Shared with the CUDA simulator's build and the ptxas report (one flag list for all).
+toolchain = _load_toolchain()
+find_cuda_home = toolchain.find_cuda_home
 
 
 def cuda_archs():
-    raw = os.environ.get("PYLLMC_CUDA_ARCH", "80;90")
-    archs = [a.strip().replace(".", "") for a in raw.replace(",", ";").split(";") if a.strip()]
-    for a in archs:
-        if not a.rstrip("a").isdigit():
-            raise SystemExit(f"PYLLMC_CUDA_ARCH: cannot read {a!r} (expected e.g. '80;90' or '90a')")
-    return archs
+    try:
+        return toolchain.parse_archs(os.environ.get("PYLLMC_CUDA_ARCH", "80;90"))
+    except ValueError as err:
+        raise SystemExit(f"PYLLMC_CUDA_ARCH: {err}") from None
 
 
 def find_ninja():
@@ -77,16 +77,7 @@ class CudaBuildExt(build_ext):
         build_dir = Path(self.build_temp).resolve() / "cuda"
         build_dir.mkdir(parents=True, exist_ok=True)
 
-        gencode = []
-        for arch in cuda_archs():
-            gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-        nvcc_flags = [
-            "-O3", "-std=c++17", "-lineinfo",  # no --use_fast_math: it turns tanhf into tanh.approx (2^-11)
-            "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
-            "--expt-relaxed-constexpr", "-I", str(CSRC),
-            *gencode,
-            *shlex.split(os.environ.get("PYLLMC_NVCC_FLAGS", "")),
-        ]
+        nvcc_flags = toolchain.nvcc_flags(CSRC, cuda_archs())
         sources = sorted(CSRC.glob("*.cu"))
         objects = [build_dir / (src.stem + ".o") for src in sources]
         headers = sorted(CSRC.glob("*.cuh"))

@@ -40,6 +40,13 @@ constexpr int kWarpSize = 32;
 constexpr int kForwardWarps = 4;   // rows per forward block
 constexpr int kBackwardWarps = 8;  // warps sharing one block's partial sums in the backward
 constexpr int kMaxChunks = 16;     // most W-wide chunks per lane kept in registers
+// Backward register budget: the float dweight/dbias sums cost 2 registers per element of a
+// lane's part of the row. Up to kKeepRowElems elements the row (x, dy) also stays in registers
+// between the two passes; longer rows are read again in pass 2 (L1/L2 hits: the warp has just
+// read them). Past kBackwardMaxElems the generic kernel runs. (ptxas, sm_90: keeping 64+
+// elements, or summing 128, spilled registers.)
+constexpr int kKeepRowElems = 48;
+constexpr int kBackwardMaxElems = 96;
 
 // ---- per-lane chunks of W elements (one 128-bit vector, or one scalar)
 
@@ -201,8 +208,11 @@ layernorm_forward_generic_kernel(T* __restrict__ out, T* __restrict__ h_out, flo
 // dinp, dout, dh_out, inp: (rows, C); weight: (C,); mean, rstd: (rows,) float32;
 // partials: (2, gridDim.x, C) float32: [0] dweight, [1] dbias partial sums of each block.
 // Block b owns rows [b * rows_per_block, (b + 1) * rows_per_block).
+// Launch bounds: the grid is 2 blocks per SM (cuda_num_partials), so rows of up to 24 elements per
+// lane (GPT-2's C = 768) must fit 2 blocks of 256 threads: at most 128 registers. Longer rows get the
+// registers they need at 1 block per SM. (Without the minimum, ptxas spilled the smallest instances.)
 template <typename T, int W, int kChunks, bool kFused>
-__global__ void __launch_bounds__(kBackwardWarps * kWarpSize)
+__global__ void __launch_bounds__(kBackwardWarps * kWarpSize, kChunks * W <= 24 ? 2 : 1)
 layernorm_backward_kernel(T* __restrict__ dinp, float* __restrict__ partials, const T* __restrict__ dout,
                           const T* __restrict__ dh_out, const T* __restrict__ inp, const T* __restrict__ weight,
                           const float* __restrict__ mean, const float* __restrict__ rstd, long long rows, int C,
@@ -220,24 +230,30 @@ layernorm_backward_kernel(T* __restrict__ dinp, float* __restrict__ partials, co
         for (int k = 0; k < W; ++k) dweight[i][k] = dbias[i][k] = 0.0f;
     }
 
+    constexpr bool kKeepRow = kChunks * W <= kKeepRowElems;
+    static_assert(kChunks * W <= kBackwardMaxElems, "the launcher takes the generic kernel for longer rows");
     for (long long row = row_begin + warp; row < row_end; row += kBackwardWarps) {
         const long long base = row * C;
         const float row_mean = mean[row];
         const float row_rstd = rstd[row];
-        Chunk<T, W> x_raw[kChunks], dy_raw[kChunks];  // this lane's part of the row
+        Chunk<T, W> x_row[kKeepRow ? kChunks : 1], dy_row[kKeepRow ? kChunks : 1];  // this lane's part of the row
         float sum_g = 0.0f, sum_g_xhat = 0.0f;        // g = dy * weight
 #pragma unroll
         for (int i = 0; i < kChunks; ++i) {
             const int c = (i * kWarpSize + lane) * W;
             if (c < C) {
-                x_raw[i] = load_raw<W>(inp + base + c);
-                dy_raw[i] = load_raw<W>(dout + base + c);
+                const Chunk<T, W> x_raw = load_raw<W>(inp + base + c);
+                const Chunk<T, W> dy_raw = load_raw<W>(dout + base + c);
+                if constexpr (kKeepRow) {
+                    x_row[i] = x_raw;
+                    dy_row[i] = dy_raw;
+                }
                 float w[W];
                 load_chunk<W>(w, weight + c);
 #pragma unroll
                 for (int k = 0; k < W; ++k) {
-                    const float xhat = (to_float(x_raw[i][k]) - row_mean) * row_rstd;
-                    const float dy = to_float(dy_raw[i][k]);
+                    const float xhat = (to_float(x_raw[k]) - row_mean) * row_rstd;
+                    const float dy = to_float(dy_raw[k]);
                     const float g = dy * w[k];
                     sum_g += g;
                     sum_g_xhat += g * xhat;
@@ -252,12 +268,20 @@ layernorm_backward_kernel(T* __restrict__ dinp, float* __restrict__ partials, co
         for (int i = 0; i < kChunks; ++i) {
             const int c = (i * kWarpSize + lane) * W;
             if (c < C) {
+                Chunk<T, W> x_raw, dy_raw;
+                if constexpr (kKeepRow) {
+                    x_raw = x_row[i];
+                    dy_raw = dy_row[i];
+                } else {
+                    x_raw = load_raw<W>(inp + base + c);
+                    dy_raw = load_raw<W>(dout + base + c);
+                }
                 float w[W], dx[W];
                 load_chunk<W>(w, weight + c);  // an L1 hit: weight is shared by every row
 #pragma unroll
                 for (int k = 0; k < W; ++k) {
-                    const float xhat = (to_float(x_raw[i][k]) - row_mean) * row_rstd;
-                    dx[k] = row_rstd * (to_float(dy_raw[i][k]) * w[k] - mean_g - xhat * mean_g_xhat);
+                    const float xhat = (to_float(x_raw[k]) - row_mean) * row_rstd;
+                    dx[k] = row_rstd * (to_float(dy_raw[k]) * w[k] - mean_g - xhat * mean_g_xhat);
                 }
                 if constexpr (kFused) {
                     float dh[W];
@@ -368,18 +392,28 @@ layernorm_reduce_partials_kernel(T* __restrict__ dweight, T* __restrict__ dbias,
 
 // ---- launch helpers
 
-// Calls f(std::integral_constant<int, n>) for the smallest n >= chunks in {1, 2, 3, 4, 6, 8, 12, 16}:
-// registers for at most 1.5x the chunks needed (GPT-2's C = 768 is exactly 3 bf16 or 6 fp32 chunks).
+// The smallest n >= chunks in {1, 2, 3, 4, 6, 8, 12, 16}: registers for at most 1.5x the chunks
+// needed (GPT-2's C = 768 is exactly 3 bf16 or 6 fp32 chunks).
+int rounded_chunks(int chunks) {
+    for (int n : {1, 2, 3, 4, 6, 8, 12}) {
+        if (chunks <= n) return n;
+    }
+    return kMaxChunks;
+}
+
+// Calls f(std::integral_constant<int, rounded_chunks(chunks)>).
 template <typename F>
 void dispatch_chunks(int chunks, F&& f) {
-    if (chunks <= 1) f(std::integral_constant<int, 1>{});
-    else if (chunks <= 2) f(std::integral_constant<int, 2>{});
-    else if (chunks <= 3) f(std::integral_constant<int, 3>{});
-    else if (chunks <= 4) f(std::integral_constant<int, 4>{});
-    else if (chunks <= 6) f(std::integral_constant<int, 6>{});
-    else if (chunks <= 8) f(std::integral_constant<int, 8>{});
-    else if (chunks <= 12) f(std::integral_constant<int, 12>{});
-    else f(std::integral_constant<int, kMaxChunks>{});
+    switch (rounded_chunks(chunks)) {
+        case 1: f(std::integral_constant<int, 1>{}); break;
+        case 2: f(std::integral_constant<int, 2>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        case 4: f(std::integral_constant<int, 4>{}); break;
+        case 6: f(std::integral_constant<int, 6>{}); break;
+        case 8: f(std::integral_constant<int, 8>{}); break;
+        case 12: f(std::integral_constant<int, 12>{}); break;
+        default: f(std::integral_constant<int, kMaxChunks>{}); break;
+    }
 }
 
 // The vector path needs whole vectors per row and 16-byte aligned rows.
@@ -466,22 +500,24 @@ void launch_backward(const char* who, void* dinp, void* dweight, void* dbias, vo
         const bool vec = can_vectorize<T>(C, {dinp, dh_out, dout, inp, weight});
         const int width = vec ? V : 1;
         const int chunks = ceil_div(C, static_cast<long long>(kWarpSize) * width);
-        if (chunks > kMaxChunks) {
+        if (chunks > kMaxChunks || rounded_chunks(chunks) * width > kBackwardMaxElems) {
             layernorm_backward_generic_kernel<T, kFused><<<num_partials, kWarpSize, 0, stream>>>(
                 dinp_t, partials, dout_t, dh_t, inp_t, w_t, mean_f, rstd_f, rows, C, rows_per_block);
         } else {
-            // (2, C) floats: at most 2 * 16 * 32 * 8 * 4 bytes = 32 KiB, under the 48 KiB default
+            // (2, C) floats: at most 2 * 96 * 32 * 4 bytes = 24 KiB, under the 48 KiB default
             const size_t smem = 2 * static_cast<size_t>(C) * sizeof(float);
             dispatch_chunks(chunks, [&](auto n) {
                 constexpr int kChunks = decltype(n)::value;
-                if (vec) {
+                if (!vec) {
+                    layernorm_backward_kernel<T, 1, kChunks, kFused>
+                        <<<num_partials, kBackwardWarps * kWarpSize, smem, stream>>>(
+                            dinp_t, partials, dout_t, dh_t, inp_t, w_t, mean_f, rstd_f, rows, C, rows_per_block);
+                } else if constexpr (kChunks * V <= kBackwardMaxElems) {  // only these are compiled
                     layernorm_backward_kernel<T, V, kChunks, kFused>
                         <<<num_partials, kBackwardWarps * kWarpSize, smem, stream>>>(
                             dinp_t, partials, dout_t, dh_t, inp_t, w_t, mean_f, rstd_f, rows, C, rows_per_block);
                 } else {
-                    layernorm_backward_kernel<T, 1, kChunks, kFused>
-                        <<<num_partials, kBackwardWarps * kWarpSize, smem, stream>>>(
-                            dinp_t, partials, dout_t, dh_t, inp_t, w_t, mean_f, rstd_f, rows, C, rows_per_block);
+                    require(false, std::string(who) + ": no register kernel for this row (the generic one runs)");
                 }
             });
         }

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
+
 TABLE_COLUMNS = tl.constexpr(10)  # must match AdamWTensor in csrc/adamw.cu and pyllmc/optim.py
 HYPER_COLUMNS = tl.constexpr(8)  # must match AdamWHyper
 BLOCK_SIZE_GPU = 2048  # 8 elements per thread at 8 warps, as the CUDA kernel
@@ -43,7 +45,17 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 def block_size(device: torch.device) -> int:
     """Elements per program (the chunk size of the table) for tensors on `device`."""
-    return BLOCK_SIZE_GPU if device.type == "cuda" else BLOCK_SIZE_CPU
+    return BLOCK_SIZE_GPU if _common.gpu_of(device) is not None else BLOCK_SIZE_CPU
+
+
+def launch_options(device: torch.device) -> dict:
+    """num_warps (8 on a GPU: 8 elements per thread of a 2048-element chunk) and fp contraction
+    off: the bits must equal the CUDA kernel's, so every fma is written out (tl.fma) and the
+    compiler may contract nothing else."""
+    options = {"enable_fp_fusion": False}
+    if _common.gpu_of(device) is not None:
+        options["num_warps"] = 8
+    return options
 
 
 @triton.jit
@@ -58,17 +70,21 @@ def _hash32(x):
 
 
 @triton.jit
-def _to_bf16(x, index, key, STOCHASTIC: tl.constexpr):
+def _to_bf16(x, first_index, lanes, key, STOCHASTIC: tl.constexpr):
     # fp32 -> bf16 on the bits, so that the interpreter (whose own fp32 -> bf16 cast truncates)
     # and the GPU round the same way. Both add a 16-bit amount below bf16's mantissa and drop
     # the low 16 bits; the carry rounds up:
     #   nearest even: 0x7fff + (the last kept bit): exactly IEEE round-to-nearest-even;
     #   stochastic: 16 random bits from (key = hash of seed and step, element index), so the
     #   carry happens with probability (dropped bits) / 2^16 and E[result] = x.
+    # The element index is first_index + lane (first_index >= 0 for every element stored): its
+    # 32-bit halves come from the scalar's halves and the carry of the low word, which keeps
+    # int64 arithmetic off the vector (registers: ptxas 12.8 spilled the int64 version).
     bits = x.to(tl.uint32, bitcast=True)
     if STOCHASTIC:
-        lo = (index & 0xFFFFFFFF).to(tl.uint32)
-        hi = (index >> 32).to(tl.uint32)
+        first_lo = (first_index & 0xFFFFFFFF).to(tl.uint32)
+        lo = first_lo + lanes.to(tl.uint32)                      # wraps modulo 2^32
+        hi = (first_index >> 32).to(tl.uint32) + (lo < first_lo).to(tl.uint32)
         increment = _hash32(lo ^ _hash32(hi ^ key)) & 0xFFFF
     else:
         increment = 0x7FFF + ((bits >> 16) & 1)
@@ -134,12 +150,12 @@ def adamw_step_kernel(
     if (start >= 0) & (start + BLOCK_SIZE <= numel):
         _update_block(param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, offsets < numel,
                       decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size,
-                      rng_offset, rng_key, PARAM_DTYPE, HAS_MASTER, STOCHASTIC, MASKED=False)
+                      rng_offset + start, rng_key, PARAM_DTYPE, HAS_MASTER, STOCHASTIC, BLOCK_SIZE, MASKED=False)
     else:
         _update_block(param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets,
                       (offsets >= 0) & (offsets < numel),
                       decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size,
-                      rng_offset, rng_key, PARAM_DTYPE, HAS_MASTER, STOCHASTIC, MASKED=True)
+                      rng_offset + start, rng_key, PARAM_DTYPE, HAS_MASTER, STOCHASTIC, BLOCK_SIZE, MASKED=True)
 
 
 @triton.jit
@@ -161,8 +177,9 @@ def _store(ptr, offsets, value, mask, MASKED: tl.constexpr):
 @triton.jit
 def _update_block(param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
                   decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size,
-                  rng_offset, rng_key, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
-                  STOCHASTIC: tl.constexpr, MASKED: tl.constexpr):
+                  first_index, rng_key, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
+                  STOCHASTIC: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr):
+    # first_index: the RNG index of the block's first element (the tensor's rng_offset + start)
     if HAS_MASTER:
         p = _load(master_ptr, offsets, mask, MASKED)
     else:
@@ -181,7 +198,7 @@ def _update_block(param_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, 
     if HAS_MASTER:
         _store(master_ptr, offsets, p, mask, MASKED)
     if PARAM_DTYPE == tl.bfloat16:
-        out = _to_bf16(p, rng_offset + offsets, rng_key, STOCHASTIC)
+        out = _to_bf16(p, first_index, tl.arange(0, BLOCK_SIZE), rng_key, STOCHASTIC)
     else:
         out = p.to(PARAM_DTYPE)
     _store(param_ptr, offsets, out, mask, MASKED)
@@ -201,9 +218,7 @@ def adamw_step(tensors: torch.Tensor, chunk_to_tensor: torch.Tensor, hyper: torc
         return
     if stochastic and param_dtype != torch.bfloat16:
         raise ValueError("stochastic rounding is implemented for bfloat16 params only")
-    gpu = tensors.device.type == "cuda"
-    extra = {"num_warps": 8, "enable_fp_fusion": False} if gpu else {}
     adamw_step_kernel[(num_chunks,)](
         tensors, chunk_to_tensor, hyper, num_tensors, hyper.shape[0],
         PARAM_DTYPE=_TL_DTYPES[param_dtype], GRAD_DTYPE=_TL_DTYPES[grad_dtype], HAS_MASTER=has_master,
-        STOCHASTIC=stochastic, ALIGNED=aligned, BLOCK_SIZE=block_size, **extra)
+        STOCHASTIC=stochastic, ALIGNED=aligned, BLOCK_SIZE=block_size, **launch_options(tensors.device))

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
+
 BLOCK_SIZE = 1024
 
 
@@ -80,7 +82,8 @@ def gelu_forward(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     n = x.numel()
     if n:
-        gelu_forward_kernel[(triton.cdiv(n, BLOCK_SIZE),)](out, x, n, BLOCK_SIZE=BLOCK_SIZE)
+        gelu_forward_kernel[(triton.cdiv(n, BLOCK_SIZE),)](out, x, n, BLOCK_SIZE=BLOCK_SIZE,
+                                                           enable_fp_fusion=_common.FP_FUSION)
     return out
 
 
@@ -89,5 +92,6 @@ def gelu_backward(x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     dinp = torch.empty_like(x)
     n = x.numel()
     if n:
-        gelu_backward_kernel[(triton.cdiv(n, BLOCK_SIZE),)](dinp, x, dout, n, BLOCK_SIZE=BLOCK_SIZE)
+        gelu_backward_kernel[(triton.cdiv(n, BLOCK_SIZE),)](dinp, x, dout, n, BLOCK_SIZE=BLOCK_SIZE,
+                                                            enable_fp_fusion=_common.FP_FUSION)
     return dinp

@@ -19,22 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
+from ._common import to_storage as _to_storage
+
 # Largest BLOCK_C: a row must fit in one program's registers.
 MAX_BLOCK_C = 65536
-
-
-@triton.jit
-def _to_storage(x, dtype: tl.constexpr):
-    """float32 -> the storage dtype, rounded to nearest even. bfloat16 is rounded by hand:
-    Triton's interpreter truncates float32 -> bfloat16 (the GPU rounds), so the same bits
-    come out on both; the explicit rounding costs a few integer ops on the GPU."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        rounded = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)  # exact: the low 16 bits are zero
-        return tl.where(x != x, x.to(tl.bfloat16), rounded)  # NaN stays NaN
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -172,7 +161,7 @@ def _block_c(C: int) -> int:
 def _block_rows(rows: int, block_c: int, device: torch.device) -> int:
     """Rows per tile. GPU: a few rows when C is small, so a tile holds ~4K elements.
     CPU (interpreter): one program is one Python step, so large tiles keep tests fast."""
-    tile = 4096 if device.type == "cuda" else 16384
+    tile = 4096 if _common.gpu_of(device) is not None else 16384
     return max(1, min(tile // block_c, triton.next_power_of_2(max(rows, 1))))
 
 
@@ -185,8 +174,9 @@ def num_partials(rows: int, C: int, device: torch.device) -> int:
     a contiguous range of rows; on CPU a handful (the interpreter runs them one by one)."""
     block_rows = _block_rows(rows, _block_c(C), device)
     tiles = max(1, triton.cdiv(rows, block_rows))
-    if device.type == "cuda":
-        return min(tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    gpu = _common.gpu_of(device)
+    if gpu is not None:
+        return min(tiles, 4 * gpu.sm_count)
     return min(tiles, 4)
 
 
@@ -205,7 +195,7 @@ def _forward(x, weight, bias, eps, residual):
         layernorm_forward_kernel[(triton.cdiv(rows, block_rows),)](
             y, h if h is not None else y, mean, rstd, residual if residual is not None else x, x, weight, bias,
             rows, C, eps, HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK_C=block_c,
-            num_warps=_num_warps(block_rows, block_c))
+            num_warps=_num_warps(block_rows, block_c), enable_fp_fusion=_common.FP_FUSION)
     return y, h, mean, rstd
 
 
@@ -223,11 +213,12 @@ def _backward(dy, dh_out, x, weight, mean, rstd):
     layernorm_backward_kernel[(partials,)](
         dx, scratch, dy, dh_out if dh_out is not None else dy, x, weight, mean, rstd,
         rows, C, rows_per_program, partials, HAS_RESIDUAL=dh_out is not None, BLOCK_ROWS=block_rows,
-        BLOCK_C=block_c, num_warps=_num_warps(block_rows, block_c))
+        BLOCK_C=block_c, num_warps=_num_warps(block_rows, block_c), enable_fp_fusion=_common.FP_FUSION)
     # narrow column blocks: C = 768 gives 24 programs, each summing (num_partials, 32) floats
     block_cols = min(32, triton.next_power_of_2(C))
     layernorm_reduce_partials_kernel[(triton.cdiv(C, block_cols),)](
-        dweight, dbias, scratch, partials, C, BLOCK_P=64, BLOCK_COLS=block_cols, num_warps=4)
+        dweight, dbias, scratch, partials, C, BLOCK_P=64, BLOCK_COLS=block_cols, num_warps=4,
+        enable_fp_fusion=_common.FP_FUSION)
     return dx, dweight, dbias
 
 

@@ -10,7 +10,7 @@ so the forward+backward rows time the same work for all of them.
 
 import torch
 
-from common import Row, available_impls, bench_ms
+from common import Row, available_impls, bench_ms, quick
 
 B, T, C = 16, 1024, 768
 HEAD_DIMS = (64, 128)
@@ -44,7 +44,7 @@ def run(device="cuda", dtype=torch.bfloat16) -> list[Row]:
     from pyllmc.ops.attention import attention_reference, supports_head_dim
 
     rows = []
-    for d in HEAD_DIMS:
+    for d in (64,) if quick() else HEAD_DIMS:  # --quick: GPT-2's head dim only
         h = C // d
         shape = f"({B}, {h}, {T}, {d}) {str(dtype).replace('torch.', '')} causal"
         q, k, v = (torch.randn(B, h, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -54,7 +54,9 @@ def run(device="cuda", dtype=torch.bfloat16) -> list[Row]:
             return attention_reference(a, b_, c).to(a.dtype)
 
         # torch.compile compiles at the first call: a failure there skips the row below
-        impls = [("torch eager", plain), ("torch.compile", torch.compile(plain))]
+        impls = [("torch eager", plain)]
+        if not quick():  # --quick: eager only (compiling costs more than measuring)
+            impls.append(("torch.compile", torch.compile(plain)))
         impls += [(label, _sdpa_fn(name)) for label, name in SDPA_BACKENDS]
         for impl in available_impls():
             if supports_head_dim(impl, d, dtype):

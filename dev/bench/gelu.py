@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from common import Row, available_impls, bench_ms
+from common import Row, available_impls, bench_ms, quick
 
 ROWS, COLS = 32768, 3072
 
@@ -27,10 +27,9 @@ def run(device="cuda", dtype=torch.bfloat16) -> list[Row]:
         # what autograd runs for F.gelu's backward
         return torch.ops.aten.gelu_backward(g, t, approximate="tanh")
 
-    compiled_forward = torch.compile(torch_forward)
-    compiled_backward = torch.compile(torch_backward)
-    baselines = [("torch eager", torch_forward, torch_backward),
-                 ("torch.compile", compiled_forward, compiled_backward)]
+    baselines = [("torch eager", torch_forward, torch_backward)]
+    if not quick():  # --quick: eager only (compiling costs more than measuring)
+        baselines.append(("torch.compile", torch.compile(torch_forward), torch.compile(torch_backward)))
     for impl, fwd, bwd in baselines:
         rows.append(Row("gelu_forward", impl, bench_ms(lambda: fwd(x)), fwd_bytes, shape=shape))
         rows.append(Row("gelu_backward", impl, bench_ms(lambda: bwd(x, dout)), bwd_bytes, shape=shape))

@@ -16,7 +16,7 @@ overhead and is not counted.
 import torch
 import torch.nn.functional as F
 
-from common import Row, available_impls, bench_ms
+from common import Row, available_impls, bench_ms, quick
 
 ROWS, C = 32768, 768
 EPS = 1e-5
@@ -68,16 +68,17 @@ def run(device="cuda", dtype=torch.bfloat16) -> list[Row]:
     _, h_mean, h_rstd = torch.ops.aten.native_layer_norm(h, [C], weight, bias, EPS)
     eager = (torch_forward, torch_backward, torch_fused_forward, torch_fused_backward)
     baselines = [("torch eager", eager)]
-    try:
-        compiled = tuple(torch.compile(f) for f in eager)
-        # compile now: a baseline that can't build is reported, not fatal
-        compiled[0](x, weight, bias)
-        compiled[1](dy, x, weight, bias, x_mean, x_rstd)
-        compiled[2](residual, x, weight, bias)
-        compiled[3](dh_out, dy, h, weight, bias, h_mean, h_rstd)
-        baselines.append(("torch.compile", compiled))
-    except Exception as err:  # noqa: BLE001
-        print(f"layernorm: torch.compile baseline skipped: {type(err).__name__}: {err}")
+    if not quick():  # --quick: eager only (compiling costs more than measuring)
+        try:
+            compiled = tuple(torch.compile(f) for f in eager)
+            # compile now: a baseline that can't build is reported, not fatal
+            compiled[0](x, weight, bias)
+            compiled[1](dy, x, weight, bias, x_mean, x_rstd)
+            compiled[2](residual, x, weight, bias)
+            compiled[3](dh_out, dy, h, weight, bias, h_mean, h_rstd)
+            baselines.append(("torch.compile", compiled))
+        except Exception as err:  # noqa: BLE001
+            print(f"layernorm: torch.compile baseline skipped: {type(err).__name__}: {err}")
     for impl, (fwd, bwd, fused_fwd, fused_bwd) in baselines:
         rows.append(Row("layernorm_forward", impl, bench_ms(lambda: fwd(x, weight, bias)),
                         nbytes["layernorm_forward"], shape=shape))

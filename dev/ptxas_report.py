@@ -1,0 +1,258 @@
+"""Registers, spills and shared memory of every CUDA kernel instance, from ptxas's own report.
+
+A kernel that spills registers to local memory, or needs more registers than its launch
+bounds allow, still compiles and still gives the right answers; only the profiler would show
+it. ptxas says so at build time, so CI reads what it says: every csrc/*.cu is compiled for
+one GPU architecture with the flags of the real build (pyllmc/_toolchain.py's nvcc_flags),
+device code only (-cubin: the same cicc and ptxas passes as `nvcc -c`, without the host
+compile), with `-Xptxas -v`, and ptxas's lines are parsed into one row per kernel instance.
+
+    python dev/ptxas_report.py                      # the table for sm_90
+    python dev/ptxas_report.py --arch 80 --md results.md --json results.json
+    python dev/ptxas_report.py --check              # exit 1, listing them, if any instance spills
+
+The logs are cached per source file under $PYLLMC_CACHE_DIR/ptxas (default ~/.cache/pyllmc),
+keyed by nvcc's version, the flags and the contents of the file and of csrc/'s headers,
+so a second run is instant and an edit recompiles only the file it touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_toolchain():
+    """pyllmc/_toolchain.py by path, as setup.py loads it: the report needs neither torch nor
+    an installed pyllmc."""
+    spec = importlib.util.spec_from_file_location("_pyllmc_toolchain", ROOT / "pyllmc" / "_toolchain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+toolchain = _load_toolchain()
+
+# ptxas -v, CUDA 11-13. Per entry function:
+#   ptxas info    : Compiling entry function '<mangled>' for 'sm_90'
+#   ptxas info    : Function properties for <mangled>
+#       0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+#   ptxas info    : Used 97 registers, used 1 barriers, 128 bytes smem, 648 bytes cumulative stack size
+# The "Used" line lists only what is nonzero past the registers (older releases also print
+# "N bytes cmem[0]" and omit barriers). Non-entry functions (calls ptxas did not inline) have
+# "Function properties" of their own; those belong to no row.
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+_PROPERTIES = re.compile(r"Function properties for (\S+)")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"ptxas info\s*: Used (\d+) registers")
+_BARRIERS = re.compile(r"used (\d+) barriers")
+_SMEM = re.compile(r"(\d+) bytes smem")
+
+# Short names for the table: the kernel and its template arguments, in the project's words.
+_SHORT_TYPES = {"__nv_bfloat16": "bf16", "__half": "fp16", "float": "fp32"}
+
+
+def parse(log: str, file: str = "") -> list[dict]:
+    """One dict per entry function in ptxas -v output (mangled names; see report())."""
+    rows, frames = [], {}
+    entry = None  # the row of the entry function being compiled
+    pending = None  # the function whose "Function properties" line came last
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            entry = {"file": file, "mangled": m.group(1), "arch": m.group(2)}
+            rows.append(entry)
+        elif m := _PROPERTIES.search(line):
+            pending = m.group(1)
+        elif (m := _FRAME.search(line)) and pending is not None:
+            frames[pending] = tuple(int(g) for g in m.groups())
+            pending = None
+        elif (m := _USED.search(line)) and entry is not None:
+            entry["registers"] = int(m.group(1))
+            entry["barriers"] = int(b.group(1)) if (b := _BARRIERS.search(line)) else 0
+            entry["smem_static"] = int(s.group(1)) if (s := _SMEM.search(line)) else 0
+    for row in rows:
+        if "registers" not in row or row["mangled"] not in frames:
+            raise ValueError(f"{file}: ptxas printed no register count or stack frame for {row['mangled']}")
+        row["stack_frame"], row["spill_stores"], row["spill_loads"] = frames[row["mangled"]]
+    return rows
+
+
+def short_name(demangled: str) -> str:
+    """'void pyllmc::(anonymous namespace)::k<__nv_bfloat16, 8>(__nv_bfloat16*, int)' -> 'k<bf16, 8>'."""
+    name = demangled.replace("(anonymous namespace)::", "").replace("pyllmc::", "")
+    name = name.removeprefix("void ")
+    depth = 0  # drop the parameter list: the first '(' outside the template arguments
+    for i, ch in enumerate(name):
+        depth += {"<": 1, ">": -1}.get(ch, 0)
+        if ch == "(" and depth == 0:
+            name = name[:i]
+            break
+    return re.sub(r"\b(__nv_bfloat16|__half|float)\b", lambda m: _SHORT_TYPES[m.group(1)], name)
+
+
+def _demangle(names: list[str]) -> list[str]:
+    """c++filt (binutils) or the toolkit's cu++filt; the mangled names where neither is found."""
+    cuda_home = toolchain.find_cuda_home()
+    candidates = [shutil.which("c++filt"), cuda_home and cuda_home / "bin" / "cu++filt"]
+    tool = next((str(c) for c in candidates if c and Path(c).exists()), None)
+    if tool is None or not names:
+        if names:
+            print("ptxas_report: no c++filt or cu++filt found, kernels keep their mangled names", file=sys.stderr)
+        return names
+    out = subprocess.run([tool], input="\n".join(names) + "\n", capture_output=True, text=True, check=True).stdout
+    demangled = out.splitlines()
+    if len(demangled) != len(names):
+        raise RuntimeError(f"{tool} returned {len(demangled)} names for {len(names)}")
+    return demangled
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("PYLLMC_CACHE_DIR", "~/.cache/pyllmc")).expanduser() / "ptxas"
+
+
+def _cache_key(nvcc_version: str, flags: list[str], source: Path, headers: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for part in (nvcc_version, "\0".join(flags), source.name):
+        digest.update(part.encode() + b"\0")
+    for path in (source, *headers):
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:32]
+
+
+def _compile(nvcc: str, flags: list[str], source: Path) -> str:
+    """ptxas -v's output for one source file (stdout and stderr: nvcc prints it to stderr)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, *flags, "-cubin", "-Xptxas", "-v", str(source), "-o", str(Path(tmp) / "out.cubin")]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"nvcc failed on {source.name} (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return done.stdout + done.stderr
+
+
+def _logs(arch: str, csrc: Path) -> dict[str, str]:
+    """{file name: ptxas log} for every csrc/*.cu, from the cache or compiled in parallel."""
+    cuda_home = toolchain.find_cuda_home()
+    if cuda_home is None:
+        raise RuntimeError("nvcc not found (CUDA_HOME, /usr/local/cuda, PATH)")
+    nvcc = str(cuda_home / "bin" / "nvcc")
+    flags = toolchain.nvcc_flags(csrc, [arch])
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    headers = sorted([*csrc.glob("*.cuh"), *csrc.glob("*.h")])
+    sources = sorted(csrc.glob("*.cu"))
+    if not sources:
+        raise RuntimeError(f"no .cu files in {csrc}")
+
+    logs, todo = {}, {}
+    for src in sources:
+        cached = _cache_dir() / f"{src.stem}-sm_{arch}-{_cache_key(version, flags, src, headers)}.log"
+        if cached.exists():
+            logs[src.name] = cached.read_text()
+        else:
+            todo[src] = cached
+    if not todo:
+        return logs
+
+    jobs = os.cpu_count() or 1
+    print(f"ptxas_report: compiling {len(todo)} of {len(sources)} files for sm_{arch} with {jobs} jobs "
+          f"(cold: about a minute on 2 cores)", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    # Largest first: the long compiles start at once instead of trailing at the end.
+    order = sorted(todo, key=lambda s: s.stat().st_size, reverse=True)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        running = {pool.submit(_compile, nvcc, flags, src): src for src in order}
+        while running:
+            done, _ = wait(running, timeout=15, return_when=FIRST_COMPLETED)
+            elapsed = time.perf_counter() - start
+            for future in done:
+                src = running.pop(future)
+                log = future.result()
+                todo[src].parent.mkdir(parents=True, exist_ok=True)
+                partial = todo[src].with_suffix(f".{os.getpid()}.tmp")
+                partial.write_text(log)
+                partial.replace(todo[src])  # atomic: a concurrent run never reads half a log
+                logs[src.name] = log
+                print(f"  {src.name}: {len(_ENTRY.findall(log))} kernels, done at {elapsed:.0f} s",
+                      file=sys.stderr, flush=True)
+            if not done:
+                names = ", ".join(sorted(s.name for s in running.values()))
+                print(f"  still compiling at {elapsed:.0f} s: {names}", file=sys.stderr, flush=True)
+    return logs
+
+
+def report(arch: str = "90", csrc: Optional[Path] = None) -> list[dict]:
+    """One dict per kernel instance in csrc/*.cu compiled for sm_<arch>: file, kernel (short
+    name), mangled, arch, registers, spill_stores, spill_loads, stack_frame (bytes), smem_static
+    (bytes; dynamic shared memory is the launch's business), barriers."""
+    archs = toolchain.parse_archs(arch)
+    if len(archs) != 1:
+        raise ValueError(f"one architecture at a time, not {arch!r}")
+    arch = archs[0]
+    csrc = Path(csrc) if csrc is not None else ROOT / "csrc"
+    rows = []
+    for file, log in sorted(_logs(arch, csrc).items()):
+        rows += parse(log, file)
+    for row, demangled in zip(rows, _demangle([r["mangled"] for r in rows])):
+        row["kernel"] = short_name(demangled)
+    return sorted(rows, key=_order)
+
+
+def _order(row: dict):
+    """File, then kernel with numbers compared as numbers (<bf16, 2> before <bf16, 12>)."""
+    return row["file"], [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", row["kernel"])]
+
+
+def spills(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table, by file then kernel; sizes in bytes."""
+    lines = ["| file | kernel | registers | spill stores | spill loads | stack | static smem | barriers |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=_order):
+        lines.append(f"| {r['file']} | `{r['kernel']}` | {r['registers']} | {r['spill_stores']} | "
+                     f"{r['spill_loads']} | {r['stack_frame']} | {r['smem_static']} | {r['barriers']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="90", help="compute capability, e.g. 90, 80 or 90a (default 90)")
+    parser.add_argument("--json", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--md", type=Path, help="write the Markdown table here")
+    parser.add_argument("--check", action="store_true", help="exit 1 if any kernel instance spills registers")
+    args = parser.parse_args(argv)
+
+    rows = report(args.arch)
+    table = markdown(rows)
+    print(table, end="")
+    if args.json:
+        args.json.write_text(json.dumps({"arch": f"sm_{args.arch}", "kernels": rows}, indent=1) + "\n")
+    if args.md:
+        args.md.write_text(f"ptxas report, sm_{args.arch}\n\n" + table)
+    spilling = spills(rows)
+    print(f"{len(rows)} kernel instances, {len(spilling)} spilling", file=sys.stderr)
+    if args.check and spilling:
+        for r in spilling:
+            print(f"SPILL {r['file']} {r['kernel']}: {r['spill_stores']} B spill stores, "
+                  f"{r['spill_loads']} B spill loads, {r['registers']} registers", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
