@@ -38,9 +38,15 @@
 // per row (the lanes split D), keys visited one at a time from global memory (L2-resident).
 // Slow but simple; it exists so float32 models and tests run, not for speed.
 //
-// Layout of q, k, v, out, dout, dq, dk, dv: (B, H, T, D) contiguous; lse, delta: (B, H, T) fp32.
+// Layout: q, k, v, out, dout, dq, dk, dv are (B, H, T, D) with D contiguous and any batch, head
+// and position strides (HeadStrides), so GPT-2 needs no copies: q, k, v are views of the c_attn
+// output (B, T, 3C) (position stride 3C), dq, dk, dv views of one (B, T, 3, H, D) buffer (the
+// qkv gradient), out a (B, T, H, D) buffer, i.e. (B, T, C) with the heads side by side. The
+// tensor-core path copies 16-byte chunks, so there every stride must be a multiple of 8 elements
+// and every base pointer 16-byte aligned (the launchers check). lse, delta: (B, H, T) fp32, contiguous.
 #include "common.cuh"
 
+#include <array>
 #include <type_traits>
 
 namespace pyllmc {
@@ -51,6 +57,17 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // ceil(a / b) for non-negative ints, in device code (common.cuh's ceil_div is host-only).
 __device__ __forceinline__ int ceil_div_dev(int a, int b) { return (a + b - 1) / b; }
+
+// Element strides of one (B, H, T, D) operand: batch, head, position (D has stride 1).
+struct HeadStrides {
+    long long b, h, t;
+};
+
+// The first element of head bh = b * num_heads + h (the kernels' blockIdx.x) of `base`.
+template <typename P>
+__device__ __forceinline__ P* head_of(P* base, const HeadStrides& s, int bh, int num_heads) {
+    return base + static_cast<long long>(bh / num_heads) * s.b + static_cast<long long>(bh % num_heads) * s.h;
+}
 
 // ----------------------------------------------------------------------------
 // PTX wrappers (sm_80+)
@@ -176,11 +193,13 @@ __device__ __forceinline__ void load_b_frags_kn(uint32_t (&b)[4], const Elem* ti
     ldmatrix_x4_trans(b, tile + (k0 + (lane & 15)) * STRIDE + n0 + ((lane >> 4) << 3));
 }
 
-// Async copy of rows row0..row0+ROWS-1 of a (seq_len, D) matrix into a (ROWS, kStride<D>) smem tile;
-// rows >= seq_len are zero-filled. 16-byte chunks: gmem chunk offsets (row * D + 8c) * 2 bytes are
-// multiples of 16 because D % 8 == 0 and the tensor base is 16-byte aligned.
+// Async copy of rows row0..row0+ROWS-1 of a (seq_len, D) matrix, rows row_stride elements apart, into a
+// (ROWS, kStride<D>) smem tile; rows >= seq_len are zero-filled. 16-byte chunks: gmem chunk offsets
+// (row * row_stride + 8c) * 2 bytes are multiples of 16 because row_stride % 8 == 0 (the launchers check)
+// and the head's base is 16-byte aligned.
 template <int ROWS, int D, int THREADS, typename Elem>
-__device__ __forceinline__ void load_tile_async(Elem* tile, const Elem* gmem, int row0, int seq_len) {
+__device__ __forceinline__ void load_tile_async(Elem* tile, const Elem* gmem, long long row_stride, int row0,
+                                                int seq_len) {
     static_assert(sizeof(Elem) == 2, "tensor-core tiles hold 16-bit elements: 8 per 16-byte chunk");
     static_assert(D % 8 == 0 && (kStride<D> * sizeof(Elem)) % 16 == 0, "smem rows must stay 16-byte aligned");
     constexpr int kChunksPerRow = D * static_cast<int>(sizeof(Elem)) / 16;
@@ -193,7 +212,7 @@ __device__ __forceinline__ void load_tile_async(Elem* tile, const Elem* gmem, in
         const int c = i % kChunksPerRow;
         const int row = row0 + r;
         const bool valid = row < seq_len;
-        const Elem* src = gmem + (valid ? static_cast<size_t>(row) * D + c * 8 : 0);
+        const Elem* src = gmem + (valid ? row * row_stride + c * 8 : 0);
         cp_async_16(tile + r * kStride<D> + c * 8, src, valid);
     }
 }
@@ -218,7 +237,9 @@ struct FwdTiles {
 template <typename Elem, int D>
 __global__ void __launch_bounds__(kTcThreads)
 attention_forward_tc_kernel(Elem* __restrict__ out, float* __restrict__ lse, const Elem* __restrict__ q,
-                            const Elem* __restrict__ k, const Elem* __restrict__ v, int seq_len, float scale_log2) {
+                            const Elem* __restrict__ k, const Elem* __restrict__ v, HeadStrides out_s,
+                            HeadStrides q_s, HeadStrides k_s, HeadStrides v_s, int num_heads, int seq_len,
+                            float scale_log2) {
     using Tiles = FwdTiles<D>;
     constexpr int kBr = Tiles::kBr, kBc = Tiles::kBc, S = kStride<D>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -228,11 +249,10 @@ attention_forward_tc_kernel(Elem* __restrict__ out, float* __restrict__ lse, con
 
     const int q_tile = gridDim.y - 1 - blockIdx.y;  // longest causal loops first
     const int q_start = q_tile * kBr;
-    const size_t head_offset = static_cast<size_t>(blockIdx.x) * seq_len * D;
-    q += head_offset;
-    k += head_offset;
-    v += head_offset;
-    out += head_offset;
+    q = head_of(q, q_s, blockIdx.x, num_heads);
+    k = head_of(k, k_s, blockIdx.x, num_heads);
+    v = head_of(v, v_s, blockIdx.x, num_heads);
+    out = head_of(out, out_s, blockIdx.x, num_heads);
     lse += static_cast<size_t>(blockIdx.x) * seq_len;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -242,10 +262,10 @@ attention_forward_tc_kernel(Elem* __restrict__ out, float* __restrict__ lse, con
     // Keys 0 .. min(q_start + kBr, T) - 1 can be attended by some row of this tile.
     const int num_kv_tiles = ceil_div_dev(min(q_start + kBr, seq_len), kBc);
 
-    load_tile_async<kBr, D, kTcThreads>(q_smem, q, q_start, seq_len);
+    load_tile_async<kBr, D, kTcThreads>(q_smem, q, q_s.t, q_start, seq_len);
     cp_async_commit();
-    load_tile_async<kBc, D, kTcThreads>(k_smem, k, 0, seq_len);
-    load_tile_async<kBc, D, kTcThreads>(v_smem, v, 0, seq_len);
+    load_tile_async<kBc, D, kTcThreads>(k_smem, k, k_s.t, 0, seq_len);
+    load_tile_async<kBc, D, kTcThreads>(v_smem, v, v_s.t, 0, seq_len);
     cp_async_commit();
     cp_async_wait<1>();  // the q group is done (the k/v tile 0 group may still fly)
     __syncthreads();
@@ -263,8 +283,8 @@ attention_forward_tc_kernel(Elem* __restrict__ out, float* __restrict__ lse, con
     for (int j = 0; j < num_kv_tiles; ++j) {
         if (j + 1 < num_kv_tiles) {  // prefetch tile j+1 into the other stage (last read in iteration j-1)
             const int next = (j + 1) & 1;
-            load_tile_async<kBc, D, kTcThreads>(k_smem + next * kBc * S, k, (j + 1) * kBc, seq_len);
-            load_tile_async<kBc, D, kTcThreads>(v_smem + next * kBc * S, v, (j + 1) * kBc, seq_len);
+            load_tile_async<kBc, D, kTcThreads>(k_smem + next * kBc * S, k, k_s.t, (j + 1) * kBc, seq_len);
+            load_tile_async<kBc, D, kTcThreads>(v_smem + next * kBc * S, v, v_s.t, (j + 1) * kBc, seq_len);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -367,7 +387,7 @@ attention_forward_tc_kernel(Elem* __restrict__ out, float* __restrict__ lse, con
 #pragma unroll
             for (int nt = 0; nt < D / 8; ++nt) {
                 // columns 8nt + 2t, 8nt + 2t + 1: one aligned 32-bit store
-                *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(row) * D + nt * 8 + 2 * t) =
+                *reinterpret_cast<uint32_t*>(out + row * out_s.t + nt * 8 + 2 * t) =
                     pack2<Elem>(o_acc[nt][2 * r] * inv, o_acc[nt][2 * r + 1] * inv);
             }
             if (t == 0) lse[row] = (row_max[r] + log2f(total)) * kLn2;
@@ -378,16 +398,20 @@ attention_forward_tc_kernel(Elem* __restrict__ out, float* __restrict__ lse, con
 // ----------------------------------------------------------------------------
 // Backward preprocess: delta = rowsum(dout * out)
 
-// delta: (rows,); dout, out: (rows, D) with rows = B*H*T. One warp per row, 8 rows per block.
+// delta: (B*H*T,) = (B, H, T); dout, out: (B, H, T, D). One warp per row, 8 rows per block.
 template <typename Elem>
 __global__ void attention_backward_delta_kernel(float* __restrict__ delta, const Elem* __restrict__ dout,
-                                                const Elem* __restrict__ out, long long rows, int D) {
+                                                const Elem* __restrict__ out, HeadStrides dout_s, HeadStrides out_s,
+                                                int num_heads, int seq_len, long long rows, int D) {
     const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (row >= rows) return;  // whole warps leave together; no block-level sync below
-    const size_t offset = static_cast<size_t>(row) * D;
+    const int bh = static_cast<int>(row / seq_len);
+    const long long position = row % seq_len;
+    const Elem* dout_row = head_of(dout, dout_s, bh, num_heads) + position * dout_s.t;
+    const Elem* out_row = head_of(out, out_s, bh, num_heads) + position * out_s.t;
     float sum = 0.0f;
-    for (int d = lane; d < D; d += 32) sum += to_float(dout[offset + d]) * to_float(out[offset + d]);
+    for (int d = lane; d < D; d += 32) sum += to_float(dout_row[d]) * to_float(out_row[d]);
     sum = warp_reduce_sum(sum);  // fixed butterfly order: deterministic
     if (lane == 0) delta[row] = sum;
 }
@@ -411,12 +435,13 @@ struct DkdvTiles {
 // units) and delta via plain loads (rows >= T get 0; their P is masked to 0 anyway).
 template <int D, typename Elem>
 __device__ __forceinline__ void dkdv_load_q_stage(Elem* q_stage, Elem* do_stage, float* lse_stage,
-                                                  float* delta_stage, const Elem* q, const Elem* dout,
-                                                  const float* lse, const float* delta, int qt, int seq_len) {
+                                                  float* delta_stage, const Elem* q, long long q_row_stride,
+                                                  const Elem* dout, long long dout_row_stride, const float* lse,
+                                                  const float* delta, int qt, int seq_len) {
     constexpr int kBr = DkdvTiles<D>::kBr;
     const int row0 = qt * kBr;
-    load_tile_async<kBr, D, kTcThreads>(q_stage, q, row0, seq_len);
-    load_tile_async<kBr, D, kTcThreads>(do_stage, dout, row0, seq_len);
+    load_tile_async<kBr, D, kTcThreads>(q_stage, q, q_row_stride, row0, seq_len);
+    load_tile_async<kBr, D, kTcThreads>(do_stage, dout, dout_row_stride, row0, seq_len);
     for (int i = threadIdx.x; i < kBr; i += kTcThreads) {
         const int row = row0 + i;
         lse_stage[i] = row < seq_len ? lse[row] * kLog2e : 0.0f;
@@ -431,7 +456,9 @@ __global__ void __launch_bounds__(kTcThreads)
 attention_backward_dkdv_tc_kernel(Elem* __restrict__ dk, Elem* __restrict__ dv, const Elem* __restrict__ dout,
                                   const float* __restrict__ lse, const float* __restrict__ delta,
                                   const Elem* __restrict__ q, const Elem* __restrict__ k,
-                                  const Elem* __restrict__ v, int seq_len, float scale_log2, float scale) {
+                                  const Elem* __restrict__ v, HeadStrides dk_s, HeadStrides dv_s,
+                                  HeadStrides dout_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s,
+                                  int num_heads, int seq_len, float scale_log2, float scale) {
     using Tiles = DkdvTiles<D>;
     constexpr int kBr = Tiles::kBr, kBc = Tiles::kBc, S = kStride<D>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -443,13 +470,12 @@ attention_backward_dkdv_tc_kernel(Elem* __restrict__ dk, Elem* __restrict__ dv, 
     float* delta_smem = lse_smem + 2 * kBr;                             // (2, kBr)
 
     const int key_start = blockIdx.y * kBc;  // early key tiles have the longest loops: scheduled first
-    const size_t head_offset = static_cast<size_t>(blockIdx.x) * seq_len * D;
-    q += head_offset;
-    k += head_offset;
-    v += head_offset;
-    dout += head_offset;
-    dk += head_offset;
-    dv += head_offset;
+    q = head_of(q, q_s, blockIdx.x, num_heads);
+    k = head_of(k, k_s, blockIdx.x, num_heads);
+    v = head_of(v, v_s, blockIdx.x, num_heads);
+    dout = head_of(dout, dout_s, blockIdx.x, num_heads);
+    dk = head_of(dk, dk_s, blockIdx.x, num_heads);
+    dv = head_of(dv, dv_s, blockIdx.x, num_heads);
     lse += static_cast<size_t>(blockIdx.x) * seq_len;
     delta += static_cast<size_t>(blockIdx.x) * seq_len;
 
@@ -461,9 +487,10 @@ attention_backward_dkdv_tc_kernel(Elem* __restrict__ dk, Elem* __restrict__ dv, 
     const int first_q_tile = key_start / kBr;  // exact: kBr divides kBc
     const int num_q_tiles = ceil_div_dev(seq_len, kBr);
 
-    load_tile_async<kBc, D, kTcThreads>(k_smem, k, key_start, seq_len);
-    load_tile_async<kBc, D, kTcThreads>(v_smem, v, key_start, seq_len);
-    dkdv_load_q_stage<D>(q_smem, do_smem, lse_smem, delta_smem, q, dout, lse, delta, first_q_tile, seq_len);
+    load_tile_async<kBc, D, kTcThreads>(k_smem, k, k_s.t, key_start, seq_len);
+    load_tile_async<kBc, D, kTcThreads>(v_smem, v, v_s.t, key_start, seq_len);
+    dkdv_load_q_stage<D>(q_smem, do_smem, lse_smem, delta_smem, q, q_s.t, dout, dout_s.t, lse, delta, first_q_tile,
+                         seq_len);
     cp_async_commit();
 
     float dk_acc[D / 8][4], dv_acc[D / 8][4];  // (16 keys, D)
@@ -478,7 +505,7 @@ attention_backward_dkdv_tc_kernel(Elem* __restrict__ dk, Elem* __restrict__ dv, 
         if (qt + 1 < num_q_tiles) {  // prefetch into the other stage (last read in the previous iteration)
             const int next = stage ^ 1;
             dkdv_load_q_stage<D>(q_smem + next * kBr * S, do_smem + next * kBr * S, lse_smem + next * kBr,
-                                 delta_smem + next * kBr, q, dout, lse, delta, qt + 1, seq_len);
+                                 delta_smem + next * kBr, q, q_s.t, dout, dout_s.t, lse, delta, qt + 1, seq_len);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -569,10 +596,11 @@ attention_backward_dkdv_tc_kernel(Elem* __restrict__ dk, Elem* __restrict__ dv, 
         if (key < seq_len) {
 #pragma unroll
             for (int nt = 0; nt < D / 8; ++nt) {
-                const size_t offset = static_cast<size_t>(key) * D + nt * 8 + 2 * t;
-                *reinterpret_cast<uint32_t*>(dk + offset) =
+                const int col = nt * 8 + 2 * t;
+                *reinterpret_cast<uint32_t*>(dk + key * dk_s.t + col) =
                     pack2<Elem>(dk_acc[nt][2 * r] * scale, dk_acc[nt][2 * r + 1] * scale);
-                *reinterpret_cast<uint32_t*>(dv + offset) = pack2<Elem>(dv_acc[nt][2 * r], dv_acc[nt][2 * r + 1]);
+                *reinterpret_cast<uint32_t*>(dv + key * dv_s.t + col) =
+                    pack2<Elem>(dv_acc[nt][2 * r], dv_acc[nt][2 * r + 1]);
             }
         }
     }
@@ -596,8 +624,9 @@ template <typename Elem, int D>
 __global__ void __launch_bounds__(kTcThreads)
 attention_backward_dq_tc_kernel(Elem* __restrict__ dq, const Elem* __restrict__ dout, const float* __restrict__ lse,
                                 const float* __restrict__ delta, const Elem* __restrict__ q,
-                                const Elem* __restrict__ k, const Elem* __restrict__ v, int seq_len,
-                                float scale_log2, float scale) {
+                                const Elem* __restrict__ k, const Elem* __restrict__ v, HeadStrides dq_s,
+                                HeadStrides dout_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s, int num_heads,
+                                int seq_len, float scale_log2, float scale) {
     using Tiles = DqTiles<D>;
     constexpr int kBr = Tiles::kBr, kBc = Tiles::kBc, S = kStride<D>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -608,12 +637,11 @@ attention_backward_dq_tc_kernel(Elem* __restrict__ dq, const Elem* __restrict__ 
 
     const int q_tile = gridDim.y - 1 - blockIdx.y;  // longest causal loops first
     const int q_start = q_tile * kBr;
-    const size_t head_offset = static_cast<size_t>(blockIdx.x) * seq_len * D;
-    q += head_offset;
-    k += head_offset;
-    v += head_offset;
-    dout += head_offset;
-    dq += head_offset;
+    q = head_of(q, q_s, blockIdx.x, num_heads);
+    k = head_of(k, k_s, blockIdx.x, num_heads);
+    v = head_of(v, v_s, blockIdx.x, num_heads);
+    dout = head_of(dout, dout_s, blockIdx.x, num_heads);
+    dq = head_of(dq, dq_s, blockIdx.x, num_heads);
     lse += static_cast<size_t>(blockIdx.x) * seq_len;
     delta += static_cast<size_t>(blockIdx.x) * seq_len;
 
@@ -631,10 +659,10 @@ attention_backward_dq_tc_kernel(Elem* __restrict__ dq, const Elem* __restrict__ 
 
     const int num_kv_tiles = ceil_div_dev(min(q_start + kBr, seq_len), kBc);
 
-    load_tile_async<kBr, D, kTcThreads>(q_smem, q, q_start, seq_len);
-    load_tile_async<kBr, D, kTcThreads>(do_smem, dout, q_start, seq_len);
-    load_tile_async<kBc, D, kTcThreads>(k_smem, k, 0, seq_len);
-    load_tile_async<kBc, D, kTcThreads>(v_smem, v, 0, seq_len);
+    load_tile_async<kBr, D, kTcThreads>(q_smem, q, q_s.t, q_start, seq_len);
+    load_tile_async<kBr, D, kTcThreads>(do_smem, dout, dout_s.t, q_start, seq_len);
+    load_tile_async<kBc, D, kTcThreads>(k_smem, k, k_s.t, 0, seq_len);
+    load_tile_async<kBc, D, kTcThreads>(v_smem, v, v_s.t, 0, seq_len);
     cp_async_commit();
 
     float dq_acc[D / 8][4];  // (16 rows, D)
@@ -644,8 +672,8 @@ attention_backward_dq_tc_kernel(Elem* __restrict__ dq, const Elem* __restrict__ 
     for (int j = 0; j < num_kv_tiles; ++j) {
         if (j + 1 < num_kv_tiles) {
             const int next = (j + 1) & 1;
-            load_tile_async<kBc, D, kTcThreads>(k_smem + next * kBc * S, k, (j + 1) * kBc, seq_len);
-            load_tile_async<kBc, D, kTcThreads>(v_smem + next * kBc * S, v, (j + 1) * kBc, seq_len);
+            load_tile_async<kBc, D, kTcThreads>(k_smem + next * kBc * S, k, k_s.t, (j + 1) * kBc, seq_len);
+            load_tile_async<kBc, D, kTcThreads>(v_smem + next * kBc * S, v, v_s.t, (j + 1) * kBc, seq_len);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -724,7 +752,7 @@ attention_backward_dq_tc_kernel(Elem* __restrict__ dq, const Elem* __restrict__ 
         if (row < seq_len) {
 #pragma unroll
             for (int nt = 0; nt < D / 8; ++nt) {
-                *reinterpret_cast<uint32_t*>(dq + static_cast<size_t>(row) * D + nt * 8 + 2 * t) =
+                *reinterpret_cast<uint32_t*>(dq + row * dq_s.t + nt * 8 + 2 * t) =
                     pack2<Elem>(dq_acc[nt][2 * r] * scale, dq_acc[nt][2 * r + 1] * scale);
             }
         }
@@ -741,42 +769,43 @@ constexpr int kFp32Threads = kFp32RowsPerBlock * 32;
 template <int D>
 __global__ void __launch_bounds__(kFp32Threads)
 attention_forward_fp32_kernel(float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q,
-                              const float* __restrict__ k, const float* __restrict__ v, int seq_len, float scale) {
+                              const float* __restrict__ k, const float* __restrict__ v, HeadStrides out_s,
+                              HeadStrides q_s, HeadStrides k_s, HeadStrides v_s, int num_heads, int seq_len,
+                              float scale) {
     constexpr int C = D / 32;
     static_assert(D % 32 == 0, "lanes split D evenly");
     const int row = (gridDim.y - 1 - blockIdx.y) * kFp32RowsPerBlock + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (row >= seq_len) return;  // warp-uniform; no block-level sync in this kernel
-    const size_t head_offset = static_cast<size_t>(blockIdx.x) * seq_len * D;
-    q += head_offset;
-    k += head_offset;
-    v += head_offset;
-    out += head_offset;
+    q = head_of(q, q_s, blockIdx.x, num_heads);
+    k = head_of(k, k_s, blockIdx.x, num_heads);
+    v = head_of(v, v_s, blockIdx.x, num_heads);
+    out = head_of(out, out_s, blockIdx.x, num_heads);
     lse += static_cast<size_t>(blockIdx.x) * seq_len;
 
     float q_reg[C], o_reg[C];
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-        q_reg[c] = q[static_cast<size_t>(row) * D + lane + 32 * c] * scale;
+        q_reg[c] = q[row * q_s.t + lane + 32 * c] * scale;
         o_reg[c] = 0.0f;
     }
     float running_max = -INFINITY, running_sum = 0.0f;
     for (int key = 0; key <= row; ++key) {
         float dot = 0.0f;
 #pragma unroll
-        for (int c = 0; c < C; ++c) dot += q_reg[c] * k[static_cast<size_t>(key) * D + lane + 32 * c];
+        for (int c = 0; c < C; ++c) dot += q_reg[c] * k[key * k_s.t + lane + 32 * c];
         const float score = warp_reduce_sum(dot);  // identical in every lane
         const float new_max = fmaxf(running_max, score);
         const float correction = expf(running_max - new_max);  // 0 for the first key
         const float p = expf(score - new_max);
         running_sum = running_sum * correction + p;
 #pragma unroll
-        for (int c = 0; c < C; ++c) o_reg[c] = o_reg[c] * correction + p * v[static_cast<size_t>(key) * D + lane + 32 * c];
+        for (int c = 0; c < C; ++c) o_reg[c] = o_reg[c] * correction + p * v[key * v_s.t + lane + 32 * c];
         running_max = new_max;
     }
     const float inv = 1.0f / running_sum;
 #pragma unroll
-    for (int c = 0; c < C; ++c) out[static_cast<size_t>(row) * D + lane + 32 * c] = o_reg[c] * inv;
+    for (int c = 0; c < C; ++c) out[row * out_s.t + lane + 32 * c] = o_reg[c] * inv;
     if (lane == 0) lse[row] = running_max + logf(running_sum);
 }
 
@@ -786,26 +815,27 @@ __global__ void __launch_bounds__(kFp32Threads)
 attention_backward_dq_fp32_kernel(float* __restrict__ dq, const float* __restrict__ dout,
                                   const float* __restrict__ lse, const float* __restrict__ delta,
                                   const float* __restrict__ q, const float* __restrict__ k,
-                                  const float* __restrict__ v, int seq_len, float scale) {
+                                  const float* __restrict__ v, HeadStrides dq_s, HeadStrides dout_s,
+                                  HeadStrides q_s, HeadStrides k_s, HeadStrides v_s, int num_heads, int seq_len,
+                                  float scale) {
     constexpr int C = D / 32;
     static_assert(D % 32 == 0, "lanes split D evenly");
     const int row = (gridDim.y - 1 - blockIdx.y) * kFp32RowsPerBlock + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (row >= seq_len) return;
-    const size_t head_offset = static_cast<size_t>(blockIdx.x) * seq_len * D;
-    q += head_offset;
-    k += head_offset;
-    v += head_offset;
-    dout += head_offset;
-    dq += head_offset;
+    q = head_of(q, q_s, blockIdx.x, num_heads);
+    k = head_of(k, k_s, blockIdx.x, num_heads);
+    v = head_of(v, v_s, blockIdx.x, num_heads);
+    dout = head_of(dout, dout_s, blockIdx.x, num_heads);
+    dq = head_of(dq, dq_s, blockIdx.x, num_heads);
     lse += static_cast<size_t>(blockIdx.x) * seq_len;
     delta += static_cast<size_t>(blockIdx.x) * seq_len;
 
     float q_reg[C], do_reg[C], dq_reg[C];
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-        q_reg[c] = q[static_cast<size_t>(row) * D + lane + 32 * c];
-        do_reg[c] = dout[static_cast<size_t>(row) * D + lane + 32 * c];
+        q_reg[c] = q[row * q_s.t + lane + 32 * c];
+        do_reg[c] = dout[row * dout_s.t + lane + 32 * c];
         dq_reg[c] = 0.0f;
     }
     const float row_lse = lse[row], row_delta = delta[row];
@@ -813,18 +843,18 @@ attention_backward_dq_fp32_kernel(float* __restrict__ dq, const float* __restric
         float qk = 0.0f, dov = 0.0f;
 #pragma unroll
         for (int c = 0; c < C; ++c) {
-            qk += q_reg[c] * k[static_cast<size_t>(key) * D + lane + 32 * c];
-            dov += do_reg[c] * v[static_cast<size_t>(key) * D + lane + 32 * c];
+            qk += q_reg[c] * k[key * k_s.t + lane + 32 * c];
+            dov += do_reg[c] * v[key * v_s.t + lane + 32 * c];
         }
         qk = warp_reduce_sum(qk);
         dov = warp_reduce_sum(dov);
         const float p = expf(qk * scale - row_lse);
         const float ds = p * (dov - row_delta);
 #pragma unroll
-        for (int c = 0; c < C; ++c) dq_reg[c] += ds * k[static_cast<size_t>(key) * D + lane + 32 * c];
+        for (int c = 0; c < C; ++c) dq_reg[c] += ds * k[key * k_s.t + lane + 32 * c];
     }
 #pragma unroll
-    for (int c = 0; c < C; ++c) dq[static_cast<size_t>(row) * D + lane + 32 * c] = dq_reg[c] * scale;
+    for (int c = 0; c < C; ++c) dq[row * dq_s.t + lane + 32 * c] = dq_reg[c] * scale;
 }
 
 // dk, dv: (B, H, T, D); one warp per key j: dv_j = sum_{i>=j} P_ij dO_i, dk_j = scale * sum_{i>=j} dS_ij q_i.
@@ -833,35 +863,36 @@ __global__ void __launch_bounds__(kFp32Threads)
 attention_backward_dkdv_fp32_kernel(float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ dout,
                                     const float* __restrict__ lse, const float* __restrict__ delta,
                                     const float* __restrict__ q, const float* __restrict__ k,
-                                    const float* __restrict__ v, int seq_len, float scale) {
+                                    const float* __restrict__ v, HeadStrides dk_s, HeadStrides dv_s,
+                                    HeadStrides dout_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s,
+                                    int num_heads, int seq_len, float scale) {
     constexpr int C = D / 32;
     static_assert(D % 32 == 0, "lanes split D evenly");
     const int key = blockIdx.y * kFp32RowsPerBlock + threadIdx.x / 32;  // early keys have the longest loops
     const int lane = threadIdx.x % 32;
     if (key >= seq_len) return;
-    const size_t head_offset = static_cast<size_t>(blockIdx.x) * seq_len * D;
-    q += head_offset;
-    k += head_offset;
-    v += head_offset;
-    dout += head_offset;
-    dk += head_offset;
-    dv += head_offset;
+    q = head_of(q, q_s, blockIdx.x, num_heads);
+    k = head_of(k, k_s, blockIdx.x, num_heads);
+    v = head_of(v, v_s, blockIdx.x, num_heads);
+    dout = head_of(dout, dout_s, blockIdx.x, num_heads);
+    dk = head_of(dk, dk_s, blockIdx.x, num_heads);
+    dv = head_of(dv, dv_s, blockIdx.x, num_heads);
     lse += static_cast<size_t>(blockIdx.x) * seq_len;
     delta += static_cast<size_t>(blockIdx.x) * seq_len;
 
     float k_reg[C], v_reg[C], dk_reg[C], dv_reg[C];
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-        k_reg[c] = k[static_cast<size_t>(key) * D + lane + 32 * c];
-        v_reg[c] = v[static_cast<size_t>(key) * D + lane + 32 * c];
+        k_reg[c] = k[key * k_s.t + lane + 32 * c];
+        v_reg[c] = v[key * v_s.t + lane + 32 * c];
         dk_reg[c] = dv_reg[c] = 0.0f;
     }
     for (int row = key; row < seq_len; ++row) {
         float qk = 0.0f, dov = 0.0f;
 #pragma unroll
         for (int c = 0; c < C; ++c) {
-            qk += q[static_cast<size_t>(row) * D + lane + 32 * c] * k_reg[c];
-            dov += dout[static_cast<size_t>(row) * D + lane + 32 * c] * v_reg[c];
+            qk += q[row * q_s.t + lane + 32 * c] * k_reg[c];
+            dov += dout[row * dout_s.t + lane + 32 * c] * v_reg[c];
         }
         qk = warp_reduce_sum(qk);
         dov = warp_reduce_sum(dov);
@@ -869,14 +900,14 @@ attention_backward_dkdv_fp32_kernel(float* __restrict__ dk, float* __restrict__ 
         const float ds = p * (dov - delta[row]);
 #pragma unroll
         for (int c = 0; c < C; ++c) {
-            dv_reg[c] += p * dout[static_cast<size_t>(row) * D + lane + 32 * c];
-            dk_reg[c] += ds * q[static_cast<size_t>(row) * D + lane + 32 * c];
+            dv_reg[c] += p * dout[row * dout_s.t + lane + 32 * c];
+            dk_reg[c] += ds * q[row * q_s.t + lane + 32 * c];
         }
     }
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-        dk[static_cast<size_t>(key) * D + lane + 32 * c] = dk_reg[c] * scale;
-        dv[static_cast<size_t>(key) * D + lane + 32 * c] = dv_reg[c];
+        dk[key * dk_s.t + lane + 32 * c] = dk_reg[c] * scale;
+        dv[key * dv_s.t + lane + 32 * c] = dv_reg[c];
     }
 }
 
@@ -930,15 +961,41 @@ bool check_sizes(int B, int H, int T, int D, const char* name, int rows_per_cta)
 // ----------------------------------------------------------------------------
 // launchers
 
-// out: (B, H, T, D) in dtype; lse: (B, H, T) float32; q, k, v: (B, H, T, D) in dtype, contiguous.
-void attention_forward(void* out, float* lse, const void* q, const void* k, const void* v, int B, int H, int T,
-                       int D, int dtype, cudaStream_t stream) {
+namespace {
+
+// `count` operands' (batch, head, position) strides from the host array `strides` (3 per operand).
+// Strides must be non-negative; the tensor-core path copies 16-byte chunks (8 elements) and
+// stores 4-byte pairs, so there each stride must be a multiple of 8 and each pointer 16-byte aligned.
+template <int N>
+std::array<HeadStrides, N> read_strides(const long long* strides, const void* const (&pointers)[N], bool tensor_core,
+                                        const char* name, const char* const (&names)[N]) {
+    require(strides != nullptr, std::string(name) + ": null strides");
+    std::array<HeadStrides, N> out{};
+    for (int i = 0; i < N; ++i) {
+        out[i] = HeadStrides{strides[3 * i], strides[3 * i + 1], strides[3 * i + 2]};
+        require(out[i].b >= 0 && out[i].h >= 0 && out[i].t >= 0,
+                std::string(name) + ": " + names[i] + " has a negative stride");
+        if (tensor_core) {
+            require(out[i].b % 8 == 0 && out[i].h % 8 == 0 && out[i].t % 8 == 0,
+                    std::string(name) + ": " + names[i] + "'s batch, head and position strides must be multiples of "
+                    "8 elements (16 bytes) for the bf16/fp16 kernels");
+            require(is_aligned16(pointers[i]), std::string(name) + ": " + names[i] + " must be 16-byte aligned");
+        }
+    }
+    return out;
+}
+
+}  // namespace
+
+// out: (B, H, T, D) in dtype; lse: (B, H, T) float32, contiguous; q, k, v: (B, H, T, D) in dtype.
+// strides: (batch, head, position) element strides of out, q, k, v, in that order (12 values).
+void attention_forward(void* out, float* lse, const void* q, const void* k, const void* v, const long long* strides,
+                       int B, int H, int T, int D, int dtype, cudaStream_t stream) {
     const DType type = to_dtype(dtype);
     const int rows_per_cta = type == DType::kFloat32 ? kFp32RowsPerBlock : 64;
     if (!check_sizes(B, H, T, D, "attention_forward", rows_per_cta)) return;
-    // 16-byte copies of q/k/v rows and 4-byte stores of out pairs (lse is read and written as scalars).
-    require(is_aligned16(out) && is_aligned16(q) && is_aligned16(k) && is_aligned16(v),
-            "attention_forward: q, k, v, out must be 16-byte aligned");
+    const auto s = read_strides<4>(strides, {out, q, k, v}, type != DType::kFloat32, "attention_forward",
+                                   {"out", "q", "k", "v"});
     const float scale = 1.0f / sqrtf(static_cast<float>(D));
     dispatch_dtype(type, [&](auto tag) {
         using Elem = decltype(tag);
@@ -948,7 +1005,7 @@ void attention_forward(void* out, float* lse, const void* q, const void* k, cons
                 const dim3 grid(B * H, ceil_div(T, kFp32RowsPerBlock));
                 attention_forward_fp32_kernel<kD><<<grid, kFp32Threads, 0, stream>>>(
                     static_cast<float*>(out), lse, static_cast<const float*>(q), static_cast<const float*>(k),
-                    static_cast<const float*>(v), T, scale);
+                    static_cast<const float*>(v), s[0], s[1], s[2], s[3], H, T, scale);
                 PYLLMC_LAUNCH_CHECK("attention_forward_fp32_kernel");
             } else {
                 using Tiles = FwdTiles<kD>;
@@ -957,8 +1014,8 @@ void attention_forward(void* out, float* lse, const void* q, const void* k, cons
                 set_smem_and_check(kernel, smem, "attention_forward");
                 const dim3 grid(B * H, ceil_div(T, Tiles::kBr));
                 kernel<<<grid, kTcThreads, smem, stream>>>(static_cast<Elem*>(out), lse, static_cast<const Elem*>(q),
-                                                          static_cast<const Elem*>(k), static_cast<const Elem*>(v), T,
-                                                          scale * kLog2e);
+                                                          static_cast<const Elem*>(k), static_cast<const Elem*>(v),
+                                                          s[0], s[1], s[2], s[3], H, T, scale * kLog2e);
                 PYLLMC_LAUNCH_CHECK("attention_forward_tc_kernel");
             }
         });
@@ -967,15 +1024,17 @@ void attention_forward(void* out, float* lse, const void* q, const void* k, cons
 
 // dq, dk, dv: (B, H, T, D) in dtype, fully written; delta: (B, H, T) float32 workspace (filled here);
 // dout, out, q, k, v: (B, H, T, D) in dtype; lse: (B, H, T) float32 from attention_forward.
+// strides: (batch, head, position) element strides of dq, dk, dv, dout, out, q, k, v (24 values).
 void attention_backward(void* dq, void* dk, void* dv, float* delta, const void* dout, const void* out,
-                        const float* lse, const void* q, const void* k, const void* v, int B, int H, int T, int D,
-                        int dtype, cudaStream_t stream) {
+                        const float* lse, const void* q, const void* k, const void* v, const long long* strides,
+                        int B, int H, int T, int D, int dtype, cudaStream_t stream) {
     const DType type = to_dtype(dtype);
     const int rows_per_cta = type == DType::kFloat32 ? kFp32RowsPerBlock : 64;
     if (!check_sizes(B, H, T, D, "attention_backward", rows_per_cta)) return;
-    require(is_aligned16(dq) && is_aligned16(dk) && is_aligned16(dv) && is_aligned16(dout) && is_aligned16(out) &&
-                is_aligned16(q) && is_aligned16(k) && is_aligned16(v),
-            "attention_backward: dq, dk, dv, dout, out, q, k, v must be 16-byte aligned");
+    const auto s = read_strides<8>(strides, {dq, dk, dv, dout, out, q, k, v}, type != DType::kFloat32,
+                                   "attention_backward", {"dq", "dk", "dv", "dout", "out", "q", "k", "v"});
+    const HeadStrides &dq_s = s[0], &dk_s = s[1], &dv_s = s[2], &dout_s = s[3], &out_s = s[4], &q_s = s[5],
+                      &k_s = s[6], &v_s = s[7];
     const float scale = 1.0f / sqrtf(static_cast<float>(D));
     dispatch_dtype(type, [&](auto tag) {
         using Elem = decltype(tag);
@@ -986,20 +1045,20 @@ void attention_backward(void* dq, void* dk, void* dv, float* delta, const void* 
             const long long delta_blocks = (rows + 7) / 8;
             require(delta_blocks <= 0x7fffffffLL, "attention_backward: tensor too large for one launch");
             attention_backward_delta_kernel<Elem><<<static_cast<int>(delta_blocks), 256, 0, stream>>>(
-                delta, static_cast<const Elem*>(dout), static_cast<const Elem*>(out), rows, kD);
+                delta, static_cast<const Elem*>(dout), static_cast<const Elem*>(out), dout_s, out_s, H, T, rows, kD);
             PYLLMC_LAUNCH_CHECK("attention_backward_delta_kernel");
 
             if constexpr (std::is_same_v<Elem, float>) {
                 const dim3 grid(B * H, ceil_div(T, kFp32RowsPerBlock));
                 attention_backward_dkdv_fp32_kernel<kD><<<grid, kFp32Threads, 0, stream>>>(
                     static_cast<float*>(dk), static_cast<float*>(dv), static_cast<const float*>(dout), lse, delta,
-                    static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v), T,
-                    scale);
+                    static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v), dk_s,
+                    dv_s, dout_s, q_s, k_s, v_s, H, T, scale);
                 PYLLMC_LAUNCH_CHECK("attention_backward_dkdv_fp32_kernel");
                 attention_backward_dq_fp32_kernel<kD><<<grid, kFp32Threads, 0, stream>>>(
                     static_cast<float*>(dq), static_cast<const float*>(dout), lse, delta,
-                    static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v), T,
-                    scale);
+                    static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v), dq_s,
+                    dout_s, q_s, k_s, v_s, H, T, scale);
                 PYLLMC_LAUNCH_CHECK("attention_backward_dq_fp32_kernel");
             } else {
                 {
@@ -1010,8 +1069,8 @@ void attention_backward(void* dq, void* dk, void* dv, float* delta, const void* 
                     const dim3 grid(B * H, ceil_div(T, Tiles::kBc));
                     kernel<<<grid, kTcThreads, smem, stream>>>(
                         static_cast<Elem*>(dk), static_cast<Elem*>(dv), static_cast<const Elem*>(dout), lse, delta,
-                        static_cast<const Elem*>(q), static_cast<const Elem*>(k), static_cast<const Elem*>(v), T,
-                        scale * kLog2e, scale);
+                        static_cast<const Elem*>(q), static_cast<const Elem*>(k), static_cast<const Elem*>(v), dk_s,
+                        dv_s, dout_s, q_s, k_s, v_s, H, T, scale * kLog2e, scale);
                     PYLLMC_LAUNCH_CHECK("attention_backward_dkdv_tc_kernel");
                 }
                 {
@@ -1022,8 +1081,8 @@ void attention_backward(void* dq, void* dk, void* dv, float* delta, const void* 
                     const dim3 grid(B * H, ceil_div(T, Tiles::kBr));
                     kernel<<<grid, kTcThreads, smem, stream>>>(
                         static_cast<Elem*>(dq), static_cast<const Elem*>(dout), lse, delta,
-                        static_cast<const Elem*>(q), static_cast<const Elem*>(k), static_cast<const Elem*>(v), T,
-                        scale * kLog2e, scale);
+                        static_cast<const Elem*>(q), static_cast<const Elem*>(k), static_cast<const Elem*>(v), dq_s,
+                        dout_s, q_s, k_s, v_s, H, T, scale * kLog2e, scale);
                     PYLLMC_LAUNCH_CHECK("attention_backward_dq_tc_kernel");
                 }
             }

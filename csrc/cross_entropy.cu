@@ -22,9 +22,11 @@
 // block sums them in a fixed order (no atomics). n_valid is counted the same way.
 //
 // Fused classifier: pass 1 reads the row for its max and sum, pass 2 reads it again (it is
-// still in L2: at most a few hundred KB per SM are in flight) and writes dlogits for
-// dloss = 1 in place, so the logits are read from DRAM once and no separate gradient buffer
-// exists. cross_entropy_scale_grad multiplies in an upstream gradient other than 1 later.
+// still in L2: at most a few hundred KB per SM are in flight) and writes dlogits in place,
+// so the logits are read from DRAM once and no separate gradient buffer exists. Like llm.c's
+// 1 / (B*T*grad_accum), a loss scale s is baked in: the loss is s * mean and dlogits its
+// gradient for dloss = 1 (the trainer passes s = 1 / grad_accum_steps). Only an upstream
+// gradient other than 1 needs cross_entropy_scale_grad, another pass over (N, V).
 //
 // Targets outside [0, V) other than ignore_index are rejected by the Python layer; the
 // kernels still never read out of bounds for them (the target column is only read when in
@@ -190,7 +192,7 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
 cross_entropy_fused_kernel(float* __restrict__ row_losses, T* logits, const long long* __restrict__ targets,
                            const float* __restrict__ n_valid, int V, long long row_stride, long long pad_end,
-                           long long ignore_index) {
+                           long long ignore_index, float loss_scale) {
     __shared__ float shared[32];
     const long long row = blockIdx.x;
     const long long target = targets[row];
@@ -206,7 +208,7 @@ cross_entropy_fused_kernel(float* __restrict__ row_losses, T* logits, const long
     const SoftmaxStats st = row_softmax_stats<T, false>(x, V, split, shared);  // keep the row in L2 for pass 2
     const float log_sum = logf(st.sum);
     if (threadIdx.x == 0) row_losses[row] = (st.max - x_target) + log_sum;
-    write_row_grad(x, x, V, pad_end, split, st.max + log_sum, target, mean_scale(n_valid));
+    write_row_grad(x, x, V, pad_end, split, st.max + log_sum, target, loss_scale * mean_scale(n_valid));
 }
 
 // dlogits (N, V) rows row_stride apart *= *dloss; nothing moves when *dloss == 1.
@@ -241,15 +243,15 @@ cross_entropy_count_kernel(float* __restrict__ n_valid, const long long* __restr
     if (threadIdx.x == 0) *n_valid = count;
 }
 
-// loss () = sum of row_losses (N,) / max(n_valid, 1). One block, fixed order: deterministic.
+// loss () = loss_scale * sum of row_losses (N,) / max(n_valid, 1). One block, fixed order: deterministic.
 __global__ void __launch_bounds__(kReduceThreads)
 cross_entropy_mean_kernel(float* __restrict__ loss, const float* __restrict__ row_losses,
-                          const float* __restrict__ n_valid, long long N) {
+                          const float* __restrict__ n_valid, long long N, float loss_scale) {
     __shared__ float shared[32];
     float total = 0.0f;
     for (long long i = threadIdx.x; i < N; i += blockDim.x) total += row_losses[i];
     total = block_reduce_sum(total, shared);
-    if (threadIdx.x == 0) *loss = total * mean_scale(n_valid);
+    if (threadIdx.x == 0) *loss = total * mean_scale(n_valid) * loss_scale;
 }
 
 // Threads per row: enough for one 128-bit vector each, a power of two in [32, 1024].
@@ -289,7 +291,7 @@ void cross_entropy_forward(float* loss, float* lse, float* n_valid, float* row_l
     }
     cross_entropy_count_kernel<<<1, kReduceThreads, 0, stream>>>(n_valid, targets, N, ignore_index);
     PYLLMC_LAUNCH_CHECK("cross_entropy_count_kernel");
-    cross_entropy_mean_kernel<<<1, kReduceThreads, 0, stream>>>(loss, row_losses, n_valid, N);
+    cross_entropy_mean_kernel<<<1, kReduceThreads, 0, stream>>>(loss, row_losses, n_valid, N, 1.0f);
     PYLLMC_LAUNCH_CHECK("cross_entropy_mean_kernel");
 }
 
@@ -312,27 +314,28 @@ void cross_entropy_backward(void* dlogits, const void* logits, const long long* 
     PYLLMC_LAUNCH_CHECK("cross_entropy_backward_kernel");
 }
 
+// pad_end in [V, row_stride]: columns [V, pad_end) of every row get zeros (the padding the caller owns).
 void cross_entropy_fused_forward_backward(float* loss, float* n_valid, float* row_losses, void* logits,
                                           const long long* targets, long long N, long long V, long long row_stride,
-                                          long long ignore_index, bool zero_padding, int dtype, cudaStream_t stream) {
+                                          long long pad_end, long long ignore_index, float loss_scale, int dtype,
+                                          cudaStream_t stream) {
     check_sizes("cross_entropy_fused_forward_backward", N, V, row_stride);
+    require(pad_end >= V && pad_end <= row_stride, "cross_entropy_fused_forward_backward: pad_end must be in [V, row_stride]");
     require(loss && n_valid, "cross_entropy_fused_forward_backward: null loss or n_valid");
     require(N == 0 || (row_losses && logits && targets), "cross_entropy_fused_forward_backward: null pointer");
     // n_valid first: the fused kernel scales the gradient by it
     cross_entropy_count_kernel<<<1, kReduceThreads, 0, stream>>>(n_valid, targets, N, ignore_index);
     PYLLMC_LAUNCH_CHECK("cross_entropy_count_kernel");
     if (N > 0) {
-        // zero_padding: the caller guarantees logits' storage holds every row's columns up to row_stride
-        const long long pad_end = zero_padding ? row_stride : V;
         dispatch_dtype(to_dtype(dtype), [&](auto tag) {
             using T = decltype(tag);
             cross_entropy_fused_kernel<T><<<static_cast<int>(N), row_threads<T>(static_cast<int>(V)), 0, stream>>>(
                 row_losses, static_cast<T*>(logits), targets, n_valid, static_cast<int>(V), row_stride, pad_end,
-                ignore_index);
+                ignore_index, loss_scale);
         });
         PYLLMC_LAUNCH_CHECK("cross_entropy_fused_kernel");
     }
-    cross_entropy_mean_kernel<<<1, kReduceThreads, 0, stream>>>(loss, row_losses, n_valid, N);
+    cross_entropy_mean_kernel<<<1, kReduceThreads, 0, stream>>>(loss, row_losses, n_valid, N, loss_scale);
     PYLLMC_LAUNCH_CHECK("cross_entropy_mean_kernel");
 }
 

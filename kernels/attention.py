@@ -35,10 +35,13 @@ from a small per-head-dim table (no autotuning); head dims 16, 32, 64 and 128.
 """
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from . import _common
 
 HEAD_DIMS = (16, 32, 64, 128)
 # kernels may read only constexpr globals
@@ -50,7 +53,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 # BLOCK_N == 0 (the diagonal query tile is covered by whole key tiles), dK/dV BLOCK_N %
 # BLOCK_M == 0. The dK/dV kernel keeps two (BLOCK_N, D) fp32 accumulators, so it takes
 # small query tiles; the dQ kernel keeps one, so it takes large query tiles. Every entry
-# compiles without register spills (checked with ptxas -v for sm_90a and sm_80).
+# compiles without register spills (checked with ptxas -v for sm_90a and sm_80; the D = 64
+# entries at GPT-2's real launch specialization by tests/test_triton_gpu_compile.py).
 _SMALL_D_16BIT = {"fwd": (128, 64, 4, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 3)}
 _HOPPER_16BIT = {  # sm_90 (wgmma)
     16: _SMALL_D_16BIT,
@@ -69,7 +73,8 @@ _AMPERE_16BIT = {  # sm_80 (mma.sync) and every other architecture
 _FP32 = {
     16: {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 8, 1), "dq": (64, 32, 8, 1)},
     32: {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 8, 1), "dq": (64, 32, 8, 1)},
-    64: {"fwd": (64, 32, 8, 1), "dkdv": (32, 32, 8, 1), "dq": (64, 32, 8, 1)},
+    # dkdv (32, 32, 8, 1) spills on sm_90 once the JIT makes the unit strides constants
+    64: {"fwd": (64, 32, 8, 1), "dkdv": (16, 64, 8, 1), "dq": (64, 32, 8, 1)},
     128: {"fwd": (16, 16, 4, 1), "dkdv": (16, 32, 8, 1), "dq": (32, 16, 8, 1)},
 }
 # Under the CPU interpreter every program and every loop step is a Python iteration and a
@@ -89,8 +94,9 @@ def gpu_block_config(kernel: str, head_dim: int, dtype: torch.dtype, capability:
 
 def block_config(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.device, seq_len: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdv" | "dq"."""
-    if device.type == "cuda":
-        return gpu_block_config(kernel, head_dim, dtype, torch.cuda.get_device_capability(device))
+    gpu = _common.gpu_of(device)
+    if gpu is not None:
+        return gpu_block_config(kernel, head_dim, dtype, gpu.capability)
     block_m, block_n, warps, stages = _INTERPRETER_BLOCKS[kernel]
     # tiny sequences: shrink both tiles together (keeps the divisibility rule)
     while min(block_m, block_n) > 16 and max(block_m, block_n) >= 2 * seq_len:
@@ -421,12 +427,16 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         _check_head_extent(name, t)
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """Causal attention of (B, H, T, D) q, k, v (any strides) -> (out (B, H, T, D) contiguous,
-    lse (B, H, T) float32: the natural-log log-sum-exp of each row of scaled scores)."""
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor] = None):
+    """Causal attention of (B, H, T, D) q, k, v (any strides) -> (out (B, H, T, D), lse (B, H, T)
+    float32: the natural-log log-sum-exp of each row of scaled scores). out: written in place
+    when given (any strides, e.g. the (B, T, H, D) layout the model's c_proj reads), else new."""
     _check_qkv(q, k, v)
     B, H, T, D = q.shape
-    out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    require(out.shape == q.shape and out.dtype == q.dtype, "out must have q's shape and dtype")
+    _check_head_extent("out", out)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
@@ -439,15 +449,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         *out.stride(), *q.stride(), *k.stride(), *v.stride(),
         H, T, sm_scale * LOG2E.value,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, enable_fp_fusion=_common.FP_FUSION,
     )
     return out, lse
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       out: torch.Tensor, lse: torch.Tensor):
-    """Gradients (dq, dk, dv), contiguous (B, H, T, D), of causal attention; out and lse from
-    attention_forward; dout (B, H, T, D), any strides. Deterministic (no atomics)."""
+                       out: torch.Tensor, lse: torch.Tensor, dq: Optional[torch.Tensor] = None,
+                       dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None):
+    """Gradients (dq, dk, dv), (B, H, T, D), of causal attention; out and lse from
+    attention_forward; dout (B, H, T, D), any strides. dq, dk, dv: written in place when given
+    (any strides, dk and dv alike: e.g. views of one (B, T, 3, H, D) qkv gradient), else new
+    contiguous tensors. Deterministic (no atomics)."""
     _check_qkv(q, k, v)
     B, H, T, D = q.shape
     require(dout.shape == q.shape and out.shape == q.shape, "dout and out must have q's shape")
@@ -456,9 +469,12 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             "lse must be a contiguous float32 (B, H, T) tensor")
     _check_head_extent("dout", dout)
     _check_head_extent("out", out)
-    dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(dq)
+    if dq is None:
+        dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
+        require(t is not None and t.shape == q.shape and t.dtype == q.dtype, f"{name} must have q's shape and dtype")
+        _check_head_extent(name, t)
+    require(dk.stride() == dv.stride(), "dk and dv must have the same strides (one launch writes both)")
     if dq.numel() == 0:
         return dq, dk, dv
     sm_scale = 1.0 / math.sqrt(D)
@@ -468,7 +484,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     delta_block = 64 if D <= 64 else 32
     attention_delta_kernel[(triton.cdiv(T, delta_block), H, B)](
         delta, out, dout, *out.stride(), *dout.stride(), H, T,
-        HEAD_DIM=D, BLOCK_M=delta_block,
+        HEAD_DIM=D, BLOCK_M=delta_block, enable_fp_fusion=_common.FP_FUSION,
     )
 
     block_m, block_n, warps, stages = block_config("dkdv", D, q.dtype, q.device, T)
@@ -478,7 +494,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
         H, T, sm_scale * LOG2E.value, sm_scale,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, enable_fp_fusion=_common.FP_FUSION,
     )
 
     block_m, block_n, warps, stages = block_config("dq", D, q.dtype, q.device, T)
@@ -488,6 +504,6 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         H, T, sm_scale * LOG2E.value, sm_scale,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, enable_fp_fusion=_common.FP_FUSION,
     )
     return dq, dk, dv

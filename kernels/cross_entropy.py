@@ -9,7 +9,18 @@ Design: one program per row, looping over the vocabulary in BLOCK-wide chunks, s
 fits and the softmax is never materialised. The forward keeps an online softmax: a running
 row max (one cross-lane max per chunk) and per-lane sums of exp(x - max) rescaled when the
 max grows (one exp per element), merged once at the end. Everything is float32 whatever the
-storage dtype; exponentials are exp2 of values pre-scaled by log2(e).
+storage dtype; exponentials are exp2 of values pre-scaled by log2(e); the divisions by n_valid
+are IEEE (tl.div_rn: the GPU's `/` is div.full, 2 ulp) and bf16 gradients are rounded to nearest
+even by hand (the interpreter's cast truncates), so the GPU and the interpreter agree.
+
+Vector width: each row runs an unmasked loop over its V // BLOCK full chunks and one masked
+loop for the partial chunk at the end (and the padding). A mask with a bound that is not a
+multiple of 8 (V = 50257) would keep every load and store scalar; without it a thread moves
+its 8 consecutive elements with one 128-bit access, as long as the row starts 16-byte
+aligned: Triton's JIT marks row_stride divisible by 16 when it is (GPT-2's 50304), and the
+base pointer when it is aligned. Other layouts (odd V, odd strides, unaligned views) compile
+to narrower accesses and give the same results. Ignored rows take a scalar branch that reads
+nothing (and writes zeros in the backward): no loop over an empty mask.
 
 The loss is reduced deterministically: per-row losses, then one program sums them in a
 fixed order (no atomics). n_valid is counted by another single-program kernel.
@@ -19,9 +30,11 @@ padded (N, Vp) logits. Gradients are written with the same layout; the padding c
 [V, row_stride) get zeros where the caller owns them (pad_end).
 
 The fused classifier (llm.c's idea) computes the loss and overwrites the logits with
-dlogits for dloss = 1 in one kernel: pass 1 reads the row for the max and sum, pass 2
-reads it again (from L2 on a GPU) and writes the gradient in place. A later upstream
-gradient other than 1 is multiplied in by cross_entropy_scale_grad.
+dlogits in one kernel: pass 1 reads the row for the max and sum, pass 2 reads it again
+(from L2 on a GPU) and writes the gradient in place. It takes a loss scale s (the trainer's
+1 / grad_accum_steps): the loss it returns is s times the mean and the gradient it writes is
+that of the scaled loss, for dloss = 1, so loss.backward() moves no more bytes. Only an
+upstream gradient other than 1 costs cross_entropy_scale_grad, a pass over (N, V).
 
 Targets outside [0, V) other than ignore_index are rejected by the op layer; the kernels
 never read out of bounds for them anyway (the target column is matched, never indexed) and
@@ -33,6 +46,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from . import _common
+from ._common import to_storage
 
 # Constants used inside the kernels are written there as literals: a @triton.jit function
 # may not read a plain Python global on the GPU (the interpreter allows it, which hid it).
@@ -47,41 +63,64 @@ REDUCE_BLOCK = 1024   # chunk of the single-program reductions over rows
 
 
 @triton.jit
+def _online_step(x, cols, target, running_max, lane_sum, lane_target):
+    """Fold one chunk x (BLOCK,) float32 into the running max, the per-lane sums of
+    exp(x - running max) and the per-lane pick of x[target]."""
+    new_max = tl.maximum(running_max, tl.max(x, axis=0))
+    rescale = tl.exp2((running_max - new_max) * 1.4426950408889634)
+    lane_sum = lane_sum * rescale + tl.exp2((x - new_max) * 1.4426950408889634)
+    lane_target += tl.where(cols == target, x, 0.0)
+    return new_max, lane_sum, lane_target
+
+
+@triton.jit
 def _row_stats(
     row_ptr,  # (V,) one row of logits
     V,
     target,
-    valid,
     BLOCK: tl.constexpr,
 ):
     """(row max, sum of exp(x - row max), x[target]) for one row, in float32.
 
     x[target] is picked up by matching the column while the row streams past, never by
     indexing with the target: a bad id cannot read out of bounds, and in the fused kernel
-    the value is captured before pass 2 overwrites it. Rows that are not valid read nothing.
+    the value is captured before pass 2 overwrites it.
+
+    The V // BLOCK full chunks load without a mask (128-bit loads when the row start is
+    16-byte aligned: the JIT sees row_stride % 16 == 0 and an aligned base); only the last,
+    partial chunk is masked. Lane j sums columns j, j + BLOCK, ... in order, as one masked
+    loop over every chunk would.
     """
     offsets = tl.arange(0, BLOCK)
-    n_read = tl.where(valid, V, 0)  # columns to read: (cols < V) & valid, in one compare
+    n_full = (V // BLOCK) * BLOCK
     running_max = tl.full((), -1.0e38, tl.float32)
     lane_sum = tl.zeros((BLOCK,), tl.float32)
     lane_target = tl.zeros((BLOCK,), tl.float32)
-    for start in range(0, V, BLOCK):
+    for start in range(0, n_full, BLOCK):
         cols = start + offsets
-        x = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        lane_sum = lane_sum * tl.exp2((running_max - new_max) * 1.4426950408889634) + tl.exp2((x - new_max) * 1.4426950408889634)
-        running_max = new_max
-        lane_target += tl.where(cols == target, x, 0.0)
+        x = tl.load(row_ptr + cols).to(tl.float32)
+        running_max, lane_sum, lane_target = _online_step(x, cols, target, running_max, lane_sum, lane_target)
+    for start in range(n_full, V, BLOCK):  # the partial chunk: at most one iteration
+        cols = start + offsets
+        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        running_max, lane_sum, lane_target = _online_step(x, cols, target, running_max, lane_sum, lane_target)
     return running_max, tl.sum(lane_sum, axis=0), tl.sum(lane_target, axis=0)
 
 
 @triton.jit
-def _row_loss_and_lse(row_max, row_sum, x_target, valid, in_range):
-    log_sum = tl.log(tl.where(valid, row_sum, 1.0))  # ignored rows read nothing: row_sum is 0
+def _row_loss_and_lse(row_max, row_sum, x_target, in_range):
+    """(lse, loss) of a row that is not ignored."""
+    log_sum = tl.log(row_sum)
     # (max - x_t) + log(sum) rather than lse - x_t: no cancellation for confident rows
     loss = (row_max - x_target) + log_sum
     loss = tl.where(in_range, loss, float("nan"))  # flags a bad target id
-    return tl.where(valid, row_max + log_sum, 0.0), tl.where(valid, loss, 0.0)
+    return row_max + log_sum, loss
+
+
+@triton.jit
+def _row_grad(x, cols, lse, target, scale):
+    p = tl.exp2((x - lse) * 1.4426950408889634)
+    return (p - tl.where(cols == target, 1.0, 0.0)) * scale
 
 
 @triton.jit
@@ -96,20 +135,32 @@ def _write_row_grad(
     valid,
     BLOCK: tl.constexpr,
 ):
+    """dlogits of one row: (softmax - onehot) * scale over [0, V), zeros over [V, pad_end);
+    all zeros, reading nothing, for an ignored row (valid false: a scalar branch).
+
+    Full chunks of [0, V) load and store without a mask (128-bit accesses on aligned rows);
+    the last partial chunk and the padding after it are written by one masked loop."""
     offsets = tl.arange(0, BLOCK)
-    n_read = tl.where(valid, V, 0)  # ignored rows read nothing and write zeros
-    for start in range(0, V, BLOCK):
-        cols = start + offsets
-        in_row = cols < V
-        x = tl.load(in_row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
-        p = tl.exp2((x - lse) * 1.4426950408889634)
-        grad = (p - tl.where(cols == target, 1.0, 0.0)) * scale
-        grad = tl.where(valid, grad, 0.0)
-        tl.store(out_row_ptr + cols, grad.to(out_row_ptr.dtype.element_ty), mask=in_row)
-    for start in range(V, pad_end, BLOCK):
-        cols = start + offsets
-        tl.store(out_row_ptr + cols, tl.zeros((BLOCK,), tl.float32).to(out_row_ptr.dtype.element_ty),
-                 mask=cols < pad_end)
+    n_full = (V // BLOCK) * BLOCK
+    if valid:
+        for start in range(0, n_full, BLOCK):
+            cols = start + offsets
+            x = tl.load(in_row_ptr + cols).to(tl.float32)
+            grad = _row_grad(x, cols, lse, target, scale)
+            tl.store(out_row_ptr + cols, to_storage(grad, out_row_ptr.dtype.element_ty))
+        for start in range(n_full, pad_end, BLOCK):
+            cols = start + offsets
+            in_row = cols < V
+            x = tl.load(in_row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+            grad = tl.where(in_row, _row_grad(x, cols, lse, target, scale), 0.0)
+            tl.store(out_row_ptr + cols, to_storage(grad, out_row_ptr.dtype.element_ty), mask=cols < pad_end)
+    else:
+        zeros = tl.zeros((BLOCK,), tl.float32).to(out_row_ptr.dtype.element_ty)
+        for start in range(0, n_full, BLOCK):
+            tl.store(out_row_ptr + start + offsets, zeros)
+        for start in range(n_full, pad_end, BLOCK):
+            cols = start + offsets
+            tl.store(out_row_ptr + cols, zeros, mask=cols < pad_end)
 
 
 @triton.jit
@@ -125,10 +176,12 @@ def cross_entropy_forward_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
-    valid = target != ignore_index
-    in_range = (target >= 0) & (target < V)
-    row_max, row_sum, x_target = _row_stats(logits_ptr + row * row_stride, V, target, valid, BLOCK)
-    lse, loss = _row_loss_and_lse(row_max, row_sum, x_target, valid, in_range)
+    lse = tl.full((), 0.0, tl.float32)  # ignored rows: lse 0, loss 0, and nothing read
+    loss = tl.full((), 0.0, tl.float32)
+    if target != ignore_index:
+        in_range = (target >= 0) & (target < V)
+        row_max, row_sum, x_target = _row_stats(logits_ptr + row * row_stride, V, target, BLOCK)
+        lse, loss = _row_loss_and_lse(row_max, row_sum, x_target, in_range)
     tl.store(lse_ptr + row, lse)
     tl.store(row_loss_ptr + row, loss)
 
@@ -150,7 +203,7 @@ def cross_entropy_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
-    scale = tl.load(dloss_ptr) / tl.maximum(tl.load(n_valid_ptr), 1.0)
+    scale = tl.div_rn(tl.load(dloss_ptr), tl.maximum(tl.load(n_valid_ptr), 1.0))
     lse = tl.load(lse_ptr + row)
     _write_row_grad(dlogits_ptr + row * row_stride, logits_ptr + row * row_stride, V, pad_end, lse, target,
                     scale, valid, BLOCK)
@@ -166,17 +219,21 @@ def cross_entropy_fused_kernel(
     row_stride,
     pad_end,
     ignore_index,
+    loss_scale,    # float32: the gradient is that of loss_scale * mean loss
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
-    in_range = (target >= 0) & (target < V)
     row_ptr = logits_ptr + row * row_stride
-    row_max, row_sum, x_target = _row_stats(row_ptr, V, target, valid, BLOCK)
-    lse, loss = _row_loss_and_lse(row_max, row_sum, x_target, valid, in_range)
+    lse = tl.full((), 0.0, tl.float32)
+    loss = tl.full((), 0.0, tl.float32)
+    if valid:
+        in_range = (target >= 0) & (target < V)
+        row_max, row_sum, x_target = _row_stats(row_ptr, V, target, BLOCK)
+        lse, loss = _row_loss_and_lse(row_max, row_sum, x_target, in_range)
     tl.store(row_loss_ptr + row, loss)
-    scale = 1.0 / tl.maximum(tl.load(n_valid_ptr), 1.0)
+    scale = tl.div_rn(loss_scale, tl.maximum(tl.load(n_valid_ptr), 1.0))
     _write_row_grad(row_ptr, row_ptr, V, pad_end, lse, target, scale, valid, BLOCK)
 
 
@@ -193,11 +250,16 @@ def cross_entropy_scale_grad_kernel(
     if scale != 1.0:  # the usual case (loss.backward()) moves no bytes
         row_ptr = dlogits_ptr + row * row_stride
         offsets = tl.arange(0, BLOCK)
-        for start in range(0, V, BLOCK):
+        n_full = (V // BLOCK) * BLOCK
+        for start in range(0, n_full, BLOCK):  # full chunks: no mask
+            cols = start + offsets
+            g = tl.load(row_ptr + cols).to(tl.float32)
+            tl.store(row_ptr + cols, to_storage(g * scale, dlogits_ptr.dtype.element_ty))
+        for start in range(n_full, V, BLOCK):
             cols = start + offsets
             mask = cols < V
             g = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(row_ptr + cols, (g * scale).to(dlogits_ptr.dtype.element_ty), mask=mask)
+            tl.store(row_ptr + cols, to_storage(g * scale, dlogits_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -223,6 +285,7 @@ def cross_entropy_mean_kernel(
     row_loss_ptr,  # (N,) float32
     n_valid_ptr,   # () float32
     N,
+    loss_scale,    # float32: loss = loss_scale * mean
     BLOCK: tl.constexpr,
 ):
     offsets = tl.arange(0, BLOCK)
@@ -230,17 +293,25 @@ def cross_entropy_mean_kernel(
     for start in range(0, N, BLOCK):
         idx = start + offsets
         total += tl.load(row_loss_ptr + idx, mask=idx < N, other=0.0)
-    tl.store(loss_ptr, tl.sum(total, axis=0) / tl.maximum(tl.load(n_valid_ptr), 1.0))
+    tl.store(loss_ptr, tl.div_rn(tl.sum(total, axis=0), tl.maximum(tl.load(n_valid_ptr), 1.0)) * loss_scale)
 
 
 # ---- launchers ---------------------------------------------------------------------------
 
 def _row_block(V: int, device: torch.device) -> int:
-    return min(triton.next_power_of_2(V), MAX_BLOCK if device.type == "cuda" else INTERPRETER_MAX_BLOCK)
+    gpu = _common.gpu_of(device)
+    return min(triton.next_power_of_2(V), MAX_BLOCK if gpu is not None else INTERPRETER_MAX_BLOCK)
 
 
 def _num_warps(block: int) -> int:
     return max(1, min(16, block // 256))
+
+
+def _row_options(V: int, device: torch.device) -> dict:
+    """BLOCK, num_warps and the fp contraction of the per-row kernels: BLOCK = 4096 at 16 warps
+    on a GPU for GPT-2's vocabulary (8 elements, one 128-bit bf16 load, per thread and chunk)."""
+    block = _row_block(V, device)
+    return dict(BLOCK=block, num_warps=_num_warps(block), enable_fp_fusion=_common.FP_FUSION)
 
 
 def row_stride_of(logits: torch.Tensor) -> int:
@@ -262,8 +333,9 @@ def _check_layout(logits: torch.Tensor, targets: Optional[torch.Tensor] = None) 
         raise ValueError(f"targets must be a contiguous int64 ({N},); got {targets.dtype} {tuple(targets.shape)}")
 
 
-def _finish_mean(loss, row_losses, n_valid, N):
-    cross_entropy_mean_kernel[(1,)](loss, row_losses, n_valid, N, BLOCK=REDUCE_BLOCK)
+def _finish_mean(loss, row_losses, n_valid, N, loss_scale=1.0):
+    cross_entropy_mean_kernel[(1,)](loss, row_losses, n_valid, N, float(loss_scale), BLOCK=REDUCE_BLOCK,
+                                    enable_fp_fusion=_common.FP_FUSION)
 
 
 def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
@@ -277,10 +349,10 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_in
     lse = torch.empty(N, device=device, dtype=torch.float32)
     row_losses = torch.empty(N, device=device, dtype=torch.float32)
     if N:
-        block = _row_block(V, logits.device)
         cross_entropy_forward_kernel[(N,)](lse, row_losses, logits, targets, V, row_stride_of(logits),
-                                           ignore_index, BLOCK=block, num_warps=_num_warps(block))
-    cross_entropy_count_kernel[(1,)](n_valid, targets, N, ignore_index, BLOCK=REDUCE_BLOCK)
+                                           ignore_index, **_row_options(V, device))
+    cross_entropy_count_kernel[(1,)](n_valid, targets, N, ignore_index, BLOCK=REDUCE_BLOCK,
+                                     enable_fp_fusion=_common.FP_FUSION)
     _finish_mean(loss, row_losses, n_valid, N)
     return loss, lse, n_valid
 
@@ -293,31 +365,31 @@ def cross_entropy_backward(logits, targets, lse, n_valid, dloss, ignore_index: i
     buffer = torch.empty(N * row_stride, device=logits.device, dtype=logits.dtype)
     dlogits = buffer.as_strided((N, V), (row_stride, 1))
     if N:
-        block = _row_block(V, logits.device)
         cross_entropy_backward_kernel[(N,)](dlogits, logits, targets, lse, n_valid, dloss, V, row_stride,
-                                            row_stride, ignore_index, BLOCK=block, num_warps=_num_warps(block))
+                                            row_stride, ignore_index, **_row_options(V, logits.device))
     return dlogits
 
 
 def cross_entropy_fused_forward_backward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                                         zero_padding: bool):
-    """The fused classifier: returns (loss (), n_valid ()) and overwrites logits with the
-    gradient of the mean loss (dloss = 1); with zero_padding, also zeros each row's columns
-    [V, row_stride), which the caller guarantees lie inside logits' storage."""
+                                         pad_end: int, loss_scale: float = 1.0):
+    """The fused classifier: returns (loss_scale * mean loss (), n_valid ()) and overwrites
+    logits (N, V) with the gradient of that scaled loss (dloss = 1); also zeros each row's
+    columns [V, pad_end), pad_end <= the row stride: padding the caller owns."""
     _check_layout(logits, targets)
     N, V = logits.shape
     device = logits.device
     loss = torch.empty((), device=device, dtype=torch.float32)
     n_valid = torch.empty((), device=device, dtype=torch.float32)
     row_losses = torch.empty(N, device=device, dtype=torch.float32)
-    cross_entropy_count_kernel[(1,)](n_valid, targets, N, ignore_index, BLOCK=REDUCE_BLOCK)
+    cross_entropy_count_kernel[(1,)](n_valid, targets, N, ignore_index, BLOCK=REDUCE_BLOCK,
+                                     enable_fp_fusion=_common.FP_FUSION)
     if N:
         row_stride = row_stride_of(logits)
-        block = _row_block(V, logits.device)
+        if not V <= pad_end <= row_stride:
+            raise ValueError(f"pad_end must be in [V, row_stride] = [{V}, {row_stride}]; got {pad_end}")
         cross_entropy_fused_kernel[(N,)](row_losses, logits, targets, n_valid, V, row_stride,
-                                         row_stride if zero_padding else V, ignore_index,
-                                         BLOCK=block, num_warps=_num_warps(block))
-    _finish_mean(loss, row_losses, n_valid, N)
+                                         pad_end, ignore_index, float(loss_scale), **_row_options(V, device))
+    _finish_mean(loss, row_losses, n_valid, N, loss_scale)
     return loss, n_valid
 
 
@@ -327,6 +399,5 @@ def cross_entropy_scale_grad(dlogits: torch.Tensor, dloss: torch.Tensor) -> None
     _check_layout(dlogits)
     N, V = dlogits.shape
     if N:
-        block = _row_block(V, dlogits.device)
-        cross_entropy_scale_grad_kernel[(N,)](dlogits, dloss, V, row_stride_of(dlogits), BLOCK=block,
-                                              num_warps=_num_warps(block))
+        cross_entropy_scale_grad_kernel[(N,)](dlogits, dloss, V, row_stride_of(dlogits),
+                                              **_row_options(V, dlogits.device))

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from pyllmc import ops
+from pyllmc.ops.attention import split_heads
 
 GPT2_VOCAB_SIZE = 50257
 EOT_TOKEN = 50256
@@ -179,16 +180,16 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         B, T, C = x.shape
-        H, D = self.n_head, C // self.n_head
+        H = self.n_head
         qkv = self.c_attn(x)  # (B, T, 3C)
-        # (B, T, 3, H, D) -> three (B, H, T, D) strided views (row stride 3C), no copy:
-        # ops.attention reads any strides (the cuda backend copies to contiguous itself)
-        q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is None:
-            y = ops.attention(q, k, v)  # (B, H, T, D)
+            # the kernels read q, k, v in place and write y with the heads side by side: no copies,
+            # and the backward's dq, dk, dv land in one (B, T, 3C) buffer, qkv's gradient
+            y = ops.qkv_attention(qkv, H)  # (B, T, C)
         else:
-            y = self._cached_attention(q, k, v, cache)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C), heads side by side
+            # (B, T, 3, H, D) -> three (B, H, T, D) strided views (row stride 3C), no copy
+            q, k, v = split_heads(qkv, H)
+            y = self._cached_attention(q, k, v, cache).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
     @staticmethod
@@ -324,14 +325,16 @@ class GPT(nn.Module):
         return normed
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                return_logits: bool = True, inplace_backward: bool = False):
+                return_logits: bool = True, inplace_backward: bool = False, loss_scale: float = 1.0):
         """idx (B, T) token ids -> (logits (B, T, vocab_size) or None, loss or None).
 
         logits is the vocab_size-column view of the padded (B, T, padded_vocab_size) logits.
-        loss: mean cross-entropy over positions whose target is not -1 (when targets given).
+        loss: loss_scale times the mean cross-entropy over positions whose target is not -1
+        (when targets given); gradient accumulation passes loss_scale = 1 / grad_accum_steps.
         inplace_backward=True is the fused-classifier training path: ops.cross_entropy
-        writes the loss gradient into the logits buffer during the forward, so the
-        (B, T, Vp) activation is not kept twice; logits are then not returned.
+        writes the (scaled) loss gradient into the logits buffer during the forward, so the
+        (B, T, Vp) activation is not kept twice and backward() adds no pass over it; logits
+        are then not returned.
         """
         self._check_idx(idx)
         B, T = idx.shape
@@ -345,8 +348,9 @@ class GPT(nn.Module):
         V, Vp = self.config.vocab_size, self.config.padded_vocab_size
         loss = None
         if targets is not None:
-            loss = ops.cross_entropy(logits_padded.view(B * T, Vp)[:, :V], targets.reshape(B * T),
-                                     ignore_index=-1, inplace_backward=inplace_backward)
+            # the padded logits whole (num_classes=V): their gradient is one (B*T, Vp) buffer, no slice backward
+            loss = ops.cross_entropy(logits_padded.view(B * T, Vp), targets.reshape(B * T), ignore_index=-1,
+                                     num_classes=V, inplace_backward=inplace_backward, loss_scale=loss_scale)
         if inplace_backward or not return_logits:
             return None, loss
         return logits_padded[..., :V], loss

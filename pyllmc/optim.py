@@ -36,7 +36,8 @@ Backends (pyllmc.backend rules with the params' device; backend= pins one):
   per 32.
 - "triton": kernels/adamw.py, the same table, one launch per kind of tensor (param dtype,
   grad dtype, master or not, stochastic or not, aligned or not): one per step in practice,
-  plus a tiny host-to-device copy of the hyperparameters.
+  plus a tiny host-to-device copy of the hyperparameters, from pinned memory so that the
+  CPU does not wait for the GPU.
 - "torch": a plain per-tensor loop of torch ops, the reference (what CPU training runs).
 """
 
@@ -111,6 +112,15 @@ def bf16_stochastic_round(x: torch.Tensor, index: torch.Tensor, key: int) -> tor
     bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
     rounded = bits.view(torch.float32).to(torch.bfloat16)
     return torch.where(torch.isnan(x), x.to(torch.bfloat16), rounded)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a host sync: a copy from pageable memory makes the CPU
+    wait for the GPU's queue (the step would stall on it), a copy from pinned memory does not.
+    torch's caching host allocator keeps the pinned block alive until the copy has run."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 # ---- the optimizer ---------------------------------------------------------------------------
@@ -405,10 +415,10 @@ class AdamW(torch.optim.Optimizer):
         if num_chunks == 0:
             return
         table = self._cached(self._table_cache, position, (backend, tuple(table_rows)),
-                             lambda: torch.tensor(table_rows, dtype=torch.int64).to(device))
+                             lambda: _to_device(torch.tensor(table_rows, dtype=torch.int64), device))
         chunk_map = self._cached(self._chunk_map_cache, position, (backend, chunk, counts),
-                                 lambda: torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32),
-                                                                 torch.tensor(counts)).to(device))
+                                 lambda: _to_device(torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32),
+                                                                            torch.tensor(counts)), device))
         hyper = torch.tensor([h.row() for h in hyper_rows], dtype=torch.float32)
         hyper.view(torch.int32)[:, _HYPER_COLUMNS - 1] = torch.tensor(
             [h.key - 2**32 if h.key >= 2**31 else h.key for h in hyper_rows], dtype=torch.int32)
@@ -424,7 +434,7 @@ class AdamW(torch.optim.Optimizer):
 
             param_dtype, grad_dtype, has_master, stochastic, aligned = kind
             triton_kernels("adamw").adamw_step(
-                table, chunk_map, hyper.to(device), param_dtype=param_dtype, grad_dtype=grad_dtype,
+                table, chunk_map, _to_device(hyper, device), param_dtype=param_dtype, grad_dtype=grad_dtype,
                 has_master=has_master, stochastic=stochastic, aligned=aligned, block_size=chunk)
 
     @staticmethod

@@ -4,9 +4,10 @@ Each op checks its inputs (ValueError naming the argument), picks a backend
 ("cuda" | "triton" | "torch", see pyllmc.backend) and runs as an autograd op.
 """
 
-from .attention import attention
-from .cross_entropy import cross_entropy
+from .attention import attention, qkv_attention
+from .cross_entropy import cross_entropy, deferred_target_checks
 from .gelu import gelu
 from .layernorm import fused_residual_layernorm, layernorm
 
-__all__ = ["gelu", "layernorm", "fused_residual_layernorm", "cross_entropy", "attention"]
+__all__ = ["gelu", "layernorm", "fused_residual_layernorm", "cross_entropy", "deferred_target_checks", "attention",
+           "qkv_attention"]

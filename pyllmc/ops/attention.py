@@ -1,16 +1,23 @@
-"""ops.attention: causal multi-head self-attention, softmax(Q K^T / sqrt(D) + causal mask) V.
+"""ops.attention and ops.qkv_attention: causal multi-head self-attention,
+softmax(Q K^T / sqrt(D) + causal mask) V.
 
-Input checks, then the raw kernel calls per backend, then the custom op + autograd glue
-(torch.library.custom_op so the op survives torch.compile), as in pyllmc/ops/gelu.py. The
-forward custom op returns (out, lse); lse (B, H, T) float32, the natural-log log-sum-exp of
+Input checks, then the raw kernel calls per backend, then the custom ops + autograd glue
+(torch.library.custom_op so the ops survive torch.compile), as in pyllmc/ops/gelu.py. The
+forward custom ops return (out, lse); lse (B, H, T) float32, the natural-log log-sum-exp of
 each row of scaled scores, is what the backward needs to recompute P tile by tile. The
 "torch" backend is plain math in float32 (it builds the T x T score matrix): the reference.
 
-Layout: q, k, v are (B, H, T, D) and may be strided views, as GPT-2's qkv split gives
-(qkv.view(B, T, 3, H, D) -> q = qkv[:, :, 0].transpose(1, 2) has stride 3C along T). The
-Triton kernels read any strides, so the model makes no copy before attention. The CUDA
-kernels take contiguous tensors: the cuda backend calls .contiguous() (a copy only for
-strided inputs). The output is always a new contiguous (B, H, T, D) tensor.
+Two entry points on the same kernels:
+- attention(q, k, v): (B, H, T, D) tensors of any strides -> a new (B, H, T, D) output.
+- qkv_attention(qkv, num_heads): GPT-2's layout. qkv (B, T, 3C) is the c_attn output
+  [q | k | v] with the heads side by side; the result (B, T, C) is what c_proj reads. The
+  kernels read q, k, v in place (position stride 3C), write the output straight in
+  (B, T, H, D) order and, in the backward, dq, dk, dv straight into one (B, T, 3C) buffer,
+  the gradient of qkv: no transpose copies, no stacking of three gradients, one autograd node.
+
+Strides: the Triton kernels read any strides. The CUDA tensor-core kernels (bf16/fp16) copy
+16-byte chunks, so their strides must be multiples of 8 elements and their pointers 16-byte
+aligned (GPT-2's always are); a tensor that is not is copied first (the only copy left).
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ import torch.nn.functional as F
 
 from ._common import (
     _dtype_names,
-    aligned16,
     check_same_device,
     check_same_dtype,
     check_tensor,
@@ -55,6 +61,17 @@ def backends_for_head_dim(head_dim: int, dtype: torch.dtype) -> list[str]:
     return [name for name in SUPPORTED_HEAD_DIMS if supports_head_dim(name, head_dim, dtype)]
 
 
+def _resolve(backend: Optional[str], device: torch.device, head_dim: int, dtype: torch.dtype, what: str) -> str:
+    name = resolve_backend(backend, device)
+    if not supports_head_dim(name, head_dim, dtype):
+        table = SUPPORTED_HEAD_DIMS[name]
+        raise ValueError(
+            f"{what}: head dim D={head_dim} is not supported by backend {name!r} for {_dtype_names([dtype])} "
+            f"(it takes D in {table[dtype] if dtype in table else ()}); backends that take D={head_dim}: "
+            f"{', '.join(backends_for_head_dim(head_dim, dtype))}")
+    return name
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """Causal attention of q, k, v (B, H, T, D), scale 1/sqrt(D) -> (B, H, T, D) in q's dtype.
 
@@ -67,18 +84,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: Opt
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape (B, H, T, D) = {tuple(q.shape)}; got {tuple(t.shape)}")
-    head_dim = q.shape[3]
-    name = resolve_backend(backend, device)
-    if not supports_head_dim(name, head_dim, q.dtype):
-        table = SUPPORTED_HEAD_DIMS[name]
-        raise ValueError(
-            f"q: head dim D={head_dim} is not supported by backend {name!r} for {_dtype_names([q.dtype])} "
-            f"(it takes D in {table[q.dtype] if q.dtype in table else ()}); backends that take D={head_dim}: "
-            f"{', '.join(backends_for_head_dim(head_dim, q.dtype))}")
+    name = _resolve(backend, device, q.shape[3], q.dtype, "q")
     if name == "torch":
         return attention_reference(q, k, v).to(q.dtype)
     out, _ = torch.ops.pyllmc.attention_forward(q, k, v, name)
     return out
+
+
+def qkv_attention(qkv: torch.Tensor, num_heads: int, *, backend: Optional[str] = None) -> torch.Tensor:
+    """GPT-2's causal self-attention on the packed c_attn output.
+
+    qkv: (B, T, 3C), float32 / bfloat16 / float16, the last dim contiguous: q, k, v side by
+        side, each (B, T, C) with C = num_heads * D, head h in columns [h D, (h + 1) D).
+    Returns (B, T, C): the attention output with the heads side by side (the layout c_proj
+    takes). Its gradient is one (B, T, 3C) buffer.
+    """
+    check_tensor("qkv", qkv, ndim=3, contiguous=False)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int; got {num_heads!r}")
+    B, T, C3 = qkv.shape
+    if C3 % (3 * num_heads):
+        raise ValueError(f"qkv's last dim must be 3 * num_heads * D; got {C3} for num_heads={num_heads}")
+    if C3 > 1 and qkv.stride(2) != 1:
+        raise ValueError(f"qkv must have stride 1 along its last dim; got strides {qkv.stride()}")
+    name = _resolve(backend, qkv.device, C3 // (3 * num_heads), qkv.dtype, "qkv")
+    y, _ = torch.ops.pyllmc.qkv_attention_forward(qkv, num_heads, name)
+    return y
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -102,64 +133,145 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-# ---- raw kernel calls ------------------------------------------------------------------
+# ---- layouts ---------------------------------------------------------------------------
 
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str):
-    if backend == "triton":
-        return triton_kernels("attention").attention_forward(q, k, v)
-    q, k, v = (aligned16(t.contiguous()) for t in (q, k, v))
+def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, T, D): views of qkv (B, T, 3C), position stride 3C, no copy."""
+    B, T, C3 = qkv.shape
+    return qkv.view(B, T, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def heads_of(y: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The (B, H, T, D) view of a (B, T, C) tensor with the heads side by side."""
+    B, T, C = y.shape
+    return y.view(B, T, num_heads, C // num_heads).transpose(1, 2)
+
+
+# ---- raw kernel calls: (B, H, T, D) operands of any strides, outputs written in place ----------------------
+
+def _head_strides(t: torch.Tensor) -> list[int]:
+    return list(t.stride()[:3])
+
+
+def _cuda_ready(t: torch.Tensor) -> bool:
+    """Whether the CUDA kernels take t as it is (the float32 path takes anything with D contiguous)."""
+    if t.shape[3] > 1 and t.stride(3) != 1:
+        return False
+    if t.dtype == torch.float32:
+        return True
+    return t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:3])
+
+
+def _cuda_input(t: torch.Tensor) -> torch.Tensor:
+    """t, or an aligned contiguous copy of it when the CUDA kernels cannot read it in place."""
+    return t if _cuda_ready(t) else t.clone(memory_format=torch.contiguous_format)
+
+
+def _forward_into(out, q, k, v, backend: str) -> torch.Tensor:
+    """out (B, H, T, D) = attention(q, k, v); returns lse (B, H, T) float32."""
     B, H, T, D = q.shape
-    out = torch.empty_like(q)
+    if backend == "triton":
+        _, lse = triton_kernels("attention").attention_forward(q, k, v, out=out)
+        return lse
+    if backend == "torch":
+        return _torch_forward_into(out, q, k, v)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    target = out if _cuda_ready(out) else torch.empty_like(q, memory_format=torch.contiguous_format)
+    q, k, v = (_cuda_input(t) for t in (q, k, v))
     if out.numel():
         with cuda_launch(q) as stream:
-            cuda_ext().attention_forward(out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+            cuda_ext().attention_forward(target.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                         sum((_head_strides(t) for t in (target, q, k, v)), []),
                                          B, H, T, D, dtype_code(q), stream)
-    return out, lse
+    if target is not out:
+        out.copy_(target)
+    return lse
 
 
-def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              lse: torch.Tensor, backend: str):
-    if backend == "triton":
-        return triton_kernels("attention").attention_backward(dout, q, k, v, out, lse)
-    dout, q, k, v, out = (aligned16(t.contiguous()) for t in (dout, q, k, v, out))
-    lse = lse.contiguous()
+def _backward_into(dq, dk, dv, dout, q, k, v, out, lse, backend: str) -> None:
+    """dq, dk, dv (B, H, T, D) = the gradients of attention(q, k, v) for dout."""
     B, H, T, D = q.shape
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+    if backend == "triton":
+        triton_kernels("attention").attention_backward(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv)
+        return
+    if backend == "torch":
+        _torch_backward_into(dq, dk, dv, dout, q, k, v)
+        return
+    targets = [g if _cuda_ready(g) else torch.empty_like(q, memory_format=torch.contiguous_format)
+               for g in (dq, dk, dv)]
+    dout, q, k, v, out = (_cuda_input(t) for t in (dout, q, k, v, out))
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)  # the kernel's rowsum(dout * out)
-    if dq.numel():
+    if q.numel():
         with cuda_launch(q) as stream:
-            cuda_ext().attention_backward(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
-                                          dout.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                          q.data_ptr(), k.data_ptr(), v.data_ptr(),
+            cuda_ext().attention_backward(*(t.data_ptr() for t in targets), delta.data_ptr(), dout.data_ptr(),
+                                          out.data_ptr(), lse.contiguous().data_ptr(), q.data_ptr(), k.data_ptr(),
+                                          v.data_ptr(),
+                                          sum((_head_strides(t) for t in (*targets, dout, out, q, k, v)), []),
                                           B, H, T, D, dtype_code(q), stream)
-    return dq, dk, dv
+    for g, target in zip((dq, dk, dv), targets):
+        if target is not g:
+            g.copy_(target)
+
+
+def _torch_scores(q, k):
+    """Scaled, causally masked scores (B, H, T, T) in float32."""
+    T, D = q.shape[-2], q.shape[-1]
+    scores = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(D))
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(future, float("-inf"))
+
+
+def _torch_forward_into(out, q, k, v) -> torch.Tensor:
+    scores = _torch_scores(q, k)
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, T)
+    out.copy_(torch.exp(scores - lse[..., None]) @ v.float())
+    return lse
+
+
+def _torch_backward_into(dq, dk, dv, dout, q, k, v) -> None:
+    """The textbook backward in float32: dV = P^T dO, dS = P (dP - rowsum(dP P)), dQ = dS K / sqrt(D),
+    dK = dS^T Q / sqrt(D), with P = softmax(scores) and dP = dO V^T."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    p = torch.softmax(_torch_scores(q, k), dim=-1)  # (B, H, T, T)
+    do = dout.float()
+    dv.copy_(p.transpose(-2, -1) @ do)
+    dp = do @ v.float().transpose(-2, -1)
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    dq.copy_((ds @ k.float()) * scale)
+    dk.copy_((ds.transpose(-2, -1) @ q.float()) * scale)
 
 
 # ---- custom ops and autograd -------------------------------------------------------------
 
 def _new_like(q: torch.Tensor) -> torch.Tensor:
-    # the kernels always write fresh contiguous tensors, whatever q's strides
+    # ops.attention always returns fresh contiguous tensors, whatever q's strides
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _lse_like(q: torch.Tensor) -> torch.Tensor:
+    B, H, T, _ = q.shape
+    return q.new_empty((B, H, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("pyllmc::attention_forward", mutates_args=())
 def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, backend)
+    out = _new_like(q)
+    return out, _forward_into(out, q, k, v, backend)
 
 
 @attention_forward_op.register_fake
 def _(q, k, v, backend):
-    B, H, T, _ = q.shape
-    return _new_like(q), q.new_empty((B, H, T), dtype=torch.float32)
+    return _new_like(q), _lse_like(q)
 
 
 @torch.library.custom_op("pyllmc::attention_backward", mutates_args=())
 def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           out: torch.Tensor, lse: torch.Tensor,
                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, q, k, v, out, lse, backend)
+    dq, dk, dv = _new_like(q), _new_like(q), _new_like(q)
+    _backward_into(dq, dk, dv, dout, q, k, v, out, lse, backend)
+    return dq, dk, dv
 
 
 @attention_backward_op.register_fake
@@ -183,3 +295,56 @@ def _autograd_backward(ctx, dout, _dlse):
 
 
 attention_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _qkv_lse_like(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    B, T, _ = qkv.shape
+    return qkv.new_empty((B, num_heads, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("pyllmc::qkv_attention_forward", mutates_args=())
+def qkv_attention_forward_op(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y (B, T, C), lse (B, H, T)) for qkv (B, T, 3C)."""
+    B, T, C3 = qkv.shape
+    y = qkv.new_empty((B, T, C3 // 3))
+    lse = _forward_into(heads_of(y, num_heads), *split_heads(qkv, num_heads), backend)
+    return y, lse
+
+
+@qkv_attention_forward_op.register_fake
+def _(qkv, num_heads, backend):
+    B, T, C3 = qkv.shape
+    return qkv.new_empty((B, T, C3 // 3)), _qkv_lse_like(qkv, num_heads)
+
+
+@torch.library.custom_op("pyllmc::qkv_attention_backward", mutates_args=())
+def qkv_attention_backward_op(dy: torch.Tensor, qkv: torch.Tensor, y: torch.Tensor, lse: torch.Tensor,
+                              num_heads: int, backend: str) -> torch.Tensor:
+    """dqkv (B, T, 3C): dq, dk, dv written straight into one buffer."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _backward_into(*split_heads(dqkv, num_heads), heads_of(dy, num_heads), *split_heads(qkv, num_heads),
+                   heads_of(y, num_heads), lse, backend)
+    return dqkv
+
+
+@qkv_attention_backward_op.register_fake
+def _(dy, qkv, y, lse, num_heads, backend):
+    return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+
+
+def _qkv_setup_context(ctx, inputs, output):
+    qkv, num_heads, backend = inputs
+    y, lse = output
+    ctx.save_for_backward(qkv, y, lse)
+    ctx.num_heads = num_heads
+    ctx.backend = backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _qkv_autograd_backward(ctx, dy, _dlse):
+    qkv, y, lse = ctx.saved_tensors
+    # dy (B, T, C) comes from c_proj's matmul: already contiguous (then this copies nothing)
+    return qkv_attention_backward_op(dy.contiguous(), qkv, y, lse, ctx.num_heads, ctx.backend), None, None
+
+
+qkv_attention_forward_op.register_autograd(_qkv_autograd_backward, setup_context=_qkv_setup_context)

@@ -1,29 +1,52 @@
 """ops.cross_entropy: mean cross-entropy over the vocabulary, with llm.c's fused classifier.
 
-    loss = sum_i (logsumexp(logits_i) - logits_i,t_i) / n_valid      over rows with t_i != ignore_index
+    loss = loss_scale * sum_i (logsumexp(x_i) - x_i,t_i) / n_valid      over rows with t_i != ignore_index
 
-Input checks, then the raw kernel calls per backend, then the custom ops + autograd glue
-(torch.library.custom_op so the op survives torch.compile). The "torch" backend is plain
-F.cross_entropy with the same conventions (float32 mean, 0.0 when every row is ignored).
+where x_i is row i of logits, or its first num_classes columns when the rest is padding.
 
-Two paths on the kernel backends:
+Input checks, then the raw calls per backend (cuda: csrc/cross_entropy.cu, triton:
+kernels/cross_entropy.py, torch: plain PyTorch below), then the custom ops + autograd glue
+(torch.library.custom_op so the op survives torch.compile). Every backend runs inside the
+same four custom ops, so they share one contract, the fused path included; the torch backend
+is plain PyTorch math, the reference the kernels are compared with.
+
+Two paths:
 - default: the forward saves the per-row log-sum-exp (float32 (N,)); the backward writes a
   fresh dlogits = (softmax - onehot) * dloss / n_valid.
 - inplace_backward=True, llm.c's fused classifier: one kernel computes the loss and writes
   dlogits (for dloss = 1) over the logits' own storage, so the (N, V) gradient needs no
-  memory of its own and the logits are read once instead of twice. The op is declared as
-  mutating `logits` (custom_op mutates_args), which bumps its version counter: autograd
-  then refuses to run a backward that needs the old logits ("one of the variables needed
-  for gradient computation has been modified by an inplace operation") instead of
-  silently using the gradient as if it were logits.
+  memory of its own and the logits are read once instead of twice. loss_scale (the
+  trainer's 1 / grad_accum_steps, llm.c's 1 / (B*T*grad_accum)) is baked into that kernel:
+  the op returns loss_scale * mean and its gradient is already in place, so loss.backward()
+  costs nothing more. Only an upstream gradient other than 1 (e.g. loss.backward(g)) runs
+  cross_entropy_scale_grad, one more read and write of the (N, V) gradient (the kernels read
+  the upstream gradient on the device and move nothing when it is 1). The op is declared as
+  mutating `logits` (custom_op mutates_args), which bumps its version counter: autograd then
+  refuses to run a backward that needs the old logits ("one of the variables needed for
+  gradient computation has been modified by an inplace operation") instead of silently
+  using the gradient as if it were logits.
+
+Padded logits: GPT-2's (N, Vp) logits have Vp = 50304 columns for the kernels' alignment and
+V = 50257 classes. Passed whole with num_classes=V, the padding columns take no part, get a
+zero gradient, and autograd receives the padded tensor's gradient as one buffer. (The
+(N, V) column view works too, without a copy, but autograd's backward of the slice then
+allocates zeros (N, Vp) and copies the gradient into it.)
+
+Target ids are checked (in [0, V) or ignore_index) with one device-to-host sync per call, or,
+inside `with ops.deferred_target_checks():`, with no sync at all: the check runs on the device
+and the block's end reads its one flag (after the caller's own sync, e.g. loss.item()). A bad
+id then raises the same ValueError at the end of the block; meanwhile its row's loss is NaN
+(the kernels never read out of bounds for it).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import contextvars
+import math
+from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ._common import check_same_device, check_tensor, cuda_ext, cuda_launch, dtype_code, resolve_backend, \
     triton_kernels
@@ -32,76 +55,148 @@ TARGET_DTYPES = (torch.int64, torch.int32)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1, *,
-                  inplace_backward: bool = False, backend: Optional[str] = None) -> torch.Tensor:
-    """Mean cross-entropy of `logits` (N, V) against class ids `targets` (N,).
+                  num_classes: Optional[int] = None, inplace_backward: bool = False, loss_scale: float = 1.0,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """Mean cross-entropy of `logits` (N, V) against class ids `targets` (N,), times loss_scale.
 
-    Returns a float32 0-dim tensor: the mean of -log softmax(logits_i)[t_i] over the rows
-    whose target is not `ignore_index`, computed in float32 whatever the logits' dtype.
-    If every row is ignored (or N == 0) the loss is defined as 0.0 and all gradients are
-    zero (F.cross_entropy gives NaN there).
+    Returns a float32 0-dim tensor: loss_scale times the mean of -log softmax(logits_i)[t_i]
+    over the rows whose target is not `ignore_index`, computed in float32 whatever the
+    logits' dtype. If every row is ignored (or N == 0) the loss is defined as 0.0 and all
+    gradients are zero (F.cross_entropy gives NaN there).
 
-    logits: float32 / bfloat16 / float16, any V >= 1. The last dim must have stride 1, but
-        rows may lie further apart than V: the (N, V) view of padded (N, Vp) logits is read
-        in place, without a copy. The gradient has the same layout as logits.
-    targets: int64 or int32 (N,). Ids must lie in [0, V) or equal ignore_index, else
-        ValueError. Checking this needs one device-to-host sync per call (a single
-        vectorised test of the whole target vector, done right before the kernels run).
+    logits: float32 / bfloat16 / float16 (N, W). The last dim must have stride 1, but rows may
+        lie further apart than W (a column view of a wider tensor is read in place). The
+        gradient has logits' shape and row stride.
+    num_classes: V, when only the first V <= W columns are classes and the rest is padding
+        (GPT-2: W = 50304, V = 50257). The padding is ignored and its gradient is zero.
+        Default: W.
+    targets: int64 or int32 (N,). Ids must lie in [0, V) or equal ignore_index (which may be
+        any int, also >= V), else ValueError; see deferred_target_checks for the sync this costs.
     inplace_backward: the fused classifier. One kernel computes the loss and overwrites
-        `logits` with d(loss)/d(logits) for an upstream gradient of 1; the backward multiplies
-        in the actual upstream gradient in place when it is not 1 (rounding once more in
-        the logits' dtype) and hands back that storage as the gradient. The padding
-        columns [V, row stride) of every row are set to zero when the logits' storage holds
-        them (the view of padded logits; a column slice of a wider tensor loses the columns
-        it leaves out, so pass only views whose extra columns you own). After the call `logits` no longer holds the
-        logits: nothing else may use them, and an op that saved them for its own backward
-        makes the backward raise (version counter). logits must be an intermediate result
-        (e.g. the output of a matmul), not a leaf that requires grad nor a view of one.
-        One backward per forward (retain_graph cannot replay it). When no gradient is
-        needed (no grad mode, or logits does not require grad) nothing is overwritten.
-        The torch backend ignores the flag.
+        `logits` with d(loss)/d(logits) for an upstream gradient of 1 (zeros in the padding
+        columns); the backward multiplies in the actual upstream gradient in place when it is
+        not 1 (rounding once more in the logits' dtype) and hands back that storage as the
+        gradient. After the call `logits` no longer holds the logits: nothing else may use
+        them, and an op that saved them for its own backward makes the backward raise (version
+        counter). logits must be an intermediate result (e.g. the output of a matmul), not a
+        leaf that requires grad nor a view of one. One backward per forward (retain_graph
+        cannot replay it). When no gradient is needed (no grad mode, or logits does not
+        require grad) nothing is overwritten.
+    loss_scale: a finite float multiplying the loss (gradient accumulation passes
+        1 / grad_accum_steps). With inplace_backward it is part of the fused kernel, so the
+        gradient needs no extra pass; otherwise it is an ordinary multiplication.
     """
-    _check_inputs(logits, targets, ignore_index)
+    V = _check_inputs(logits, targets, ignore_index, num_classes)
+    loss_scale = _check_loss_scale(loss_scale)
     name = resolve_backend(backend, logits.device)
-    if name == "torch":
-        _check_target_values(targets, logits.shape[1], ignore_index)
-        return _torch_cross_entropy(logits, targets.long(), ignore_index)
     targets = targets.contiguous().long()
     if inplace_backward and torch.is_grad_enabled() and logits.requires_grad:
         _check_may_overwrite(logits)
-        return _FusedCrossEntropy.apply(logits, targets, ignore_index, name)
-    loss, _, _ = torch.ops.pyllmc.cross_entropy_forward(logits, targets, ignore_index, name)
-    return loss
+        return _FusedCrossEntropy.apply(logits, targets, ignore_index, V, loss_scale, name)
+    loss, _, _ = torch.ops.pyllmc.cross_entropy_forward(logits, targets, ignore_index, V, name)
+    return loss if loss_scale == 1.0 else loss * loss_scale
+
+
+# ---- deferred target checks ---------------------------------------------------------------------
+
+class TargetChecks:
+    """The target checks of one `deferred_target_checks` block: device flags, read once."""
+
+    def __init__(self):
+        self._pending: list = []  # (targets, V, ignore_index, bad-any flag on the device)
+
+    def add(self, targets: torch.Tensor, V: int, ignore_index: int) -> None:
+        self._pending.append((targets, V, ignore_index, _bad_targets(targets, V, ignore_index).any()))
+
+    def check(self) -> None:
+        """ValueError for the first bad target id recorded so far (one read of the device)."""
+        pending, self._pending = self._pending, []
+        if pending and torch.stack([flag for *_, flag in pending]).any().item():
+            for targets, V, ignore_index, _ in pending:
+                _raise_for_bad_targets(targets, V, ignore_index)
+
+
+_deferred: contextvars.ContextVar[Optional[TargetChecks]] = contextvars.ContextVar("pyllmc_target_checks",
+                                                                                  default=None)
+
+
+@contextlib.contextmanager
+def deferred_target_checks() -> Iterator[TargetChecks]:
+    """Check ops.cross_entropy's target ids inside the block without a device-to-host sync.
+
+    The check of every call runs on the device; leaving the block reads the result once
+    (cheap right after the caller's own sync, e.g. the trainer's loss.item()) and raises the
+    ValueError naming the first bad id. Until then a bad id's row has a NaN loss.
+    """
+    checks = TargetChecks()
+    token = _deferred.set(checks)
+    try:
+        yield checks
+    finally:
+        _deferred.reset(token)
+    checks.check()
+
+
+def _bad_targets(targets: torch.Tensor, V: int, ignore_index: int) -> torch.Tensor:
+    return (targets != ignore_index) & ((targets < 0) | (targets >= V))  # ignore_index may be >= V
+
+
+def _raise_for_bad_targets(targets: torch.Tensor, V: int, ignore_index: int) -> None:
+    bad = _bad_targets(targets, V, ignore_index)
+    if bad.any().item():
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={ignore_index}; "
+                         f"targets[{first}] = {int(targets[first])}")
+
+
+def _check_target_values(targets: torch.Tensor, V: int, ignore_index: int) -> None:
+    """ValueError unless every target is in [0, V) or ignore_index: now (one sync), or at the
+    end of the enclosing deferred_target_checks block."""
+    checks = _deferred.get()
+    if checks is not None:
+        checks.add(targets, V, ignore_index)
+    else:
+        _raise_for_bad_targets(targets, V, ignore_index)
 
 
 # ---- input checks --------------------------------------------------------------------------
 
-def _check_inputs(logits, targets, ignore_index) -> None:
+def _check_inputs(logits, targets, ignore_index, num_classes) -> int:
+    """The number of classes V, after checking every argument."""
     check_tensor("logits", logits, ndim=2, contiguous=False)
     check_tensor("targets", targets, dtypes=TARGET_DTYPES, ndim=1, contiguous=False)
     check_same_device(logits=logits, targets=targets)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    N, V = logits.shape
-    if V < 1:
+    N, W = logits.shape
+    if W < 1:
         raise ValueError(f"logits must have at least one class (V >= 1); got shape {tuple(logits.shape)}")
-    if V > 1 and logits.stride(1) != 1:
+    if W > 1 and logits.stride(1) != 1:
         raise ValueError(f"logits must have stride 1 along the vocabulary (last) dim; got strides "
                          f"{logits.stride()} for shape {tuple(logits.shape)}")
-    if N > 1 and logits.stride(0) < V:
+    if N > 1 and logits.stride(0) < W:
         raise ValueError(f"logits rows must not overlap (stride(0) >= V); got strides {logits.stride()} "
                          f"for shape {tuple(logits.shape)}")
     if targets.shape[0] != N:
         raise ValueError(f"targets must have shape ({N},) to match logits {tuple(logits.shape)}; "
                          f"got {tuple(targets.shape)}")
+    if num_classes is None:
+        return W
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= W:
+        raise ValueError(f"num_classes must be an int in [1, {W}] (logits' last dim); got {num_classes!r}")
+    return num_classes
 
 
-def _check_target_values(targets: torch.Tensor, V: int, ignore_index: int) -> None:
-    """ValueError unless every target is in [0, V) or ignore_index. One sync (the .item())."""
-    bad = ((targets < 0) & (targets != ignore_index)) | (targets >= V)
-    if bad.any().item():
-        first = int(bad.nonzero()[0, 0])
-        raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={ignore_index}; "
-                         f"targets[{first}] = {int(targets[first])}")
+def _check_loss_scale(loss_scale) -> float:
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float, torch.SymFloat)):
+        raise ValueError(f"loss_scale must be a finite float; got {loss_scale!r}")
+    if torch.compiler.is_compiling():
+        # torch.compile may trace a float argument as a symbol (a recompile for a new value makes
+        # it dynamic): its value is only known at run time, so only eager calls check it here
+        return loss_scale
+    if not math.isfinite(loss_scale):
+        raise ValueError(f"loss_scale must be a finite float; got {loss_scale!r}")
+    return float(loss_scale)
 
 
 def _check_may_overwrite(logits: torch.Tensor) -> None:
@@ -114,109 +209,146 @@ def _check_may_overwrite(logits: torch.Tensor) -> None:
                          "leaf tensor that requires grad, whose values would be destroyed")
 
 
-def _owns_padding(logits: torch.Tensor, row_stride: int) -> bool:
-    """Whether every row's padding columns [V, row_stride) lie inside logits' storage."""
-    N = logits.shape[0]
-    storage_elems = logits.untyped_storage().nbytes() // logits.element_size()
-    return logits.storage_offset() + N * row_stride <= storage_elems
-
-
-# ---- the torch reference --------------------------------------------------------------------
-
-def _torch_cross_entropy(logits, targets, ignore_index):
-    # per-row losses in the logits' dtype (torch computes them in float32 inside), summed in float32
-    losses = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
-    n_valid = (targets != ignore_index).sum().clamp(min=1)
-    return losses.float().sum() / n_valid
-
-
-# ---- raw kernel calls (no checks: the custom ops below check first) --------------------------------
+# ---- raw calls per backend (no checks: the custom ops below check first) ----------------------------
+#
+# `logits` is (N, W) with row stride >= W; the classes are its first V columns.
 
 def _row_stride(logits: torch.Tensor) -> int:
-    N, V = logits.shape
-    return logits.stride(0) if (N > 1 or logits.stride(0) >= V) else V
+    N, W = logits.shape
+    return logits.stride(0) if (N > 1 or logits.stride(0) >= W) else W
+
+
+def _classes(logits: torch.Tensor, V: int) -> torch.Tensor:
+    """The (N, V) class columns of logits, a view."""
+    return logits if V == logits.shape[1] else logits[:, :V]
 
 
 def _new_scalar(like: torch.Tensor) -> torch.Tensor:
     return torch.empty((), device=like.device, dtype=torch.float32)
 
 
-def _forward(logits, targets, ignore_index: int, backend: str):
+def _new_grad_like(logits: torch.Tensor) -> torch.Tensor:
+    """A tensor of logits' shape and row stride, over a buffer holding every row's padding."""
+    N, W = logits.shape
+    row_stride = _row_stride(logits)
+    buffer = torch.empty(N * row_stride, device=logits.device, dtype=logits.dtype)
+    return buffer.as_strided((N, W), (row_stride, 1))
+
+
+def _torch_forward(x, targets, ignore_index: int):
+    """The torch backend: (loss, lse (N,), n_valid) in float32 for x (N, V)."""
+    V = x.shape[1]
+    valid = targets != ignore_index
+    in_range = (targets >= 0) & (targets < V)
+    xf = x.float()
+    lse = torch.logsumexp(xf, dim=1)
+    picked = xf.gather(1, torch.where(in_range, targets, 0)[:, None]).squeeze(1)
+    row_loss = torch.where(in_range, lse - picked, float("nan"))  # a bad id (deferred check) is NaN
+    row_loss = torch.where(valid, row_loss, 0.0)
+    n_valid = valid.sum().float()
+    return row_loss.sum() / n_valid.clamp(min=1), torch.where(valid, lse, 0.0), n_valid
+
+
+def _torch_write_grad(out, x, targets, lse, scale, ignore_index: int) -> None:
+    """The torch backend: out (N, V) = (softmax(x) - onehot) * scale, zero for ignored rows;
+    out may be x itself (the fused path). scale: () float32 on the device."""
+    V = x.shape[1]
+    valid = (targets != ignore_index) & (targets >= 0) & (targets < V)
+    grad = torch.exp(x.float() - lse[:, None])  # (N, V) softmax
+    grad.scatter_add_(1, torch.where(valid, targets, 0)[:, None], -valid.float()[:, None])
+    grad.mul_(torch.where(targets != ignore_index, scale, 0.0)[:, None])
+    out.copy_(grad)
+
+
+def _forward(logits, targets, ignore_index: int, V: int, backend: str):
     """(loss, lse (N,), n_valid) all float32."""
+    x = _classes(logits, V)
+    if backend == "torch":
+        return _torch_forward(x, targets, ignore_index)
     if backend == "triton":
-        return triton_kernels("cross_entropy").cross_entropy_forward(logits, targets, ignore_index)
-    N, V = logits.shape
-    loss, n_valid = _new_scalar(logits), _new_scalar(logits)
-    lse = torch.empty(N, device=logits.device, dtype=torch.float32)
+        return triton_kernels("cross_entropy").cross_entropy_forward(x, targets, ignore_index)
+    N = x.shape[0]
+    loss, n_valid = _new_scalar(x), _new_scalar(x)
+    lse = torch.empty(N, device=x.device, dtype=torch.float32)
     row_losses = torch.empty_like(lse)  # workspace: per-row losses, summed in a fixed order
-    with cuda_launch(logits) as stream:
+    with cuda_launch(x) as stream:
         cuda_ext().cross_entropy_forward(loss.data_ptr(), lse.data_ptr(), n_valid.data_ptr(), row_losses.data_ptr(),
-                                         logits.data_ptr(), targets.data_ptr(), N, V, _row_stride(logits),
-                                         ignore_index, dtype_code(logits), stream)
+                                         x.data_ptr(), targets.data_ptr(), N, V, _row_stride(x), ignore_index,
+                                         dtype_code(x), stream)
     return loss, lse, n_valid
 
 
-def _new_grad_like(logits: torch.Tensor) -> torch.Tensor:
-    """An (N, V) tensor with logits' row stride, over a buffer holding every row's padding."""
-    N, V = logits.shape
-    row_stride = _row_stride(logits)
-    buffer = torch.empty(N * row_stride, device=logits.device, dtype=logits.dtype)
-    return buffer.as_strided((N, V), (row_stride, 1))
-
-
-def _backward(logits, targets, lse, n_valid, dloss, ignore_index: int, backend: str) -> torch.Tensor:
+def _backward(logits, targets, lse, n_valid, dloss, ignore_index: int, V: int, backend: str) -> torch.Tensor:
+    """dlogits of logits' shape and row stride: the class columns written, the rest zero."""
+    x = _classes(logits, V)
     if backend == "triton":
-        return triton_kernels("cross_entropy").cross_entropy_backward(logits, targets, lse, n_valid, dloss,
-                                                                      ignore_index)
-    N, V = logits.shape
+        dx = triton_kernels("cross_entropy").cross_entropy_backward(x, targets, lse, n_valid, dloss, ignore_index)
+        return dx.as_strided(logits.shape, (_row_stride(dx), 1))  # its buffer's padding is zeroed too
     dlogits = _new_grad_like(logits)
-    with cuda_launch(logits) as stream:
-        cuda_ext().cross_entropy_backward(dlogits.data_ptr(), logits.data_ptr(), targets.data_ptr(), lse.data_ptr(),
-                                          n_valid.data_ptr(), dloss.data_ptr(), N, V, _row_stride(logits),
-                                          ignore_index, dtype_code(logits), stream)
+    if backend == "torch":
+        _torch_write_grad(_classes(dlogits, V), x, targets, lse, dloss / n_valid.clamp(min=1), ignore_index)
+        dlogits[:, V:].zero_()
+        return dlogits
+    N = x.shape[0]
+    with cuda_launch(x) as stream:  # the kernel zeroes each row's columns [V, row_stride) too
+        cuda_ext().cross_entropy_backward(dlogits.data_ptr(), x.data_ptr(), targets.data_ptr(), lse.data_ptr(),
+                                          n_valid.data_ptr(), dloss.data_ptr(), N, V, _row_stride(x), ignore_index,
+                                          dtype_code(x), stream)
     return dlogits
 
 
-def _fused(logits, targets, ignore_index: int, backend: str):
-    """(loss, n_valid); logits overwritten with the gradient for dloss = 1."""
-    row_stride = _row_stride(logits)
-    zero_padding = row_stride > logits.shape[1] and _owns_padding(logits, row_stride)
+def _fused(logits, targets, ignore_index: int, V: int, loss_scale: float, backend: str):
+    """(loss_scale * mean loss, n_valid); logits overwritten with its gradient for dloss = 1,
+    the padding columns [V, W) with zeros."""
+    x = _classes(logits, V)
+    pad_end = logits.shape[1]  # zeros exactly over the padding columns logits holds
+    if backend == "torch":
+        loss, lse, n_valid = _torch_forward(x, targets, ignore_index)
+        _torch_write_grad(x, x, targets, lse, loss_scale / n_valid.clamp(min=1), ignore_index)
+        logits[:, V:].zero_()
+        return loss * loss_scale, n_valid
     if backend == "triton":
-        return triton_kernels("cross_entropy").cross_entropy_fused_forward_backward(logits, targets, ignore_index,
-                                                                                    zero_padding)
-    N, V = logits.shape
-    loss, n_valid = _new_scalar(logits), _new_scalar(logits)
-    row_losses = torch.empty(N, device=logits.device, dtype=torch.float32)
-    with cuda_launch(logits) as stream:
+        return triton_kernels("cross_entropy").cross_entropy_fused_forward_backward(x, targets, ignore_index,
+                                                                                    pad_end, loss_scale)
+    N = x.shape[0]
+    loss, n_valid = _new_scalar(x), _new_scalar(x)
+    row_losses = torch.empty(N, device=x.device, dtype=torch.float32)
+    with cuda_launch(x) as stream:
         cuda_ext().cross_entropy_fused_forward_backward(loss.data_ptr(), n_valid.data_ptr(), row_losses.data_ptr(),
-                                                        logits.data_ptr(), targets.data_ptr(), N, V, row_stride,
-                                                        ignore_index, zero_padding, dtype_code(logits),
-                                                        stream)
+                                                        x.data_ptr(), targets.data_ptr(), N, V, _row_stride(x),
+                                                        pad_end, ignore_index, loss_scale, dtype_code(x), stream)
     return loss, n_valid
 
 
-def _scale_grad(dlogits, dloss, backend: str) -> None:
-    if backend == "triton":
-        triton_kernels("cross_entropy").cross_entropy_scale_grad(dlogits, dloss)
+def _scale_grad(dlogits, dloss, V: int, backend: str) -> None:
+    """dlogits' class columns *= dloss, in place (the padding stays zero)."""
+    x = _classes(dlogits, V)
+    if backend == "torch":
+        # On the CPU reading dloss costs nothing, and the usual dloss = 1 then moves no bytes.
+        if x.device.type != "cpu" or dloss.item() != 1.0:
+            x.mul_(dloss.to(x.dtype))
         return
-    N, V = dlogits.shape
-    with cuda_launch(dlogits) as stream:
-        cuda_ext().cross_entropy_scale_grad(dlogits.data_ptr(), dloss.data_ptr(), N, V, _row_stride(dlogits),
-                                            dtype_code(dlogits), stream)
+    if backend == "triton":
+        triton_kernels("cross_entropy").cross_entropy_scale_grad(x, dloss)
+        return
+    N = x.shape[0]
+    with cuda_launch(x) as stream:
+        cuda_ext().cross_entropy_scale_grad(x.data_ptr(), dloss.data_ptr(), N, V, _row_stride(x), dtype_code(x),
+                                            stream)
 
 
 # ---- custom ops and autograd ----------------------------------------------------------------------
 
 @torch.library.custom_op("pyllmc::cross_entropy_forward", mutates_args=())
-def cross_entropy_forward_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+def cross_entropy_forward_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_classes: int,
                              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # checked here, on real tensors, so that a compiled graph keeps the op whole
-    _check_target_values(targets, logits.shape[1], ignore_index)
-    return _forward(logits, targets, ignore_index, backend)
+    _check_target_values(targets, num_classes, ignore_index)
+    return _forward(logits, targets, ignore_index, num_classes, backend)
 
 
 @cross_entropy_forward_op.register_fake
-def _(logits, targets, ignore_index, backend):
+def _(logits, targets, ignore_index, num_classes, backend):
     N = logits.shape[0]
     scalar = logits.new_empty((), dtype=torch.float32)
     return scalar, logits.new_empty((N,), dtype=torch.float32), torch.empty_like(scalar)
@@ -224,54 +356,55 @@ def _(logits, targets, ignore_index, backend):
 
 @torch.library.custom_op("pyllmc::cross_entropy_backward", mutates_args=())
 def cross_entropy_backward_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, n_valid: torch.Tensor,
-                              dloss: torch.Tensor, ignore_index: int, backend: str) -> torch.Tensor:
-    return _backward(logits, targets, lse, n_valid, dloss, ignore_index, backend)
+                              dloss: torch.Tensor, ignore_index: int, num_classes: int, backend: str) -> torch.Tensor:
+    return _backward(logits, targets, lse, n_valid, dloss, ignore_index, num_classes, backend)
 
 
 @cross_entropy_backward_op.register_fake
-def _(logits, targets, lse, n_valid, dloss, ignore_index, backend):
+def _(logits, targets, lse, n_valid, dloss, ignore_index, num_classes, backend):
     return _new_grad_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, targets, ignore_index, backend = inputs
+    logits, targets, ignore_index, num_classes, backend = inputs
     _, lse, n_valid = output
     ctx.mark_non_differentiable(lse, n_valid)
     ctx.save_for_backward(logits, targets, lse, n_valid)
     ctx.ignore_index = ignore_index
+    ctx.num_classes = num_classes
     ctx.backend = backend
 
 
 def _autograd_backward(ctx, dloss, _dlse, _dn_valid):
     logits, targets, lse, n_valid = ctx.saved_tensors
     dlogits = cross_entropy_backward_op(logits, targets, lse, n_valid, dloss.float().contiguous(), ctx.ignore_index,
-                                        ctx.backend)
-    return dlogits, None, None, None
+                                        ctx.num_classes, ctx.backend)
+    return dlogits, None, None, None, None
 
 
 cross_entropy_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("pyllmc::cross_entropy_fused_forward_backward", mutates_args=("logits",))
-def cross_entropy_fused_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_target_values(targets, logits.shape[1], ignore_index)  # before anything is overwritten
-    return _fused(logits, targets, ignore_index, backend)
+def cross_entropy_fused_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_classes: int,
+                           loss_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_target_values(targets, num_classes, ignore_index)  # before anything is overwritten (unless deferred)
+    return _fused(logits, targets, ignore_index, num_classes, loss_scale, backend)
 
 
 @cross_entropy_fused_op.register_fake
-def _(logits, targets, ignore_index, backend):
+def _(logits, targets, ignore_index, num_classes, loss_scale, backend):
     scalar = logits.new_empty((), dtype=torch.float32)
     return scalar, torch.empty_like(scalar)
 
 
 @torch.library.custom_op("pyllmc::cross_entropy_scale_grad", mutates_args=("dlogits",))
-def cross_entropy_scale_grad_op(dlogits: torch.Tensor, dloss: torch.Tensor, backend: str) -> None:
-    _scale_grad(dlogits, dloss, backend)
+def cross_entropy_scale_grad_op(dlogits: torch.Tensor, dloss: torch.Tensor, num_classes: int, backend: str) -> None:
+    _scale_grad(dlogits, dloss, num_classes, backend)
 
 
 @cross_entropy_scale_grad_op.register_fake
-def _(dlogits, dloss, backend):
+def _(dlogits, dloss, num_classes, backend):
     return None
 
 
@@ -282,9 +415,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
     mutation is still visible to autograd through the version counter the custom op bumps."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, backend):
-        loss, _ = cross_entropy_fused_op(logits, targets, ignore_index, backend)
-        ctx.save_for_backward(logits)  # now holding the gradient for dloss = 1
+    def forward(ctx, logits, targets, ignore_index, num_classes, loss_scale, backend):
+        loss, _ = cross_entropy_fused_op(logits, targets, ignore_index, num_classes, loss_scale, backend)
+        ctx.save_for_backward(logits)  # now holding the gradient of the scaled loss for dloss = 1
+        ctx.num_classes = num_classes
         ctx.backend = backend
         return loss
 
@@ -292,5 +426,6 @@ class _FusedCrossEntropy(torch.autograd.Function):
     def backward(ctx, dloss):
         (dlogits,) = ctx.saved_tensors
         dlogits = dlogits.detach()  # the storage, without the logits' autograd history
-        cross_entropy_scale_grad_op(dlogits, dloss.float().contiguous(), ctx.backend)
-        return dlogits, None, None, None
+        # the fallback for an upstream gradient other than 1 (the kernel reads it; 1 moves nothing)
+        cross_entropy_scale_grad_op(dlogits, dloss.float().contiguous(), ctx.num_classes, ctx.backend)
+        return dlogits, None, None, None, None, None
