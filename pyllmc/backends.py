@@ -2,12 +2,16 @@
 
 Resolution order for one op call:
   1. the op's ``backend=`` keyword,
-  2. the innermost ``with pyllmc.backend(name):`` block,
-  3. the ``PYLLMC_BACKEND`` environment variable,
+  2. the innermost ``with pyllmc.backend(name):`` block (process-wide, like torch.set_default_dtype),
+  3. the ``PYLLMC_BACKEND`` environment variable, read once when pyllmc is imported,
   4. "auto": the fastest backend that works for the input's device: "cuda" for CUDA
      tensors when the extension is built, else "triton" for CUDA tensors, else "torch".
 
 Asking for a backend that cannot run here raises ``BackendUnavailableError`` saying why.
+
+torch.compile traces all of this: the `with` block's choice is a module global, which Dynamo
+reads and guards on (entering another block recompiles the model, never runs the old choice),
+and which backends work here is probed once per process, outside any trace.
 
 With ``PYLLMC_CUDA_SIM=1`` the "cuda" backend runs the same CUDA kernels compiled for the
 CPU simulator (pyllmc.cuda_sim) on CPU tensors: how the tests run them without a GPU. It is
@@ -17,7 +21,6 @@ reported as ``simulated`` and "auto" never picks it.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from typing import Iterator, NamedTuple, Optional
 
@@ -28,7 +31,12 @@ from . import cuda_sim
 BACKENDS = ("cuda", "triton", "torch")
 _AUTO = "auto"
 
-_current: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("pyllmc_backend", default=None)
+# The innermost `with backend(...)` block's choice (None: no block). A plain module global, not a
+# ContextVar: Dynamo cannot trace ContextVar.get, and every op reads this.
+_context_backend: Optional[str] = None
+# The program-wide default. Read once: Dynamo cannot guard on the environment, so a value read per
+# call could change under a compiled model without a recompile.
+_ENV_BACKEND = os.environ.get("PYLLMC_BACKEND", "").strip()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -92,6 +100,18 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@torch._dynamo.assume_constant_result
+def _status(name: str) -> tuple:
+    """(available, reason, simulated, triton interpreter on) of backend `name`, probed once per
+    process. Under torch.compile it runs at trace time and its answer is a constant of the graph
+    (what works here does not change while a program runs)."""
+    key = f"status:{name}"
+    if key not in _probe_cache:
+        status = _probe_status(name)
+        _probe_cache[key] = (status.available, status.reason, status.simulated, triton_interpreter_on())
+    return _probe_cache[key]
+
+
 def _no_gpu_reason() -> str:
     return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
 
@@ -99,6 +119,11 @@ def _no_gpu_reason() -> str:
 def backend_status(name: str) -> BackendStatus:
     """Whether backend `name` can run here, and if not, why."""
     _check_name(name, "backend_status")
+    available, reason, simulated, _ = _status(name)
+    return BackendStatus(available, reason, simulated)
+
+
+def _probe_status(name: str) -> BackendStatus:
     if name == "torch":
         return BackendStatus(True, "")
     if name == "triton":
@@ -147,12 +172,10 @@ def available_backends() -> dict[str, BackendStatus]:
 
 def get_backend() -> str:
     """The backend asked for by the innermost `with backend(...)` or PYLLMC_BACKEND, else "auto"."""
-    name = _current.get()
-    if name is not None:
-        return name
-    env = os.environ.get("PYLLMC_BACKEND", "").strip()
-    if env:
-        return _check_name(env, "PYLLMC_BACKEND")
+    if _context_backend is not None:
+        return _context_backend
+    if _ENV_BACKEND:
+        return _check_name(_ENV_BACKEND, "PYLLMC_BACKEND")
     return _AUTO
 
 
@@ -173,14 +196,15 @@ def backend(name: str) -> Iterator[str]:
 
     Raises BackendUnavailableError at once when `name` cannot run here.
     """
+    global _context_backend
     _check_name(name, "pyllmc.backend")
     if name != _AUTO:
         require_backend(name)
-    token = _current.set(name)
+    previous, _context_backend = _context_backend, name
     try:
         yield name
     finally:
-        _current.reset(token)
+        _context_backend = previous
 
 
 def require_backend(name: str) -> None:
@@ -201,7 +225,7 @@ def resolve(requested: Optional[str], device: torch.device) -> str:
                              f"tensors; the inputs are on {device}")
     elif name == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' runs on CUDA tensors; the inputs are on {device}")
-    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreter_on()):
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _status("triton")[3]):
         raise ValueError(f"backend 'triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
                          f"the inputs are on {device}")
     return name

@@ -1,5 +1,9 @@
 """Backend selection: keyword > `with pyllmc.backend()` > PYLLMC_BACKEND > auto."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -49,19 +53,52 @@ def test_context_manager_nests_and_restores():
     assert pyllmc.get_backend() == before
 
 
-def test_keyword_beats_context_beats_env(monkeypatch):
-    monkeypatch.setenv("PYLLMC_BACKEND", "torch")
-    assert pyllmc.get_backend() == "torch"
-    if pyllmc.available_backends()["triton"].available:
-        with pyllmc.backend("triton"):
-            assert backend_mod.resolve(None, torch.device("cpu" if not torch.cuda.is_available() else "cuda")) == "triton"
-            assert backend_mod.resolve("torch", torch.device("cpu")) == "torch"
+def _run_with_env(code: str, **env) -> subprocess.CompletedProcess:
+    """`code` in a fresh Python: PYLLMC_BACKEND is read when pyllmc is imported."""
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=120)
 
 
-def test_env_var_rejects_unknown_name(monkeypatch):
+def test_keyword_beats_context_beats_env():
+    code = ("import torch, pyllmc\n"
+            "from pyllmc import backends\n"
+            "print(pyllmc.get_backend())\n"
+            "with pyllmc.backend('auto'):\n"
+            "    print(pyllmc.get_backend())\n"
+            "print(backends.resolve(None, torch.device('cpu')), backends.resolve('torch', torch.device('cpu')))\n")
+    out = _run_with_env(code, PYLLMC_BACKEND="torch")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["torch", "auto", "torch", "torch"]
+
+
+def test_env_var_is_read_once_at_import(monkeypatch):
+    """Changing PYLLMC_BACKEND after import changes nothing (a compiled model could not see it)."""
+    before = pyllmc.get_backend()
     monkeypatch.setenv("PYLLMC_BACKEND", "cudnn")
-    with pytest.raises(ValueError, match="PYLLMC_BACKEND: unknown backend 'cudnn'"):
-        pyllmc.ops.gelu(torch.randn(3))
+    assert pyllmc.get_backend() == before
+
+
+def test_env_var_rejects_unknown_name():
+    out = _run_with_env("import torch, pyllmc\npyllmc.ops.gelu(torch.randn(3))", PYLLMC_BACKEND="cudnn")
+    assert out.returncode != 0
+    assert "ValueError: PYLLMC_BACKEND: unknown backend 'cudnn'" in out.stderr
+
+
+def test_context_is_process_wide_and_nests():
+    """`with pyllmc.backend()` sets a process-wide choice (torch.compile can guard on it) and
+    restores the outer one on exit, also when the block raises."""
+    import threading
+
+    seen = []
+    with pyllmc.backend("torch"):
+        worker = threading.Thread(target=lambda: seen.append(pyllmc.get_backend()))
+        worker.start()
+        worker.join()
+        with pytest.raises(RuntimeError):
+            with pyllmc.backend("auto"):
+                raise RuntimeError("inside")
+        assert pyllmc.get_backend() == "torch"
+    assert seen == ["torch"]
 
 
 def test_unknown_backend_names():
