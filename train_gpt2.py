@@ -33,8 +33,11 @@ Decisions (see the design notes):
     and every RNG state go into the checkpoints. A resumed run therefore continues the loss
     curve exactly (bitwise on a CPU with the same backend).
   * Checkpoints (pyllmc.checkpoint): written atomically (temp file, fsync, rename, fsync of
-    the directory); the last --keep_checkpoints are kept; --resume 1 continues from the
-    newest one that loads, skipping (with a warning) a newer file that is damaged.
+    the directory), each with a checksum of all its bytes that every load verifies; the last
+    --keep_checkpoints are kept; --resume 1 continues from the newest one that loads and
+    verifies, skipping (with a warning) a newer file that is damaged. llm.c model files get a
+    sha256 sidecar (model_<step>.bin.sha256), and token shards are checked against the sha256
+    their manifest records (--verify_shards).
 
 The output directory (--output_dir) receives main.jsonl (one JSON object per step, eval,
 sample and event; dev/plot.py draws it), the checkpoints ckpt_<step>.pt, and, when asked,
@@ -62,8 +65,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pyllmc  # noqa: E402
-from pyllmc import checkpoint  # noqa: E402
-from pyllmc.data import DistributedDataLoader  # noqa: E402
+from pyllmc import checkpoint, ops  # noqa: E402
+from pyllmc.data import DistributedDataLoader, ShardFormatError  # noqa: E402
+from pyllmc.distributed import GradientBuckets, ShardedParameters  # noqa: E402
 from pyllmc.model import GPT, GPTConfig  # noqa: E402
 from pyllmc.tokenizer import EOT_TOKEN, decode  # noqa: E402
 
@@ -92,6 +96,10 @@ def parse_args(argv=None):
     g.add_argument("--input_val_bin", type=str, default="",
                    help="validation token shards, a file or glob pattern; empty: tiny Shakespeare's val split when "
                         "training on it, else no validation")
+    g.add_argument("--verify_shards", type=int, default=1,
+                   help="1: check each shard that a *_manifest.json beside it lists (the dev/data scripts write "
+                        "one) against its recorded sha256, once per run, when first opened (about 0.8 s per GB); "
+                        "0: skip (shards without a manifest are never checked)")
     g = parser.add_argument_group("model")
     g.add_argument("--model", type=str, default="auto",
                    help=f"what to train: a preset initialised at random ({PRESET_HELP}); a path to start from: a "
@@ -103,7 +111,9 @@ def parse_args(argv=None):
     g.add_argument("--dtype", type=str, default="auto", choices=["auto", "bfloat16", "float32"],
                    help="parameter/activation dtype; bfloat16 keeps float32 master weights in the optimizer; "
                         "auto: bfloat16 on a GPU, float32 on a CPU")
-    g.add_argument("--compile", type=int, default=0, help="1: torch.compile the model for training")
+    g.add_argument("--compile", type=int, default=0,
+                   help="1: torch.compile the model's forward + backward as one graph (fullgraph); the optimizer "
+                        "step and the clip stay eager")
     g = parser.add_argument_group("batch and schedule")
     g.add_argument("--batch_size", "-b", type=int, default=4, help="micro batch size B (sequences per rank per micro step)")
     g.add_argument("--sequence_length", "-t", type=int, default=64, help="sequence length T (<= the model's block_size)")
@@ -285,12 +295,13 @@ def check_files_exist(pattern, flag):
                           f"(e.g. python dev/data/tinyshakespeare.py, python dev/data/fineweb.py)")
 
 
-def make_loader(pattern, B, T, rank, world_size, flag):
+def make_loader(pattern, B, T, rank, world_size, flag, pin_memory=False, verify=True):
     try:
-        return DistributedDataLoader(pattern, B, T, rank=rank, world_size=world_size)
+        return DistributedDataLoader(pattern, B, T, rank=rank, world_size=world_size, pin_memory=pin_memory,
+                                     verify=verify)
     except FileNotFoundError as err:
         raise ConfigError(f"{flag}: {err}") from err
-    except ValueError as err:  # a shard smaller than one global batch, a malformed shard
+    except ValueError as err:  # a shard smaller than one global batch, a malformed or damaged shard
         raise ConfigError(f"{flag}: {err}") from err
 
 
@@ -324,7 +335,10 @@ def build_model(spec, seed):
         return GPT.from_pretrained(str(path)), f"weights from {path}"
     if path.is_file() and path.suffix == ".bin":
         from pyllmc.llmc import read_model
-        return read_model(str(path)), f"weights from llm.c file {path}"
+        try:
+            return read_model(str(path)), f"weights from llm.c file {path}"
+        except ValueError as err:  # not an llm.c model file, or its sha256 sidecar disagrees
+            raise ConfigError(f"--model {spec}: {err}") from err
     if path.is_file():  # a training checkpoint of this script
         try:
             state = checkpoint.load_checkpoint(path)
@@ -353,22 +367,6 @@ def partition_parameters(params, world_size):
         owner[i] = rank
         load[rank] += params[i].numel()
     return [owner[i] for i in range(len(params))]
-
-
-def all_reduce_gradients(params, world_size):
-    """Average the gradients over ranks with ONE all-reduce of a flat buffer."""
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat.div_(world_size)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def gradient_norm(params):
@@ -405,7 +403,7 @@ def main(argv=None):
 
     try:
         train(args, rank, world_size, device, device_type, ddp, master)
-    except ConfigError as err:
+    except (ConfigError, ShardFormatError) as err:  # bad settings; a damaged shard met during the run
         print(f"train_gpt2.py: error: {err}", file=sys.stderr, flush=True)
         code = 2
     else:
@@ -495,10 +493,12 @@ def train(args, rank, world_size, device, device_type, ddp, master):
     args.num_iterations = num_iterations
     stop_step = min(num_iterations, args.stop_at_step) if args.stop_at_step > 0 else num_iterations
 
-    train_loader = make_loader(train_pattern, B, T, rank, world_size, "--input_bin")
+    train_loader = make_loader(train_pattern, B, T, rank, world_size, "--input_bin", pin_memory=device_type == "cuda",
+                               verify=bool(args.verify_shards))
     val_loader = None
     if val_pattern and args.val_max_steps > 0:
-        val_loader = make_loader(val_pattern, B, T, rank, world_size, "--input_val_bin")
+        val_loader = make_loader(val_pattern, B, T, rank, world_size, "--input_val_bin",
+                                 verify=bool(args.verify_shards))
 
     if resume_state is not None:
         saved = resume_state["args"]
@@ -524,9 +524,12 @@ def train(args, rank, world_size, device, device_type, ddp, master):
     optimizer_kwargs = dict(master_weights=ptdtype != torch.float32, backend=backend_name)
     optimizer = raw_model.configure_optimizers(weight_decay=args.weight_decay, learning_rate=args.learning_rate,
                                                betas=(0.9, 0.95), eps=1e-8, **optimizer_kwargs)
+    # gradients averaged over ranks by bucket, during the last backward of each step
+    buckets = GradientBuckets(params, world_size) if ddp else None
     zero = ddp and args.zero_stage == 1
     if zero:
         owners = partition_parameters(params, world_size)
+        sharded = ShardedParameters(params, owners, rank, world_size)  # one all-gather per step
         owner_of = {id(p): r for p, r in zip(params, owners)}
         groups = []
         for group in optimizer.param_groups:
@@ -536,8 +539,8 @@ def train(args, rank, world_size, device, device_type, ddp, master):
         optimizer = type(optimizer)(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                     **optimizer_kwargs) if groups else None
 
-    if args.compile:
-        model = torch.compile(model)
+    if args.compile:  # the pyllmc ops trace into the graph: one graph per micro step, no breaks
+        model = torch.compile(model, fullgraph=True)
 
     # ---- state from the checkpoint ----
     start_step = 0
@@ -573,7 +576,7 @@ def train(args, rank, world_size, device, device_type, ddp, master):
            f"{config.n_head} heads, {config.n_embd} channels, block {config.block_size}")
     print0(f"device: {device_name} x {world_size} | backend {backend_name} | {dtype_name}"
            f"{' + float32 master weights' if ptdtype != torch.float32 else ''}"
-           f"{' | ZeRO-1' if zero else ''}{' | compiled' if args.compile else ''}")
+           f"{' | ZeRO-1' if zero else ''}{' | compiled (torch.compile, fullgraph)' if args.compile else ''}")
     print0(f"data: {len(train_loader.files)} train shard(s), {train_loader.num_tokens:,} tokens"
            f"{f' | {len(val_loader.files)} val shard(s)' if val_loader else ' | no validation'}")
     print0(f"batch: {B} x {T} x {world_size} rank(s) x {grad_accum_steps} micro steps = {total_batch_size:,} "
@@ -650,10 +653,9 @@ def train(args, rank, world_size, device, device_type, ddp, master):
                 "tokens_seen": step * total_batch_size,
             }
             path = checkpoint.save_checkpoint(output_dir, step, state, keep_last=args.keep_checkpoints)
-            if args.write_llmc:
+            if args.write_llmc:  # atomic, with its sha256 in model_<step>.bin.sha256
                 from pyllmc.llmc import write_model
-                checkpoint.atomic_write(output_dir / f"model_{step:08d}.bin",
-                                        lambda tmp: write_model(tmp, raw_model, dtype=dtype_name))
+                write_model(str(output_dir / f"model_{step:08d}.bin"), raw_model, dtype=dtype_name)
             if args.write_hf:
                 raw_model.save_pretrained(str(output_dir / f"hf_{step:08d}"))
             prune_exports(output_dir, args.keep_checkpoints)
@@ -661,6 +663,28 @@ def train(args, rank, world_size, device, device_type, ddp, master):
             log.write(type="checkpoint", step=step, path=str(path))
         if ddp:
             dist.barrier()
+
+    def accumulate_gradients():
+        """fwd + bwd of grad_accum_steps micro batches; with several ranks the gradients come out
+        averaged over them (each bucket reduced while the last backward goes on). Returns the
+        step's mean loss, a device scalar."""
+        loss_accum = torch.zeros((), device=device, dtype=torch.float32)
+        for micro_step in range(grad_accum_steps):
+            x, y = train_loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if buckets is not None and micro_step == grad_accum_steps - 1:
+                buckets.arm()
+            # inplace_backward: the fused classifier writes dloss/dlogits over the logits during the
+            # forward (llm.c's trick), so the (B, T, V) gradient needs no memory of its own; the
+            # 1 / grad_accum_steps of the mean is baked into it (no extra pass in backward)
+            _, loss = model(x, y, return_logits=False, inplace_backward=True, loss_scale=1.0 / grad_accum_steps)
+            loss_accum += loss.detach()
+            loss.backward()
+        if buckets is not None:
+            buckets.finish()
+            dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
+            loss_accum /= world_size
+        return loss_accum
 
     # ---- training ----
     width = len(str(num_iterations))
@@ -673,29 +697,20 @@ def train(args, rank, world_size, device, device_type, ddp, master):
         if start_step == 0 and args.val_loss_every > 0:
             evaluate(0)
         step = start_step
+        last_sync = time.perf_counter()  # steps are timed from one host sync to the next
         while step < stop_step:
-            t0 = time.perf_counter()
             lr = learning_rate_at(step, args)
             step += 1
             last_step = step == stop_step
 
-            # gradient accumulation: the mean of grad_accum_steps micro-batch losses
-            loss_accum = torch.zeros((), device=device, dtype=torch.float32)
-            for _ in range(grad_accum_steps):
-                x, y = train_loader.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                # inplace_backward: the fused classifier writes dloss/dlogits over the logits during the
-                # forward (llm.c's trick), so the (B, T, V) gradient needs no memory of its own
-                _, loss = model(x, y, return_logits=False, inplace_backward=True)
-                loss = loss / grad_accum_steps
-                loss_accum += loss.detach().float()
-                loss.backward()
-            if ddp:  # one all-reduce per optimizer step
-                all_reduce_gradients(params, world_size)
-                dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
-                loss_accum /= world_size
-            norm = gradient_norm(params)
-            loss_value, norm_value = loss_accum.item(), norm.item()
+            # bad target ids are checked on the device and reported after the step's one sync
+            with ops.deferred_target_checks():
+                loss_accum = accumulate_gradients()
+                norm = gradient_norm(params)
+                loss_value, norm_value = loss_accum.item(), norm.item()  # the step's host sync
+            # since the previous sync: the previous step's update, still queued then, and this fwd + bwd
+            now = time.perf_counter()
+            dt, last_sync = now - last_sync, now
 
             skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
             if skipped:  # a NaN/inf would poison the parameters and the optimizer's moments
@@ -715,13 +730,12 @@ def train(args, rank, world_size, device, device_type, ddp, master):
                         group["lr"] = lr
                     optimizer.step()
                 if zero:  # each parameter's new value comes from the rank that owns it
-                    for p, owner in zip(params, owners):
-                        dist.broadcast(p.data, src=owner)
-            for p in params:
-                p.grad = None
-            if device_type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+                    sharded.exchange()
+            if buckets is not None:
+                buckets.zero_grad()
+            else:
+                for p in params:
+                    p.grad = None
 
             # ---- report the step ----
             tokens_per_second = total_batch_size / dt
@@ -747,13 +761,18 @@ def train(args, rank, world_size, device, device_type, ddp, master):
                        f"norm {norm_value:.2f} | dt {dt * 1000:.1f}ms | tok/s {tokens_per_second:,.0f} | "
                        f"MFU {mfu_text} | ETA {format_duration(eta)}")
 
-            # ---- evaluate, sample, checkpoint ----
-            if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+            # ---- evaluate, sample, checkpoint (not counted in the next step's time) ----
+            evaluating = last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0)
+            sampling = args.sample_every >= 0 and (last_step or (args.sample_every > 0 and step % args.sample_every == 0))
+            saving = checkpointing and (last_step or (args.checkpoint_every > 0 and step % args.checkpoint_every == 0))
+            if evaluating:
                 evaluate(step)
-            if args.sample_every >= 0 and (last_step or (args.sample_every > 0 and step % args.sample_every == 0)):
+            if sampling:
                 sample(step)
-            if checkpointing and (last_step or (args.checkpoint_every > 0 and step % args.checkpoint_every == 0)):
+            if saving:
                 save(step)
+            if evaluating or sampling or saving:
+                last_sync = time.perf_counter()
 
     # ---- summary ----
     elapsed = time.perf_counter() - run_start
@@ -781,13 +800,14 @@ def train(args, rank, world_size, device, device_type, ddp, master):
 
 
 def prune_exports(output_dir, keep):
-    """Keep the newest `keep` llm.c model files and HF directories, like the checkpoints."""
+    """Keep the newest `keep` llm.c model files (with their .sha256) and HF directories, like the checkpoints."""
     if keep <= 0:
         return
     import shutil
     for pattern in ("model_*.bin", "hf_*"):
         for old in sorted(output_dir.glob(pattern))[:-keep]:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
+            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,20 @@ stretch of text, as in llm.c. A shard's tail that cannot fill a whole window is 
     x, y = loader.next_batch()          # (B, T) int64 each, y[:, t] = x[:, t+1]
     state = loader.state_dict()         # save with the checkpoint ...
     loader.load_state_dict(state)       # ... and resume exactly where it was
+
+Checksums. The data scripts (dev/data/fineweb.py, tinyshakespeare.py) record each shard's sha256
+in a manifest beside the shards, `<prefix>_manifest.json` ({"shards": [{"file", "tokens",
+"sha256", ...}, ...]}). The loader reads the manifests in its shards' folders and checks a shard
+that one lists the first time it opens it in a run (about 0.8 s per GB with hashlib's sha256),
+before any of its tokens are used; a mismatch is a ShardFormatError naming the shard. Shards no
+manifest lists (llm.c's own, hand-made ones) are used as they are. verify=False skips the check.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -31,6 +40,7 @@ HEADER_BYTES = HEADER_INTS * 4
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 TOKEN_BYTES = 2  # version 1 stores uint16 tokens
+MANIFEST_SUFFIX = "_manifest.json"  # <prefix>_manifest.json beside the shards records their sha256
 
 
 class ShardFormatError(ValueError):
@@ -41,8 +51,9 @@ class ShardFormatError(ValueError):
 # shards
 
 
-def write_shard(path, tokens) -> None:
-    """Write `tokens` (any integer sequence, each in [0, 65536)) as an llm.c shard.
+def write_shard(path, tokens) -> str:
+    """Write `tokens` (any integer sequence, each in [0, 65536)) as an llm.c shard; returns the
+    file's sha256 (hex), computed from the bytes as they are written, for the manifest.
 
     Atomic: written to a temporary file beside `path`, then renamed over it, so a reader (or a
     resumed data script) never sees a half-written shard."""
@@ -62,16 +73,19 @@ def write_shard(path, tokens) -> None:
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
     try:
         with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(arr.astype("<u2", copy=False).tobytes())
+            for chunk in (header.tobytes(), arr.astype("<u2", copy=False).tobytes()):
+                digest.update(chunk)
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+    return digest.hexdigest()
 
 
 def read_shard_header(path) -> int:
@@ -122,6 +136,61 @@ def read_shard(path) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------
+# checksums
+
+
+def file_sha256(path, chunk_bytes: int = 8 << 20) -> str:
+    """The sha256 (hex) of a file, read in chunks (hashlib.file_digest needs Python 3.11)."""
+    digest = hashlib.sha256()
+    buf = bytearray(chunk_bytes)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def recorded_checksums(files) -> dict[str, tuple[str, Path]]:
+    """{file: (sha256, manifest)} for each of `files` that a manifest (*_manifest.json) in its folder
+    lists with a sha256; files no manifest lists are left out."""
+    folders: dict[Path, list[str]] = {}
+    for f in files:
+        folders.setdefault(Path(f).resolve().parent, []).append(f)
+    found = {}
+    for folder, members in folders.items():
+        listed: dict[str, tuple[str, Path]] = {}
+        for manifest in sorted(folder.glob(f"*{MANIFEST_SUFFIX}")):
+            try:
+                entries = json.loads(manifest.read_text())["shards"]
+                records = [(e["file"], str(e["sha256"]).lower()) for e in entries
+                           if isinstance(e, dict) and "sha256" in e]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ShardFormatError(f"shard manifest {manifest} is unreadable ({type(e).__name__}: {e}): "
+                                       f"make the shards again, or move the manifest away") from e
+            for name, sha in records:
+                if name in listed and listed[name][0] != sha:
+                    raise ShardFormatError(f"shard manifests {listed[name][1]} and {manifest} record different "
+                                           f"sha256 for {name}")
+                listed[name] = (sha, manifest)
+        for f in members:
+            if Path(f).name in listed:
+                found[f] = listed[Path(f).name]
+    return found
+
+
+def verify_shard(path, expected: str, manifest) -> None:
+    """ShardFormatError unless the file's sha256 is `expected` (as `manifest` records it)."""
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ShardFormatError(
+            f"token shard {path} is damaged: its sha256 is {actual}, but {manifest} records {expected}. "
+            f"Make it again (rerun the data script with the same arguments: dev/data/fineweb.py remakes "
+            f"damaged shards), or skip the check (DistributedDataLoader(verify=False), train_gpt2.py "
+            f"--verify_shards 0)"
+        )
+
+
+# ----------------------------------------------------------------------------------------
 # loader
 
 
@@ -148,9 +217,14 @@ class DistributedDataLoader:
     seed: None walks the shards in name order every epoch (llm.c's default); an int shuffles
         the shard order with a permutation that depends only on (seed, epoch), identical on
         every rank.
+    pin_memory: batches in pinned host memory, so that x.to("cuda", non_blocking=True) copies
+        without making the CPU wait for the GPU (from pageable memory the copy is synchronous).
+    verify: check each shard that a manifest in its folder lists against the sha256 recorded
+        there, once, the first time this loader opens it (ShardFormatError on a mismatch).
     """
 
-    def __init__(self, files_or_pattern, B: int, T: int, rank: int = 0, world_size: int = 1, seed=None):
+    def __init__(self, files_or_pattern, B: int, T: int, rank: int = 0, world_size: int = 1, seed=None,
+                 pin_memory: bool = False, verify: bool = True):
         if B < 1 or T < 1:
             raise ValueError(f"B and T must be positive, got B={B}, T={T}")
         if not 0 <= rank < world_size:
@@ -158,6 +232,7 @@ class DistributedDataLoader:
         self.B, self.T = int(B), int(T)
         self.rank, self.world_size = int(rank), int(world_size)
         self.seed = seed
+        self.pin_memory = bool(pin_memory)
         self.files = _resolve_files(files_or_pattern)
         self.window = self.world_size * self.B * self.T + 1  # tokens one global batch reads
         self.shard_tokens = [read_shard_header(f) for f in self.files]
@@ -169,6 +244,8 @@ class DistributedDataLoader:
                     f"use a smaller B or T (or fewer ranks), or bigger shards"
                 )
         self.num_tokens = sum(self.shard_tokens)
+        self.checksums = recorded_checksums(self.files) if verify else {}
+        self._verified: set[str] = set()
         self.reset()
 
     # the shard order of one epoch: name order, or a (seed, epoch)-determined permutation
@@ -180,7 +257,11 @@ class DistributedDataLoader:
 
     def _load_shard(self) -> None:
         self._file_index = int(self._order(self.epoch)[self.shard_index])
-        self._tokens = read_shard(self.files[self._file_index])
+        path = self.files[self._file_index]
+        if path in self.checksums and path not in self._verified:  # once per shard and run
+            verify_shard(path, *self.checksums[path])
+            self._verified.add(path)
+        self._tokens = read_shard(path)
 
     def reset(self) -> None:
         """Back to the first window of the first shard of epoch 0."""
@@ -197,6 +278,8 @@ class DistributedDataLoader:
         BT = self.B * self.T
         start = self.position + self.rank * BT
         buf = torch.from_numpy(self._tokens[start : start + BT + 1].astype(np.int64))
+        if self.pin_memory:
+            buf = buf.pin_memory()
         x = buf[:-1].view(self.B, self.T)  # inputs
         y = buf[1:].view(self.B, self.T)  # targets
         self._advance()

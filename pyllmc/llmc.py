@@ -20,6 +20,12 @@ Debug state file (llm.c's gpt2_124M_debug_state.bin, written by its train_gpt2.p
 `python -m pyllmc.llmc check MODEL.bin STATE.bin` runs the model's forward and backward on the
 state's batch and compares logits, loss and every gradient with the file (llm.c's test_gpt2).
 
+Checksum sidecar: write_model also writes `<file>.sha256` beside the model file, one line in
+sha256sum's format (`<64 hex digits>  <file name>`, so `sha256sum -c model.bin.sha256` checks it
+from the file's folder), hashed from the bytes as they are written; the model file itself stays
+byte for byte llm.c's. read_model verifies the file against its sidecar when there is one (llm.c's
+own files have none and load as before).
+
 The token shard and tokenizer files have their own modules; read_shard, write_shard and
 write_llmc_tokenizer are re-exported here so that all of llm.c's formats are in one place.
 """
@@ -27,8 +33,11 @@ write_llmc_tokenizer are re-exported here so that all of llm.c's formats are in 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
 import sys
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -139,10 +148,67 @@ def _atomic_write(path: str, chunks) -> None:
     os.replace(tmp, path)
 
 
+# ---- sha256 sidecar ------------------------------------------------------------------------------
+
+SIDECAR_SUFFIX = ".sha256"
+_SIDECAR_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")
+
+
+def sidecar_path(path) -> str:
+    return os.fspath(path) + SIDECAR_SUFFIX
+
+
+def _write_with_sidecar(path: str, chunks) -> None:
+    """Write `chunks` to `path` and its sha256 to `path`.sha256, each atomically and durably (temp file,
+    fsync, rename). The old sidecar goes first, so a crash never leaves a stale checksum beside new bytes."""
+    from pyllmc.checkpoint import atomic_write
+
+    sidecar = sidecar_path(path)
+    if os.path.exists(sidecar):
+        os.unlink(sidecar)
+    digest = hashlib.sha256()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                digest.update(chunk)
+                f.write(chunk)
+
+    atomic_write(path, write)
+    line = f"{digest.hexdigest()}  {os.path.basename(path)}\n"
+    atomic_write(sidecar, lambda tmp: Path(tmp).write_text(line))
+
+
+def read_sidecar(path) -> str | None:
+    """The sha256 that `path`.sha256 records for `path` (lower-case hex); None when there is no sidecar."""
+    sidecar = sidecar_path(path)
+    try:
+        with open(sidecar, encoding="utf-8", errors="replace") as f:
+            first = f.readline().rstrip("\r\n")
+    except FileNotFoundError:
+        return None
+    match = _SIDECAR_LINE.fullmatch(first)
+    if not match:
+        raise LlmcFormatError(f"{sidecar}: not a sha256sum line ({first[:100]!r}): the checksum of {path} "
+                              f"is damaged")
+    return match.group(1).lower()
+
+
+def _verify_sidecar(path: str, data) -> None:
+    expected = read_sidecar(path)
+    if expected is None:
+        return
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise LlmcFormatError(f"{path}: sha256 mismatch, the file changed after it was written (its sha256 is "
+                              f"{actual}, {sidecar_path(path)} records {expected})")
+
+
 # ---- model file ----------------------------------------------------------------------------------
 
 def write_model(path: str, model: GPT, dtype: str = "float32") -> None:
-    """Write `model` as llm.c's model file, parameters in float32 (version 3) or bfloat16 (5)."""
+    """Write `model` as llm.c's model file, parameters in float32 (version 3) or bfloat16 (5), and its
+    sha256 as `path`.sha256 (atomic and durable: temp files, fsync, rename)."""
     if dtype not in _VERSION_OF_DTYPE:
         raise ValueError(f"dtype must be one of {sorted(_VERSION_OF_DTYPE)}; got {dtype!r}")
     c = model.config
@@ -151,7 +217,7 @@ def write_model(path: str, model: GPT, dtype: str = "float32") -> None:
                       5: c.n_head, 6: c.n_embd, 7: c.padded_vocab_size})
     torch_dtype = _DTYPE_OF_VERSION[version]
     tensors = _param_tensors(model)
-    _atomic_write(path, [header] + [_tensor_bytes(t, torch_dtype) for t in tensors.values()])
+    _write_with_sidecar(os.fspath(path), [header] + [_tensor_bytes(t, torch_dtype) for t in tensors.values()])
 
 
 def _read_header(path: str, f, magic: int, what: str) -> np.ndarray:
@@ -205,9 +271,19 @@ def _read_values(path: str, offset: int, count: int, dtype: torch.dtype) -> torc
 
 def read_model(path: str, *, dtype: torch.dtype = torch.float32, device="cpu") -> GPT:
     """Load llm.c's model file into a pyllmc GPT with parameters in `dtype` (float32 by default:
-    a bf16 file is upcast exactly, so writing it back as bf16 gives the same bytes)."""
+    a bf16 file is upcast exactly, so writing it back as bf16 gives the same bytes). The file is checked
+    against its sha256 sidecar when it has one (LlmcFormatError on a mismatch)."""
     config, file_dtype = read_model_header(path)
-    values = _read_values(path, HEADER_BYTES, _num_values(config), file_dtype)
+    count = _num_values(config)
+    with open(path, "rb") as f:  # one read: the same bytes are hashed and parsed
+        data = bytearray(HEADER_BYTES + count * file_dtype.itemsize)
+        if f.readinto(data) != len(data):
+            raise LlmcFormatError(f"{path}: truncated while reading")
+    _verify_sidecar(path, data)
+    np_dtype = {torch.float32: "<f4", torch.bfloat16: "<i2"}[file_dtype]
+    values = torch.from_numpy(np.frombuffer(data, dtype=np_dtype, count=count, offset=HEADER_BYTES))
+    if file_dtype == torch.bfloat16:
+        values = values.view(torch.bfloat16)
     model = GPT._empty(config, device=device)
     model.to(dtype)
     tensors, offset = {}, 0

@@ -1,6 +1,7 @@
 """llm.c token shards, the distributed loader, and the data preparation scripts."""
 
 import csv
+import hashlib
 import importlib.util
 import json
 import os
@@ -14,10 +15,12 @@ import torch
 
 from pyllmc.data import (
     HEADER_INTS,
+    MANIFEST_SUFFIX,
     SHARD_MAGIC,
     SHARD_VERSION,
     DistributedDataLoader,
     ShardFormatError,
+    file_sha256,
     read_shard,
     read_shard_header,
     write_shard,
@@ -273,6 +276,72 @@ def test_bad_shard_is_found_at_construction(tmp_path):
         DistributedDataLoader(str(tmp_path / "*.bin"), 1, 4)
 
 
+def write_manifest(folder: Path, names, prefix="data"):
+    entries = [{"file": n, "tokens": read_shard_header(folder / n), "sha256": file_sha256(folder / n)} for n in names]
+    (folder / f"{prefix}{MANIFEST_SUFFIX}").write_text(json.dumps({"shards": entries}))
+
+
+def _flip_token_byte(path: Path, index: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[4 * HEADER_INTS + 2 * index] ^= 0x04  # a token changes; the header and the size stay valid
+    path.write_bytes(bytes(raw))
+
+
+def test_write_shard_returns_the_files_sha256(tmp_path):
+    digest = write_shard(tmp_path / "s.bin", np.arange(300))
+    assert digest == hashlib.sha256((tmp_path / "s.bin").read_bytes()).hexdigest() == file_sha256(tmp_path / "s.bin")
+
+
+def test_damaged_shard_listed_in_a_manifest_is_refused(tmp_path):
+    shards = make_shards(tmp_path, [100, 100])
+    write_manifest(tmp_path, ["data_train_000000.bin", "data_train_000001.bin"])
+    pattern = str(tmp_path / "data_train_*.bin")
+    assert_batches_equal(DistributedDataLoader(pattern, 2, 8), expected_batches(shards, 2, 8, 0, 1, [[0, 1]]))
+
+    # the first shard is checked when the loader opens it, before a batch is made
+    _flip_token_byte(tmp_path / "data_train_000000.bin", 13)
+    with pytest.raises(ShardFormatError, match=r"data_train_000000\.bin is damaged: its sha256 is") as info:
+        DistributedDataLoader(pattern, 2, 8)
+    assert f"{tmp_path / 'data_manifest.json'} records" in str(info.value) and "--verify_shards 0" in str(info.value)
+    loader = DistributedDataLoader(pattern, 2, 8, verify=False)  # the check is off: the damage passes
+    assert loader.next_batch()[0][1, 5].item() == shards[0][8 + 5] ^ 0x04
+
+    # a later shard is checked when the walk reaches it, before any of its tokens are used
+    make_shards(tmp_path, [100, 100])
+    _flip_token_byte(tmp_path / "data_train_000001.bin", 3)
+    loader = DistributedDataLoader(pattern, 2, 8)
+    for _ in range(5):  # shard 0 holds 6 windows of 17 tokens; after the 6th the loader opens shard 1
+        loader.next_batch()
+    with pytest.raises(ShardFormatError, match=r"data_train_000001\.bin is damaged"):
+        loader.next_batch()
+
+
+def test_each_listed_shard_is_hashed_once_per_loader(tmp_path, monkeypatch):
+    import pyllmc.data as data
+
+    shards = make_shards(tmp_path, [40, 40, 40])
+    write_manifest(tmp_path, ["data_train_000000.bin", "data_train_000002.bin"])  # shard 1 is not listed
+    hashed = []
+    real = data.file_sha256
+    monkeypatch.setattr(data, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    loader = DistributedDataLoader(str(tmp_path / "data_train_*.bin"), 1, 8)
+    assert_batches_equal(loader, expected_batches(shards, 1, 8, 0, 1, [[0, 1, 2]] * 3))  # three epochs
+    loader.load_state_dict(loader.state_dict())
+    assert hashed == ["data_train_000000.bin", "data_train_000002.bin"]
+
+
+def test_shards_without_a_manifest_are_not_checked(tmp_path):
+    shards = make_shards(tmp_path, [100])
+    _flip_token_byte(tmp_path / "data_train_000000.bin", 0)  # nothing records what the shard should be
+    (tmp_path / "other_manifest.json").write_text(json.dumps({"shards": [{"file": "x.bin", "sha256": "00"}]}))
+    loader = DistributedDataLoader(str(tmp_path / "*.bin"), 2, 8)
+    assert loader.checksums == {}
+    assert loader.next_batch()[0][0, 0].item() == shards[0][0] ^ 0x04
+    (tmp_path / "other_manifest.json").write_text("{not json")
+    with pytest.raises(ShardFormatError, match="other_manifest.json is unreadable"):
+        DistributedDataLoader(str(tmp_path / "*.bin"), 2, 8)
+
+
 def test_bad_arguments(tmp_path):
     make_shards(tmp_path, [100])
     with pytest.raises(ValueError, match="rank"):
@@ -316,6 +385,12 @@ def test_tinyshakespeare_script(tmp_path):
         body = sections[i] + ("\n\n" if i < len(sections) - 1 else "")
         assert tokens[starts[i] + 1 : end].tolist() == encode(body)
     assert decode(tokens[tokens != EOT_TOKEN]) == text
+    manifest = json.loads((tmp_path / "tiny_shakespeare_manifest.json").read_text())
+    assert [(s["file"], s["tokens"]) for s in manifest["shards"]] == [("tiny_shakespeare_val.bin", 32768),
+                                                                     ("tiny_shakespeare_train.bin", 305260)]
+    assert all(s["sha256"] == file_sha256(tmp_path / s["file"]) for s in manifest["shards"])
+    loader = DistributedDataLoader(str(tmp_path / "tiny_shakespeare_*.bin"), 4, 64)
+    assert sorted(Path(f).name for f in loader.checksums) == ["tiny_shakespeare_train.bin", "tiny_shakespeare_val.bin"]
 
 
 FINEWEB_SHARD = 20000
@@ -354,6 +429,8 @@ def test_fineweb_script_end_to_end(tmp_path, capsys):
     assert sum(len(s) for s in shards) == len(expected) == sum(len(encode_document(d)) for d in documents)
     np.testing.assert_array_equal(np.concatenate(shards), expected)
     assert len(files) == 5
+    recorded = json.loads((out / "fineweb_manifest.json").read_text())["shards"]
+    assert {e["file"]: e["sha256"] for e in recorded} == {p.name: file_sha256(p) for p in files}
 
     # the reruns run in this process (a fresh interpreter per run costs seconds of imports)
     fineweb = load_script("fineweb")
@@ -395,6 +472,22 @@ def test_fineweb_resumes_interrupted_and_damaged_runs(tmp_path):
     fineweb.main(args)
     assert {name: data for name, (data, _) in snapshot(out).items()} == reference
     assert json.loads(manifest_path.read_text())["complete"] is True
+
+    # a flipped bit inside a shard (valid header, right size): its sha256 tells, and it is made again
+    _flip_token_byte(out / "fineweb_train_000003.bin", 1234)
+    with pytest.raises(ShardFormatError, match="fineweb_train_000003.bin is damaged"):
+        DistributedDataLoader(str(out / "fineweb_train_*.bin"), 4, 64, seed=None).load_state_dict(
+            {"epoch": 0, "shard_index": 2, "position": 0})
+    fineweb.main(args)
+    assert {name: data for name, (data, _) in snapshot(out).items()} == reference
+
+    # a manifest from before sha256 was recorded gets it on the next run, shards untouched
+    full = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**full, "shards": [{k: v for k, v in e.items() if k != "sha256"}
+                                                            for e in full["shards"]]}))
+    before = snapshot(out)
+    fineweb.main(args)
+    assert json.loads(manifest_path.read_text()) == full and snapshot(out) == before
 
     # other settings in the same folder are refused unless asked to overwrite
     with pytest.raises(SystemExit, match="--overwrite"):

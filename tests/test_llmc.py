@@ -1,6 +1,8 @@
 """llm.c's model file and debug state file, and `python -m pyllmc.llmc check`."""
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -141,6 +143,45 @@ def test_model_format_errors(model_file):
         assert isinstance(info.value, ValueError)
     with pytest.raises(ValueError, match="dtype"):
         write_model(str(model_file), tiny_model(), dtype="float16")
+
+
+def _sha256sum_check(folder, sidecar_name):
+    if shutil.which("sha256sum") is None:
+        pytest.skip("sha256sum (coreutils) not found")
+    return subprocess.run(["sha256sum", "-c", sidecar_name], cwd=folder, capture_output=True, text=True, timeout=60)
+
+
+def test_model_file_has_a_sha256_sidecar(tmp_path):
+    model = tiny_model(n_layer=1)
+    path = tmp_path / "model.bin"
+    write_model(str(path), model)
+    data = path.read_bytes()
+    sidecar = tmp_path / "model.bin.sha256"
+    assert sidecar.read_text() == f"{hashlib.sha256(data).hexdigest()}  model.bin\n"  # sha256sum's own format
+    result = _sha256sum_check(tmp_path, "model.bin.sha256")
+    assert result.returncode == 0 and result.stdout.strip() == "model.bin: OK", result.stdout + result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "model.bin.sha256"]  # no temporaries left
+    assert_same_parameters(model, read_model(str(path)))
+
+    # a flipped bit anywhere in the parameters is caught through the sidecar (llm.c's format has no checksum)
+    for pos in np.linspace(1024, len(data) - 1, 17).astype(int):
+        bad = bytearray(data)
+        bad[pos] ^= 1 << (pos % 8)
+        path.write_bytes(bad)
+        with pytest.raises(LlmcFormatError, match="sha256 mismatch") as info:
+            read_model(str(path))
+        assert str(path) in str(info.value) and "model.bin.sha256" in str(info.value)
+    assert _sha256sum_check(tmp_path, "model.bin.sha256").returncode != 0
+
+    # without a sidecar (llm.c's own files) the file loads as before; a damaged sidecar is an error
+    sidecar.unlink()
+    assert read_model(str(path)).config == model.config
+    sidecar.write_text("not a checksum\n")
+    with pytest.raises(LlmcFormatError, match="not a sha256sum line"):
+        read_model(str(path))
+    write_model(str(path), model, dtype="bfloat16")  # a rewrite replaces both
+    assert _sha256sum_check(tmp_path, "model.bin.sha256").returncode == 0
+    assert read_model(str(path)).config == model.config
 
 
 # ---- debug state file and the check command -------------------------------------------------------------

@@ -5,9 +5,11 @@ crash safety in-process.
 What is checked: the loss goes down; the triton backend (interpreter) trains like the torch
 one; 2 gloo processes with half the accumulation each follow the 1-process loss curve (with and
 without ZeRO-1, whose optimizer shards also survive a resume); an interrupted run resumed from
-its checkpoint continues the loss curve bit for bit, also when the newest checkpoint is damaged;
-non-finite updates are skipped; the llm.c / Hugging Face exports equal the checkpoint and can
-start a run; bad settings fail before training, saying what to change. Under 4 minutes on 2 cores.
+its checkpoint continues the loss curve bit for bit, also when the newest checkpoint is damaged
+(truncated, or one flipped bit in a tensor that only its checksum reveals); a damaged token shard
+is reported before training; non-finite updates are skipped; the llm.c / Hugging Face exports
+equal the checkpoint and can start a run; bad settings fail before training, saying what to
+change. Under 4 minutes on 2 cores.
 """
 
 import json
@@ -126,12 +128,15 @@ def test_tiny_run_lowers_the_loss(baseline):
     assert lrs[3] == pytest.approx(3e-3) and lrs[6] < lrs[5] < lrs[4] < lrs[3]  # cosine decay
 
 
-def test_triton_backend_trains_like_torch(shards, tmp_path):
-    import torch
+@pytest.mark.parametrize("kernels", ["triton", "cuda"])
+def test_kernel_backend_trains_like_torch(shards, tmp_path, kernels):
+    """The Triton kernels (the interpreter, on a CPU) and the CUDA kernels (the simulator, on a
+    CPU) train the tiny model like the torch backend."""
+    from conftest import kernel_device
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU the kernels run in Triton's interpreter
+    device = kernel_device(kernels).type
     losses = {}
-    for backend in ("triton", "torch"):
+    for backend in (kernels, "torch"):
         args = [a if a not in ("torch", "cpu") else {"torch": backend, "cpu": device}[a] for a in COMMON]
         out = tmp_path / backend
         run_train([*args, *_data_args(shards), "--num_iterations", "2", "--total_batch_size", "64",
@@ -139,9 +144,20 @@ def test_triton_backend_trains_like_torch(shards, tmp_path):
         assert read_log(out)[0]["backend"] == backend
         losses[backend] = train_losses(read_log(out))
     # same init and data: the first loss matches, the second (after one update) is close
-    assert losses["triton"][1] == pytest.approx(losses["torch"][1], abs=1e-3)
-    assert losses["triton"][2] == pytest.approx(losses["torch"][2], abs=2e-2)
-    assert losses["triton"][2] < losses["triton"][1]
+    assert losses[kernels][1] == pytest.approx(losses["torch"][1], abs=1e-3)
+    assert losses[kernels][2] == pytest.approx(losses["torch"][2], abs=2e-2)
+    assert losses[kernels][2] < losses[kernels][1]
+
+
+def test_compiled_run_trains_like_eager(shards, single_process, tmp_path):
+    """--compile 1 (torch.compile, fullgraph, Inductor) follows the eager loss curve."""
+    result = run_train([*COMMON, *_data_args(shards), "--num_iterations", "3", "--total_batch_size", "256",
+                        "--output_dir", str(tmp_path), "--checkpoint_every", "-1", "--compile", "1"])
+    assert "compiled (torch.compile, fullgraph)" in result.stdout
+    eager, compiled = train_losses(single_process), train_losses(read_log(tmp_path))
+    assert sorted(compiled) == [1, 2, 3]
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4, abs=1e-4), (step, eager, compiled)
 
 
 @pytest.fixture(scope="module")
@@ -191,18 +207,69 @@ def test_interrupted_run_resumes_bitwise(shards, baseline, tmp_path):
     assert final(read_log(out)) == final(records)
 
 
+def _flip_inside_largest_tensor(path):
+    """Flip one bit in the middle of the checkpoint's largest tensor: torch.load alone would not notice."""
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    h = info.header_offset
+    start = h + 30 + int.from_bytes(data[h + 26:h + 28], "little") + int.from_bytes(data[h + 28:h + 30], "little")
+    data[start + info.file_size // 2] ^= 0x20
+    path.write_bytes(bytes(data))
+
+
 def test_damaged_newest_checkpoint_is_skipped(shards, baseline, tmp_path):
+    import torch
+
     base_dir, _, records = baseline
     out = tmp_path / "run"
     _copy_checkpoint(base_dir, 3, out)
+    _copy_checkpoint(base_dir, 6, out)
+    _flip_inside_largest_tensor(out / "ckpt_00000006.pt")  # the newest: corrupted in its payload
+    unverified = checkpoint.load_checkpoint(out / "ckpt_00000006.pt", verify=False)  # loads without a word ...
+    reference = checkpoint.load_checkpoint(base_dir / "ckpt_00000006.pt")
+    assert not all(torch.equal(unverified["model"][k], t) for k, t in reference["model"].items())  # ... wrongly
     good = (out / "ckpt_00000003.pt").read_bytes()
     (out / "ckpt_00000005.pt").write_bytes(good[: len(good) // 2])  # a partial write under a final name
     (out / ".tmp-ckpt_00000006.pt.12345").write_bytes(b"garbage")  # a writer killed mid-write
     result = run_train([*COMMON, *_data_args(shards), *RESUME_ARGS, "--output_dir", str(out), "--resume", "1"])
+    assert re.search(r"skipping checkpoint of step 6: .*ckpt_00000006\.pt: checksum mismatch", result.stderr)
     assert "skipping checkpoint of step 5" in result.stderr
     assert "step 3)" in result.stdout  # resumed from the good one
     assert train_losses(read_log(out)) == {s: l for s, l in train_losses(records).items() if s > 3}
     assert not list(out.glob(".tmp-*"))
+    # the run ends where the uninterrupted one did, bit for bit: model, optimizer moments, loader
+    final = checkpoint.load_checkpoint(out / "ckpt_00000006.pt")
+    for name, tensor in reference["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+    for pid, moments in reference["optimizer"]["state"].items():
+        for key, tensor in moments.items():
+            assert torch.equal(final["optimizer"]["state"][pid][key], tensor), (pid, key)
+    assert final["ranks"][0]["train_loader"] == reference["ranks"][0]["train_loader"]
+
+
+def test_damaged_shard_is_reported_before_training(shards, tmp_path):
+    from pyllmc.data import file_sha256
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.bin", "val.bin"):
+        (data / name).write_bytes((shards / name).read_bytes())
+    manifest = {"shards": [{"file": n, "sha256": file_sha256(data / n)} for n in ("train.bin", "val.bin")]}
+    (data / "data_manifest.json").write_text(json.dumps(manifest))
+    raw = bytearray((data / "train.bin").read_bytes())
+    raw[1024 + 2 * 500] ^= 0x01  # one token of the training shard
+    (data / "train.bin").write_bytes(bytes(raw))
+    args = [*COMMON, "--input_bin", str(data / "train.bin"), "--input_val_bin", str(data / "val.bin"),
+            "--num_iterations", "1", "--output_dir", str(tmp_path / "out"), "--checkpoint_every", "-1"]
+    result = run_train(args, expect_ok=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert re.search(r"--input_bin: token shard \S*train\.bin is damaged: its sha256 is", result.stderr), result.stderr
+    assert "step 1/" not in result.stdout
+    result = run_train([*args, "--verify_shards", "0"])  # asked not to check: it trains (as on shards without
+    assert "step 1/1" in result.stdout                    # a manifest, which every other test here uses)
 
 
 def test_checkpoint_write_killed_midway_keeps_the_previous(tmp_path, monkeypatch):
@@ -304,7 +371,7 @@ def test_help_explains_every_flag():
                  "--learning_rate_decay_frac", "--weight_decay", "--grad_clip", "--val_loss_every", "--val_max_steps",
                  "--sample_every", "--hellaswag", "--hellaswag_path", "--dtype", "--device", "--compile", "--seed",
                  "--backend", "--checkpoint_every", "--resume", "--keep_checkpoints", "--zero_stage", "--write_llmc",
-                 "--write_hf"):
+                 "--write_hf", "--verify_shards"):
         assert re.search(rf"^\s+{flag}\b", result.stdout, re.M), flag
 
 
@@ -325,6 +392,22 @@ def test_learning_rate_schedule():
     for i in range(16):
         assert not detector.update(1.0 + 0.01 * (i % 2)) > 5
     assert detector.update(3.0) > 5
+
+
+def test_pruned_exports_take_their_checksums_along(tmp_path):
+    sys.path.insert(0, str(REPO))
+    try:
+        import train_gpt2
+    finally:
+        sys.path.pop(0)
+    for step in (3, 6, 9):
+        (tmp_path / f"model_{step:08d}.bin").write_bytes(b"m")
+        (tmp_path / f"model_{step:08d}.bin.sha256").write_text("x")
+        (tmp_path / f"hf_{step:08d}").mkdir()
+    train_gpt2.prune_exports(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "hf_00000006", "hf_00000009", "model_00000006.bin", "model_00000006.bin.sha256",
+        "model_00000009.bin", "model_00000009.bin.sha256"]
 
 
 def test_plot_reads_the_log(baseline, tmp_path):
@@ -368,6 +451,20 @@ def test_exported_models_match_the_checkpoint_and_restart_training(shards, basel
 
     out, _, _ = baseline
     assert sorted(p.name for p in out.glob("model_*.bin")) == ["model_00000003.bin", "model_00000006.bin"]
+    for name in ("model_00000003.bin", "model_00000006.bin"):  # each with its sha256, in sha256sum's format
+        check = subprocess.run(["sha256sum", "-c", f"{name}.sha256"], cwd=out, capture_output=True, text=True)
+        assert check.returncode == 0 and check.stdout.strip() == f"{name}: OK", check.stdout + check.stderr
+    damaged = bytearray((out / "model_00000003.bin").read_bytes())  # --model with a damaged export is refused
+    damaged[len(damaged) // 2] ^= 0x08
+    (tmp_path / "model_00000003.bin").write_bytes(bytes(damaged))
+    (tmp_path / "model_00000003.bin.sha256").write_bytes((out / "model_00000003.bin.sha256").read_bytes())
+    sys.path.insert(0, str(REPO))
+    try:
+        import train_gpt2
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(train_gpt2.ConfigError, match=r"--model .*model_00000003\.bin: .*sha256 mismatch"):
+        train_gpt2.build_model(str(tmp_path / "model_00000003.bin"), seed=0)
     state, _ = checkpoint.load_latest(out)
     from_llmc, from_hf = read_model(str(out / "model_00000006.bin")), GPT.from_pretrained(str(out / "hf_00000006"))
     for name, tensor in state["model"].items():

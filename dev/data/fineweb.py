@@ -18,13 +18,16 @@ Sources:
     sorted by path.
 
 Resuming: after each shard is written (atomically: a temporary file renamed into place) the
-manifest <prefix>_manifest.json records, for every shard, its token count and where in the
-document stream it starts and ends. Rerunning the same command skips every shard whose file
-is present, has a valid header and the recorded token count; it restarts tokenising at the
-recorded start of the first shard that is missing or broken, writes it, and jumps ahead past
-shards that are fine. So an interrupted run continues where it stopped, and a deleted or
-damaged shard is recreated identically. A rerun with different settings or different input
-refuses to mix shards; pass --overwrite (or use another --output_dir) to start over.
+manifest <prefix>_manifest.json records, for every shard, its token count, its sha256 (computed
+as it is written) and where in the document stream it starts and ends. Rerunning the same
+command skips every shard whose file is present, has a valid header, the recorded token count
+and the recorded sha256; it restarts tokenising at the recorded start of the first shard that
+is missing or broken, writes it, and jumps ahead past shards that are fine. So an interrupted
+run continues where it stopped, and a deleted or damaged shard is recreated identically (a
+manifest from before sha256 was recorded gets it added for the shards that are valid). A
+rerun with different settings or different input refuses to mix shards; pass --overwrite (or
+use another --output_dir) to start over. The training loader (pyllmc.data) checks each shard
+against the manifest's sha256 once per run.
 
     python dev/data/fineweb.py                                  # FineWeb-Edu 10B, 100M-token shards
     python dev/data/fineweb.py --input docs.csv --shard_size 1000000 --output_dir data/docs
@@ -41,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyllmc.data import ShardFormatError, read_shard_header, write_shard
+from pyllmc.data import ShardFormatError, file_sha256, read_shard_header, write_shard
 from pyllmc.tokenizer import encode_document, get_encoding
 
 MANIFEST_FORMAT = 1
@@ -219,11 +222,18 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.bin"
 
 
-def shard_is_valid(path: Path, tokens: int) -> bool:
+def shard_is_valid(path: Path, entry: dict) -> bool:
+    """The shard file is there, with a valid header, the manifest's token count and, when the
+    manifest records one, its sha256 (a manifest without it gets it added here)."""
     try:
-        return read_shard_header(path) == tokens
+        if read_shard_header(path) != entry["tokens"]:
+            return False
     except ShardFormatError:
         return False
+    digest = file_sha256(path)
+    if "sha256" not in entry:
+        entry["sha256"] = digest
+    return entry["sha256"] == digest
 
 
 def save_manifest(path: Path, manifest: dict) -> None:
@@ -250,10 +260,11 @@ def run(args) -> None:
         manifest = None
     if manifest is None:
         manifest = {"config": config, "complete": False, "shards": []}
-    shards = manifest["shards"]  # per shard: file, tokens, start, end ([document, token offset])
+    shards = manifest["shards"]  # per shard: file, tokens, start, end ([document, token offset]), sha256
+    unrecorded = sum("sha256" not in entry for entry in shards)
 
     def done(j):
-        return j < len(shards) and shard_is_valid(out / shards[j]["file"], shards[j]["tokens"])
+        return j < len(shards) and shard_is_valid(out / shards[j]["file"], shards[j])
 
     get_encoding()  # load once here; forked workers inherit it
     j = 0
@@ -271,12 +282,17 @@ def run(args) -> None:
             arrays = pool.imap(tokenize_document, documents, chunksize=args.chunksize)
             for tokens, end in produce_shards(arrays, start, args.shard_size, j):
                 entry = {"file": shard_name(args.prefix, j), "tokens": len(tokens), "start": start, "end": end}
-                if j < len(shards) and shards[j] != entry:
+                recorded = {k: v for k, v in shards[j].items() if k != "sha256"} if j < len(shards) else entry
+                if recorded != entry:
                     sys.exit(f"shard {j} comes out different from the manifest's record ({entry} vs "
                              f"{shards[j]}): the input changed; pass --overwrite to start over")
-                write_shard(out / entry["file"], tokens)
+                entry["sha256"] = write_shard(out / entry["file"], tokens)
+                if j < len(shards) and shards[j].get("sha256", entry["sha256"]) != entry["sha256"]:
+                    sys.exit(f"shard {j} comes out with sha256 {entry['sha256']}, the manifest records "
+                             f"{shards[j]['sha256']}: the input changed; pass --overwrite to start over")
                 if j == len(shards):
                     shards.append(entry)
+                shards[j]["sha256"] = entry["sha256"]
                 save_manifest(manifest_path, manifest)
                 j, start = j + 1, end
                 if done(j):
@@ -290,6 +306,8 @@ def run(args) -> None:
                 manifest["complete"] = True
                 save_manifest(manifest_path, manifest)
                 break
+    if unrecorded:  # shards skipped as valid got the sha256 an older manifest lacked
+        save_manifest(manifest_path, manifest)
     total = sum(s["tokens"] for s in shards)
     print(f"{len(shards)} shards, {total:,} tokens in {out} (shard 0 = val)")
 
