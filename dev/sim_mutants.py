@@ -143,6 +143,8 @@ def run(cmd, env, timeout):
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "hang", ""
+    if done.returncode and "Timeout (" in done.stderr:  # faulthandler's watchdog (PYLLMC_TEST_TIMEOUT)
+        return "hang", done.stderr[-3000:]
     return ("fail" if done.returncode else "pass"), done.stdout[-1500:] + done.stderr[-1500:]
 
 
@@ -163,6 +165,9 @@ def check(mutant: Mutant, work: Path, timeout: int) -> tuple[str, str]:
     if status != "pass":
         return "caught (build: " + log.strip().splitlines()[-1][:100] + ")", log
     pytest = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    # a mutant that writes past a tensor can leave the process stuck in C code (malloc's lock):
+    # the per-test limit ends such a run in minutes rather than at the whole step's timeout
+    env["PYLLMC_TEST_TIMEOUT"] = str(max(60, timeout // 3))
     status, log = run(pytest + ["-k", "cuda"] + TESTS_OF[mutant.file], env, timeout)
     if status != "pass":
         return f"caught ({status}: the [cuda] tests of {', '.join(Path(t).stem for t in TESTS_OF[mutant.file])})", log

@@ -15,17 +15,20 @@ checkout's csrc/ (PYLLMC_CSRC); a build failure stops the run.
 
 Markers and limits: tests that run CUDA kernels ([cuda] parametrizations, GPU-only tests)
 are marked `gpu` (`pytest -m gpu` is the GPU check's test stage); PYLLMC_TEST_TIMEOUT=N fails
-a test that runs longer than N seconds (a SIGALRM between Python bytecodes; a kernel that
-never returns is left to the caller's own timeout).
+a test that runs longer than N seconds (a SIGALRM between Python bytecodes), and ends the whole
+run with every thread's stack min(N, 30) s later if the test is stuck inside C code (a kernel that never
+returns).
 
 Random inputs: every test draws fresh inputs from a seed made of the session seed and the
 test's id. The session seed is random unless PYLLMC_TEST_SEED is set, and is printed in
 the header, so any failure can be replayed exactly.
 """
 
+import faulthandler
 import os
 import random
 import signal
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -47,6 +50,14 @@ def pytest_report_header(config):
     cuda = "simulated on the CPU (PYLLMC_CUDA_SIM=1)" if cuda_sim.enabled() else "pyllmc._C"
     return (f"pyllmc: PYLLMC_TEST_SEED={SESSION_SEED}  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}  "
             f"cuda backend: {cuda}")
+
+
+_stderr_copy = None  # the terminal's stderr, kept before pytest captures fd 2 during tests
+
+
+def pytest_configure(config):
+    global _stderr_copy
+    _stderr_copy = os.fdopen(os.dup(sys.__stderr__.fileno()), "w")
 
 
 def pytest_sessionstart(session):
@@ -83,9 +94,14 @@ def _time_limit():
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(seconds)
+    # SIGALRM's handler runs only when the interpreter gets control back; a test stuck inside C code
+    # (a simulated kernel waiting forever, malloc's lock after a kernel wrote past a tensor's end)
+    # never gives it back. faulthandler's watchdog thread then prints every stack and ends the run.
+    faulthandler.dump_traceback_later(seconds + min(30, seconds), exit=True, file=_stderr_copy or sys.__stderr__)
     try:
         yield
     finally:
+        faulthandler.cancel_dump_traceback_later()
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
 

@@ -394,3 +394,18 @@ def test_sanitizer_build_runs_every_launcher_cleanly(tmp_path):
 
     sanitized = {r["name"]: r["digest"] for r in json.loads(out_json.read_text())}
     assert sanitized == _digests("forward")
+
+
+def test_a_test_stuck_in_c_code_ends_the_run_with_its_stack(tmp_path):
+    """PYLLMC_TEST_TIMEOUT's SIGALRM cannot reach a test blocked in C code (here: the signal is
+    blocked, as it is for a kernel spinning in the simulator); the watchdog must end the run."""
+    stuck = tmp_path / "test_stuck.py"
+    stuck.write_text("import signal, time\n\n"
+                     "def test_stuck():\n"
+                     "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
+                     "    time.sleep(60)\n")
+    env = dict(os.environ, PYLLMC_TEST_TIMEOUT="1", PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                           str(stuck)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=50)
+    assert done.returncode != 0
+    assert "Timeout (" in done.stderr and "test_stuck" in done.stderr, done.stderr[-2000:]
