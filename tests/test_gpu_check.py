@@ -1,4 +1,4 @@
-"""The GPU check (dev/gpu_check.sh) cannot rot between GPU leases: its dry run runs here, on
+"""The GPU check (dev/gpu_check.sh) cannot rot between GPU runs: its dry run runs here, on
 the CPU, through the same script; the smoke's crash isolation is exercised with injected
 faults; and the verdicts are checked on logs of the failures a GPU run can produce."""
 
