@@ -46,8 +46,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyllmc  # noqa: E402
+from common import cpu_name  # noqa: E402
 from pyllmc import checkpoint  # noqa: E402
 from pyllmc.data import DistributedDataLoader, file_sha256, verify_shard, write_shard  # noqa: E402
 from pyllmc.model import GPT, GPTConfig  # noqa: E402
@@ -83,16 +85,6 @@ def timed(fn) -> float:
     elapsed = time.perf_counter() - start
     del result
     return elapsed
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,8 @@ markdown, read by dev/gpu_check_report.py) works without torch.
 from __future__ import annotations
 
 import dataclasses
+import platform
+from pathlib import Path
 from typing import Callable, Optional
 
 # do_bench's budgets in milliseconds: (warm-up, measured repetitions)
@@ -109,3 +111,14 @@ def available_impls() -> list[str]:
     import pyllmc
 
     return [name for name in ("cuda", "triton") if pyllmc.available_backends()[name].available]
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for the machine line of a benchmark's results."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

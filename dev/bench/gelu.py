@@ -9,8 +9,6 @@ ROWS, COLS = 32768, 3072
 
 
 def run(device="cuda", dtype=torch.bfloat16) -> list[Row]:
-    from pyllmc import ops
-
     x = torch.randn(ROWS, COLS, device=device, dtype=dtype)
     dout = torch.randn_like(x)
     n = x.numel()
