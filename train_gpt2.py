@@ -1,17 +1,21 @@
 """
 Train GPT-2 with pyllmc's hand-written kernels.
 
-    python train_gpt2.py                     # tiny Shakespeare demo: a short run, then samples
+    python train_gpt2.py                     # the demo: a short run on tiny Shakespeare, samples as it learns
     python train_gpt2.py --help              # every option
     torchrun --standalone --nproc_per_node 8 train_gpt2.py ...   # data-parallel on 8 GPUs
     bash dev/run_gpt2_124M.sh                # GPT-2 124M on FineWeb-Edu 10B (llm.c's recipe)
 
-With no arguments it trains on tiny Shakespeare (prepared on first use with
-dev/data/tinyshakespeare.py into dev/data/tinyshakespeare/, or into $PYLLMC_DATA_DIR), a model
-that suits the machine (GPT-2 124M on a GPU, the 2-layer "tiny" preset on a CPU), for a short
-run, and prints a sample. Offline: put tinyshakespeare.txt (or prepared
-tiny_shakespeare_{train,val}.bin shards) in a directory and set PYLLMC_DATA_DIR to it, or give
---input_bin / --input_val_bin.
+With no arguments it trains on tiny Shakespeare (downloaded on first use and prepared as token
+shards in the user cache, pyllmc.corpus; a local copy: $PYLLMC_DATA_DIR or --corpus FILE), or,
+offline, saying so, on the docstrings and comments of the Python standard library that runs it,
+a model that suits the machine: GPT-2 124M on a GPU (a short run); on a CPU the 2-layer "tiny"
+preset with GPT-2's BPE trimmed to the corpus's 4,096 commonest tokens (the classifier over
+GPT-2's 50,257 ids is most of a small model's work), for a schedule (DEMO_CPU) measured to end
+with real words well inside 3 minutes on 2 cores, with samples as it learns. --input_bin /
+--input_val_bin train on any llm.c token shards (uint16 or uint32; --vocab_size for a vocabulary
+that is not GPT-2's); the tokenizer their manifest declares decodes the samples (audio ones are
+written as .wav files) and is recorded in the checkpoints.
 
 Decisions (see the design notes):
   * Precision. bfloat16 training keeps the model's parameters (and so its activations and
@@ -47,10 +51,10 @@ llm.c-format model files (model_<step>.bin) and Hugging Face directories (hf_<st
 import argparse
 import collections
 import dataclasses
+import glob
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,17 +69,26 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pyllmc  # noqa: E402
-from pyllmc import checkpoint, ops  # noqa: E402
-from pyllmc.data import DistributedDataLoader, ShardFormatError  # noqa: E402
+from pyllmc import checkpoint, corpus, ops  # noqa: E402
+from pyllmc import tokenizer as tokenizers  # noqa: E402
+from pyllmc.data import DistributedDataLoader, ShardFormatError, declared_tokenizer  # noqa: E402
 from pyllmc.distributed import GradientBuckets, ShardedParameters  # noqa: E402
-from pyllmc.model import GPT, GPTConfig  # noqa: E402
-from pyllmc.tokenizer import EOT_TOKEN, decode  # noqa: E402
+from pyllmc.model import GPT, PRESETS, GPTConfig, pad_vocab_size  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
 PRESET_HELP = "gpt2, gpt2-medium, gpt2-large, gpt2-xl, d6, d12, d24, d36, d48, tiny, tiny-4"
 OUTLIER_WINDOW = 128  # steps in the running mean/std of the loss and the grad norm
 OUTLIER_ZSCORE = 5.0  # z-scores above this are logged as outliers
 MAX_CONSECUTIVE_SKIPS = 20  # abort when this many updates in a row are skipped (non-finite)
+# The CPU demo (--model auto on a CPU): the settings a flag left unset takes, chosen by measurement
+# (README, "Run it") to end with real words and the corpus's lines well inside 3 minutes on 2 cores.
+# 4,096 ids: enough whole words that samples spell fewer of them in bytes (on the stdlib corpus, 69% of
+# the words in 6 samples were words of the corpus, against 59% with 2,048 ids; 800 steps each), few
+# enough that each is seen often in 800K tokens, and the classifier stays cheap (8,192 ids and 150
+# steps left the samples at unigram soup)
+DEMO_TRIM_VOCAB = 4096  # GPT-2's BPE trimmed to the corpus's commonest tokens (pyllmc.tokenizer)
+DEMO_CPU = dict(batch_size=8, sequence_length=128, num_iterations=800, learning_rate=3e-3, warmup_iters=30,
+                learning_rate_decay_frac=0.1, weight_decay=0.1, sample_every=200, sample_length=128)
 
 
 class ConfigError(Exception):
@@ -85,17 +98,27 @@ class ConfigError(Exception):
 # -----------------------------------------------------------------------------
 # command line
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(
-        description="Train GPT-2 with pyllmc's kernels (run with no arguments for a short tiny-Shakespeare demo).",
+        description="Train GPT-2 with pyllmc's kernels (run with no arguments for a short demo).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group("data")
     g.add_argument("--input_bin", type=str, default="",
-                   help="training token shards (llm.c format), a file or glob pattern; empty: tiny Shakespeare "
-                        "(from $PYLLMC_DATA_DIR or dev/data/tinyshakespeare/, prepared on first use)")
+                   help="training token shards (llm.c format: uint16 or uint32 ids), a file or glob pattern; empty: "
+                        "the --corpus, prepared on first use in the user cache")
     g.add_argument("--input_val_bin", type=str, default="",
-                   help="validation token shards, a file or glob pattern; empty: tiny Shakespeare's val split when "
+                   help="validation token shards, a file or glob pattern; empty: the --corpus's val split when "
                         "training on it, else no validation")
+    g.add_argument("--corpus", type=str, default="auto",
+                   help="without --input_bin: auto (tiny Shakespeare, downloaded or from $PYLLMC_DATA_DIR; offline, "
+                        "the docstrings and comments of this Python's standard library), tinyshakespeare, stdlib, "
+                        "or a text file of your own (cut into documents at blank lines)")
+    g.add_argument("--tokenizer", type=str, default="auto",
+                   help="what the token ids mean (samples are decoded with it, checkpoints record it): auto: what "
+                        "the shards' manifest declares, else gpt2 for uint16 shards and ids (no decoder) for uint32; "
+                        "for the --corpus: gpt2, or gpt2-trimmed (GPT-2 trimmed to the corpus's commonest "
+                        f"--vocab_size tokens, {DEMO_TRIM_VOCAB:,} by default: the CPU demo's); a name (gpt2, ids, "
+                        "mulaw) for shards that declare none")
     g.add_argument("--verify_shards", type=int, default=1,
                    help="1: check each shard that a *_manifest.json beside it lists (the dev/data scripts write "
                         "one) against its recorded sha256, once per run, when first opened (about 0.8 s per GB); "
@@ -105,6 +128,9 @@ def parse_args(argv=None):
                    help=f"what to train: a preset initialised at random ({PRESET_HELP}); a path to start from: a "
                         "pyllmc checkpoint (.pt), an llm.c model file (.bin) or a Hugging Face / save_pretrained "
                         "directory; hf:NAME for GPT.from_pretrained(NAME); auto: gpt2 on a GPU, tiny on a CPU")
+    g.add_argument("--vocab_size", type=int, default=-1,
+                   help="token ids of a model trained from scratch (wte / lm_head padded to a multiple of 128, as "
+                        "in llm.c); -1: the tokenizer's (50257 for GPT-2); a pretrained model keeps its own")
     g.add_argument("--backend", type=str, default="auto", choices=["auto", "cuda", "triton", "torch"],
                    help="which kernels run the ops: cuda (pyllmc._C), triton, torch (PyTorch reference), "
                         "auto: the fastest that works on the device")
@@ -121,7 +147,7 @@ def parse_args(argv=None):
                    help="tokens per optimizer step; must be a multiple of B*T*world_size, the quotient is the number "
                         "of gradient-accumulation micro steps; -1: B*T*world_size (no accumulation)")
     g.add_argument("--num_iterations", "-n", type=int, default=-1,
-                   help="optimizer steps to train; -1: 40 for the tiny CPU demo model, else 10")
+                   help="optimizer steps to train; -1: the CPU demo's (DEMO_CPU) with --model auto on a CPU, else 10")
     g.add_argument("--learning_rate", "-l", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--warmup_iters", type=int, default=0, help="linear warmup steps from 0 to the peak learning rate")
     g.add_argument("--learning_rate_decay_frac", type=float, default=1.0,
@@ -162,7 +188,22 @@ def parse_args(argv=None):
     g.add_argument("--write_hf", type=int, default=0, help="1: with each checkpoint, also a Hugging Face directory")
     g.add_argument("--log_every", type=int, default=1, help="print a step line every this many steps (the log gets all)")
     g.add_argument("--device", type=str, default="", help="cuda, cuda:N or cpu; empty: cuda when available")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+_UNSET = object()
+
+
+def given_flags(argv=None) -> frozenset:
+    """The options the command line sets (the others keep their defaults, or the CPU demo's)."""
+    parser = build_parser()
+    unset = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != "help"})
+    parsed = parser.parse_args(argv, namespace=unset)  # argparse fills in only attributes not already there
+    return frozenset(k for k, v in vars(parsed).items() if v is not _UNSET)
 
 
 # -----------------------------------------------------------------------------
@@ -259,33 +300,67 @@ class NullLog:
 # -----------------------------------------------------------------------------
 # data
 
-def data_dir():
-    if os.environ.get("PYLLMC_DATA_DIR"):
-        return Path(os.environ["PYLLMC_DATA_DIR"])
-    return REPO / "dev" / "data" / "tinyshakespeare"
+def corpus_tokenizer(args, cpu_demo):
+    """The vocabulary the built-in corpus is prepared with: None for GPT-2's, an int for GPT-2 trimmed
+    to that many ids (the CPU demo's, or --tokenizer gpt2-trimmed)."""
+    if args.tokenizer == "gpt2" or (args.tokenizer == "auto" and not cpu_demo):
+        return None
+    if args.tokenizer in ("auto", "gpt2-trimmed"):
+        return args.vocab_size if args.vocab_size > 0 else DEMO_TRIM_VOCAB
+    raise ConfigError(f"--tokenizer {args.tokenizer}: the --corpus is tokenized with gpt2 or gpt2-trimmed")
 
 
-def prepare_tinyshakespeare():
-    """Paths of tiny Shakespeare's train and val shards, prepared with dev/data/tinyshakespeare.py if missing."""
-    directory = data_dir()
-    train, val = directory / "tiny_shakespeare_train.bin", directory / "tiny_shakespeare_val.bin"
-    if train.exists() and val.exists():
-        return train, val
-    command = [sys.executable, str(REPO / "dev" / "data" / "tinyshakespeare.py"), "--output_dir", str(directory)]
-    text = next((directory / name for name in ("tinyshakespeare.txt", "tiny_shakespeare.txt", "input.txt")
-                 if (directory / name).exists()), None)
-    if text is not None:
-        command += ["--input", str(text)]
-    print(f"preparing tiny Shakespeare in {directory} ({'from ' + str(text) if text else 'downloading'})", flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0 or not (train.exists() and val.exists()):
-        last_line = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise ConfigError(
-            f"could not prepare tiny Shakespeare in {directory}: {last_line}\n"
-            "  Offline? Put a copy of tinyshakespeare.txt (Karpathy's char-rnn input.txt), or prepared "
-            "tiny_shakespeare_train.bin/tiny_shakespeare_val.bin shards, in a directory and run with "
-            "PYLLMC_DATA_DIR=that/directory, or pass your own shards with --input_bin/--input_val_bin.")
-    return train, val
+def prepare_corpus(args, trim_vocab, say):
+    """The built-in corpus's shards (pyllmc.corpus: the user cache), or ConfigError saying what to do."""
+    try:
+        return corpus.prepare(args.corpus, trim_vocab=trim_vocab, say=say)
+    except corpus.CorpusUnavailable as err:
+        raise ConfigError(f"{err}\n  Or pass your own shards with --input_bin/--input_val_bin.") from err
+    except ValueError as err:  # e.g. a trimmed vocabulary that cannot be made
+        raise ConfigError(f"--corpus {args.corpus}: {err}") from err
+
+
+def shard_tokenizer(args, files):
+    """(the tokenizer of --input_bin's shards, where that comes from): what their manifest declares,
+    else --tokenizer, else GPT-2 for uint16 shards (llm.c's) and raw ids for uint32 ones."""
+    try:
+        spec, manifest = declared_tokenizer(files)
+        chosen = None if args.tokenizer == "auto" else tokenizers.from_spec(args.tokenizer)
+        declared = tokenizers.from_spec(spec) if spec is not None else None
+    except ValueError as err:
+        raise ConfigError(f"--tokenizer: {err}") from err
+    if declared is not None:
+        if chosen is not None and chosen.name != declared.name:
+            raise ConfigError(f"--tokenizer {args.tokenizer}: the shards were made with {declared.describe()} "
+                              f"(declared in {manifest}); their ids mean nothing to {chosen.describe()}")
+        return declared, f"declared in {manifest}"
+    if chosen is not None:
+        return chosen, "--tokenizer"
+    from pyllmc.data import shard_info
+    if all(shard_info(f)[1].itemsize == 2 for f in files):
+        return tokenizers.GPT2Tokenizer(), "no manifest declares one: GPT-2 for uint16 shards"
+    return tokenizers.TokenIds(), "no manifest declares one: samples are shown as token ids"
+
+
+def check_vocabulary(loaders, config, tokenizer, from_scratch):
+    """Before training: every token id of the shards fits the model, and the model's ids the tokenizer."""
+    V = config.vocab_size
+    for loader, flag in loaders:
+        if loader is None:
+            continue
+        top, where = loader.max_token_id()
+        if top >= V:
+            detail = f"token shard {where} holds token id {top}, past the model's {V} ids"
+            try:
+                loader.check_token_ids(V)  # the first offending id, with its shard and position
+            except ShardFormatError as err:
+                detail = str(err)
+            fix = (f"train with --vocab_size {top + 1}" if from_scratch else
+                   f"this model has {V} token ids: train a new one on them (a preset with --vocab_size {top + 1})")
+            raise ConfigError(f"{flag}: {detail}: {fix}")
+    if tokenizer.vocab_size is not None and tokenizer.vocab_size < V:
+        raise ConfigError(f"the model has {V} token ids but the tokenizer {tokenizer.describe()} fewer: its samples "
+                          f"could hold ids nothing decodes; use --vocab_size {tokenizer.vocab_size}")
 
 
 def check_files_exist(pattern, flag):
@@ -326,19 +401,27 @@ def hellaswag_file(args):
 # -----------------------------------------------------------------------------
 # model
 
-def build_model(spec, seed):
-    """(model on the CPU in float32, a description of where it came from)."""
+def build_model(spec, seed, vocab_size=None):
+    """(model on the CPU in float32, a description of where it came from, the spec of the tokenizer
+    its weights were trained with, None when unknown or new). vocab_size: a preset's token ids."""
     path = Path(spec)
+
+    def gpt2_if_its_vocabulary(model):  # HF and llm.c files record no tokenizer
+        return {"name": "gpt2"} if model.config.vocab_size == tokenizers.VOCAB_SIZE else None
+
     if spec.startswith("hf:"):
-        return GPT.from_pretrained(spec[3:]), f"pretrained {spec[3:]}"
+        model = GPT.from_pretrained(spec[3:])
+        return model, f"pretrained {spec[3:]}", gpt2_if_its_vocabulary(model)
     if path.is_dir():
-        return GPT.from_pretrained(str(path)), f"weights from {path}"
+        model = GPT.from_pretrained(str(path))
+        return model, f"weights from {path}", gpt2_if_its_vocabulary(model)
     if path.is_file() and path.suffix == ".bin":
         from pyllmc.llmc import read_model
         try:
-            return read_model(str(path)), f"weights from llm.c file {path}"
+            model = read_model(str(path))
         except ValueError as err:  # not an llm.c model file, or its sha256 sidecar disagrees
             raise ConfigError(f"--model {spec}: {err}") from err
+        return model, f"weights from llm.c file {path}", gpt2_if_its_vocabulary(model)
     if path.is_file():  # a training checkpoint of this script
         try:
             state = checkpoint.load_checkpoint(path)
@@ -346,12 +429,15 @@ def build_model(spec, seed):
             raise ConfigError(f"--model {spec}: {err}") from err
         model = GPT(GPTConfig(**state["model_config"]))
         model.load_state_dict(state["model"])
-        return model, f"weights from checkpoint {path} (step {state['step']})"
+        return model, f"weights from checkpoint {path} (step {state['step']})", checkpoint.recorded_tokenizer(state)
+    vocab = {} if vocab_size is None else dict(vocab_size=vocab_size, padded_vocab_size=pad_vocab_size(vocab_size))
     try:
-        config = GPTConfig.from_preset(spec)
+        config = GPTConfig.from_preset(spec, **vocab)
     except ValueError as err:
+        if spec in PRESETS:  # a bad --vocab_size
+            raise ConfigError(f"--vocab_size {vocab_size}: {err}") from err
         raise ConfigError(f"--model {spec!r} is neither an existing path nor a preset ({PRESET_HELP})") from err
-    return GPT(config, seed=seed), f"preset {spec}, random init (seed {seed})"
+    return GPT(config, seed=seed), f"preset {spec}, random init (seed {seed})", None
 
 
 def model_config_dict(model):
@@ -402,7 +488,7 @@ def main(argv=None):
     master = rank == 0
 
     try:
-        train(args, rank, world_size, device, device_type, ddp, master)
+        train(args, rank, world_size, device, device_type, ddp, master, given=given_flags(argv))
     except (ConfigError, ShardFormatError) as err:  # bad settings; a damaged shard met during the run
         print(f"train_gpt2.py: error: {err}", file=sys.stderr, flush=True)
         code = 2
@@ -414,10 +500,17 @@ def main(argv=None):
     return code
 
 
-def train(args, rank, world_size, device, device_type, ddp, master):
+def train(args, rank, world_size, device, device_type, ddp, master, given=frozenset()):
     def print0(*a, **k):
         if master:
             print(*a, **k, flush=True)
+
+    # ---- the CPU demo (--model auto on a CPU): DEMO_CPU's settings for every flag left unset ----
+    cpu_demo = args.model == "auto" and device_type == "cpu"
+    if cpu_demo:
+        for key, value in DEMO_CPU.items():
+            if key not in given:
+                setattr(args, key, value)
 
     # ---- settings that cannot work fail here, before anything is built ----
     B, T = args.batch_size, args.sequence_length
@@ -445,27 +538,31 @@ def train(args, rank, world_size, device, device_type, ddp, master):
     except (ValueError, pyllmc.BackendUnavailableError) as err:
         raise ConfigError(f"--backend {args.backend}: {err}; use another --device or --backend") from None
 
-    # ---- data ----
+    # ---- data, and the tokenizer that says what its ids mean ----
+    prepared = None
     if args.input_bin:
         train_pattern, val_pattern = args.input_bin, args.input_val_bin
-    else:
-        error = None
+    else:  # the --corpus, prepared in the user cache by rank 0; the other ranks share its result
+        box = [None, None]
         if master:
             try:
-                prepare_tinyshakespeare()
+                box[0] = prepare_corpus(args, corpus_tokenizer(args, cpu_demo), print0)
             except ConfigError as err:
-                error = str(err)
-        if ddp:  # the other ranks wait for rank 0's preparation and share its verdict
-            box = [error]
+                box[1] = str(err)
+        if ddp:
             dist.broadcast_object_list(box, src=0)
-            error = box[0]
+        prepared, error = box
         if error:
             raise ConfigError(error)
-        train_path, val_path = prepare_tinyshakespeare()
-        train_pattern, val_pattern = str(train_path), args.input_val_bin or str(val_path)
+        train_pattern, val_pattern = str(prepared.train), args.input_val_bin or str(prepared.val)
     check_files_exist(train_pattern, "--input_bin")
     if val_pattern:
         check_files_exist(val_pattern, "--input_val_bin")
+    if prepared is not None:
+        tokenizer, tokenizer_source = prepared.tokenizer, f"the corpus: {prepared.description}"
+    else:
+        tokenizer, tokenizer_source = shard_tokenizer(args, glob.glob(train_pattern) +
+                                                     (glob.glob(val_pattern) if val_pattern else []))
     hellaswag_path = hellaswag_file(args)
 
     # ---- model ----
@@ -477,19 +574,30 @@ def train(args, rank, world_size, device, device_type, ddp, master):
             print0(f"--resume 1: no checkpoint in {args.output_dir}, starting from step 0")
         else:
             resume_state, resume_path = found
+    from_scratch = resume_state is None and model_spec in PRESETS
     if resume_state is not None:
         model = GPT(GPTConfig(**resume_state["model_config"]))
         model.load_state_dict(resume_state["model"])
         source = f"resumed from {resume_path} (step {resume_state['step']})"
-    else:
-        model, source = build_model(model_spec, args.seed)
+        recorded = checkpoint.recorded_tokenizer(resume_state)
+    else:  # a new model has the tokenizer's ids unless --vocab_size says otherwise
+        vocab_size = (args.vocab_size if args.vocab_size > 0 else tokenizer.vocab_size) if from_scratch else None
+        model, source, recorded = build_model(model_spec, args.seed, vocab_size)
     config = model.config
+    if args.vocab_size > 0 and config.vocab_size != args.vocab_size:
+        raise ConfigError(f"--vocab_size {args.vocab_size}: the model ({source}) has {config.vocab_size} token ids "
+                          f"(--vocab_size sizes a new model)")
+    if recorded is not None:  # resume, continue or decode only with the tokenizer the weights learned
+        try:
+            tokenizers.check_same(recorded, tokenizer, f"the model ({source})")
+        except tokenizers.TokenizerMismatchError as err:
+            raise ConfigError(str(err)) from None
     if T > config.block_size:
         raise ConfigError(f"--sequence_length {T} is longer than the model's block_size {config.block_size}: "
                           f"use --sequence_length {config.block_size} or less")
     num_iterations = args.num_iterations
     if num_iterations == -1:
-        num_iterations = 40 if config.n_layer <= 2 and device_type == "cpu" else 10
+        num_iterations = 10
     args.num_iterations = num_iterations
     stop_step = min(num_iterations, args.stop_at_step) if args.stop_at_step > 0 else num_iterations
 
@@ -499,6 +607,11 @@ def train(args, rank, world_size, device, device_type, ddp, master):
     if val_pattern and args.val_max_steps > 0:
         val_loader = make_loader(val_pattern, B, T, rank, world_size, "--input_val_bin",
                                  verify=bool(args.verify_shards))
+    # shards carry no vocabulary size: the largest id they hold must fit the model, the model's the tokenizer
+    check_vocabulary([(train_loader, "--input_bin"), (val_loader, "--input_val_bin")], config, tokenizer, from_scratch)
+    if tokenizer.modality != "text" and args.sample_every >= 0 and not args.output_dir:
+        raise ConfigError(f"samples of {tokenizer.describe()} are written as files into --output_dir: give one "
+                          f"(or --sample_every -1)")
 
     if resume_state is not None:
         saved = resume_state["args"]
@@ -568,17 +681,24 @@ def train(args, rank, world_size, device, device_type, ddp, master):
         log = JsonlLog(output_dir / "main.jsonl", resume_step=start_step if resume_state is not None else None)
     else:
         log = NullLog()
+    data_text = prepared.description if prepared is not None else f"--input_bin {train_pattern}"
     log.write(type="config", step=start_step, args=vars(args), model_config=model_config_dict(raw_model),
-              world_size=world_size, backend=backend_name, dtype=dtype_name, device=device)
+              world_size=world_size, backend=backend_name, dtype=dtype_name, device=device, data=data_text,
+              tokenizer=tokenizer.spec(), tokenizer_label=tokenizer.label, tokenizer_fingerprint=tokenizer.fingerprint)
 
     device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu"
     print0(f"model: {source} | {raw_model.num_parameters():,} parameters | {config.n_layer} layers, "
-           f"{config.n_head} heads, {config.n_embd} channels, block {config.block_size}")
+           f"{config.n_head} heads, {config.n_embd} channels, block {config.block_size}, vocab {config.vocab_size:,}"
+           f"{f' (padded {config.padded_vocab_size:,})' if config.padded_vocab_size != config.vocab_size else ''}")
     print0(f"device: {device_name} x {world_size} | backend {backend_name} | {dtype_name}"
            f"{' + float32 master weights' if ptdtype != torch.float32 else ''}"
            f"{' | ZeRO-1' if zero else ''}{' | compiled (torch.compile, fullgraph)' if args.compile else ''}")
+    if prepared is not None:
+        print0(f"corpus: {prepared.description} | shards {'made now' if prepared.made_now else 'cached'} in "
+               f"{prepared.directory}")
     print0(f"data: {len(train_loader.files)} train shard(s), {train_loader.num_tokens:,} tokens"
-           f"{f' | {len(val_loader.files)} val shard(s)' if val_loader else ' | no validation'}")
+           f"{f' | {len(val_loader.files)} val shard(s)' if val_loader else ' | no validation'} | tokenizer "
+           f"{tokenizer.describe()}{f' ({tokenizer_source})' if prepared is None else ''}")
     print0(f"batch: {B} x {T} x {world_size} rank(s) x {grad_accum_steps} micro steps = {total_batch_size:,} "
            f"tokens/step | {num_iterations} steps | lr {args.learning_rate:g}, warmup {args.warmup_iters}, "
            f"decay to x{args.learning_rate_decay_frac:g}")
@@ -620,12 +740,18 @@ def train(args, rank, world_size, device, device_type, ddp, master):
         devices = [torch.device(device)] if device_type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # belt and braces: the training RNG never moves
             generator = torch.Generator(device=device).manual_seed(args.seed + step)
-            prompt = torch.full((1, 1), EOT_TOKEN, dtype=torch.long, device=device)
+            prompt = torch.full((1, 1), tokenizer.start_token, dtype=torch.long, device=device)
             top_k = args.sample_top_k if args.sample_top_k > 0 else None
             tokens = raw_model.generate(prompt, args.sample_length, temperature=1.0, top_k=top_k, generator=generator)
-        text = decode(tokens[0, 1:].tolist())
-        print0(f"---- sample at step {step} ----\n{text}\n----")
-        log.write(type="sample", step=step, text=text)
+        ids = tokens[0, 1:].tolist()
+        if tokenizer.modality == "text":
+            text = tokenizer.decode(ids)
+            print0(f"---- sample at step {step} ----\n{text}\n----")
+            log.write(type="sample", step=step, text=text)
+        else:  # audio: a file in the output directory (pyllmc.audio writes WAV)
+            path = tokenizer.write_sample(ids, output_dir / f"sample_{step:08d}.wav")
+            print0(f"step {step:{width}d}/{num_iterations} | sample: {len(ids):,} tokens written to {path}")
+            log.write(type="sample", step=step, path=str(path), tokens=len(ids))
 
     def save(step):
         # every rank contributes its own data-loader position and RNG state (and, with ZeRO-1, its optimizer shard)
@@ -651,6 +777,7 @@ def train(args, rank, world_size, device, device_type, ddp, master):
                 "world_size": world_size,
                 "zero_stage": args.zero_stage,
                 "tokens_seen": step * total_batch_size,
+                "tokenizer": tokenizer.spec(),  # what the ids mean: a resume or decode with another is refused
             }
             path = checkpoint.save_checkpoint(output_dir, step, state, keep_last=args.keep_checkpoints)
             if args.write_llmc:  # atomic, with its sha256 in model_<step>.bin.sha256

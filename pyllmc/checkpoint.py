@@ -31,6 +31,11 @@ parts of it that are damaged (the zip members whose CRC-32 fails) and the two di
 load_latest skips the file like any damaged one. Version-1 checkpoints (written before
 checksums) still load, with a notice.
 
+Tokenizer. The trainer records the spec of the tokenizer its data declared (pyllmc.tokenizer) under
+"tokenizer"; recorded_tokenizer(state) reads it back (checkpoints from before it was recorded were
+GPT-2's when their model has GPT-2's vocabulary) and check_tokenizer refuses another one, so a run
+is never resumed, continued or decoded with a tokenizer whose ids mean something else.
+
 Checkpoint files are pickles (they hold numpy/python RNG states and arbitrary loader
 states): load only checkpoints you wrote yourself.
 """
@@ -388,3 +393,24 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
         else:  # a different machine: restore this process's device only
             torch.cuda.set_rng_state(cuda_states[0])
+
+
+# ---- the tokenizer a checkpoint's run used --------------------------------------------------
+
+def recorded_tokenizer(state: dict) -> Optional[dict]:
+    """The spec of the tokenizer a checkpoint's run used: what the trainer recorded, else (checkpoints
+    from before it was recorded) GPT-2's when the model has GPT-2's 50,257 ids, else None (unknown)."""
+    if isinstance(state.get("tokenizer"), dict):
+        return state["tokenizer"]
+    config = state.get("model_config") or {}
+    return {"name": "gpt2"} if config.get("vocab_size") == 50257 else None
+
+
+def check_tokenizer(state: dict, tokenizer, path: str | os.PathLike = "the checkpoint") -> None:
+    """pyllmc.tokenizer.TokenizerMismatchError (a ValueError) when the checkpoint's run used another
+    tokenizer than `tokenizer`; nothing when they are the same or the checkpoint's is unknown."""
+    from pyllmc.tokenizer import check_same
+
+    recorded = recorded_tokenizer(state)
+    if recorded is not None:
+        check_same(recorded, tokenizer, f"checkpoint {path}")

@@ -1,10 +1,15 @@
 """llm.c token shards and the distributed data loader.
 
-Shard format (interoperable with llm.c's dev/data scripts and its C loader):
-    header: 256 int32 little-endian = (magic 20240520, version 1, token count, 0, ...)
-    body:   token count uint16 GPT-2 token ids
+Shard formats (interoperable with llm.c's dev/data scripts and its C loader):
+    header: 256 int32 little-endian = (magic, version, token count, 0, ...)
+    body:   token count token ids
+      magic 20240520, version 1: uint16 ids (GPT-2's 50,257 fit)
+      magic 20240801, version 7: uint32 ids (llm.c's Llama-3 shards; any vocabulary past 65,536)
+Both are read and written here with the same validation (read_shard, write_shard(dtype=...)).
 Files are named like `fineweb_val_000000.bin`, `fineweb_train_000001.bin`; shard 0 is the
-validation split.
+validation split. A shard carries no vocabulary size: max_token_id() / the loader's
+check_token_ids(vocab_size) find an id the model cannot embed (ValueError naming the shard and
+the position), and the manifest a data script writes may declare the tokenizer (below).
 
 The loader walks a list of shards in windows of world_size*B*T+1 tokens (one "global batch"
 plus the one extra token that the last target needs). Rank r takes tokens
@@ -22,6 +27,11 @@ in a manifest beside the shards, `<prefix>_manifest.json` ({"shards": [{"file", 
 that one lists the first time it opens it in a run (about 0.8 s per GB with hashlib's sha256),
 before any of its tokens are used; a mismatch is a ShardFormatError naming the shard. Shards no
 manifest lists (llm.c's own, hand-made ones) are used as they are. verify=False skips the check.
+
+Tokenizer. A manifest may declare what its shards' ids mean: {"tokenizer": {"name": ..., ...}},
+the spec of a pyllmc.tokenizer tokenizer (pyllmc.tokenizer.from_spec rebuilds it), so that samples
+print (or, for audio, are written) in the right form. declared_tokenizer(files) reads it; shards
+without a declaration are GPT-2's when they are uint16 (llm.c's default), else undeclared.
 """
 
 from __future__ import annotations
@@ -37,10 +47,16 @@ import torch
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-SHARD_MAGIC = 20240520
+SHARD_MAGIC = 20240520  # version 1: uint16 tokens
 SHARD_VERSION = 1
 TOKEN_BYTES = 2  # version 1 stores uint16 tokens
+SHARD_MAGIC_U32 = 20240801  # llm.c's second kind: version 7, uint32 tokens
+SHARD_VERSION_U32 = 7
+# (magic, version) -> the token dtype of the body; the two kinds llm.c writes and reads
+SHARD_KINDS = {(SHARD_MAGIC, SHARD_VERSION): np.dtype("<u2"), (SHARD_MAGIC_U32, SHARD_VERSION_U32): np.dtype("<u4")}
+_KIND_OF_DTYPE = {"uint16": (SHARD_MAGIC, SHARD_VERSION), "uint32": (SHARD_MAGIC_U32, SHARD_VERSION_U32)}
 MANIFEST_SUFFIX = "_manifest.json"  # <prefix>_manifest.json beside the shards records their sha256
+_SCAN_CHUNK = 1 << 24  # tokens per chunk when a shard is scanned for its largest id
 
 
 class ShardFormatError(ValueError):
@@ -51,32 +67,41 @@ class ShardFormatError(ValueError):
 # shards
 
 
-def write_shard(path, tokens) -> str:
-    """Write `tokens` (any integer sequence, each in [0, 65536)) as an llm.c shard; returns the
-    file's sha256 (hex), computed from the bytes as they are written, for the manifest.
+def write_shard(path, tokens, dtype: str = "uint16") -> str:
+    """Write `tokens` (any integer sequence) as an llm.c shard; returns the file's sha256 (hex),
+    computed from the bytes as they are written, for the manifest.
+
+    dtype "uint16": version 1 (magic 20240520), ids in [0, 65536); "uint32": version 7 (magic
+    20240801, llm.c's Llama-3 shards), ids in [0, 2**32).
 
     Atomic: written to a temporary file beside `path`, then renamed over it, so a reader (or a
     resumed data script) never sees a half-written shard."""
     path = Path(path)
+    if dtype not in _KIND_OF_DTYPE:
+        raise ValueError(f"shard dtype for {path} must be one of {sorted(_KIND_OF_DTYPE)}, got {dtype!r}")
+    magic, version = _KIND_OF_DTYPE[dtype]
+    token_dtype = SHARD_KINDS[(magic, version)]
+    limit = 1 << (8 * token_dtype.itemsize)
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise ValueError(f"tokens for {path} must be 1-D, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"tokens for {path} must be integers, got dtype {arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() >= 2**16):
+    if arr.size and (arr.min() < 0 or arr.max() >= limit):
+        hint = " (write uint32 shards: dtype='uint32')" if dtype == "uint16" and arr.min() >= 0 else ""
         raise ValueError(
-            f"tokens for {path} must be in [0, 65536) to fit uint16 shards, got range "
-            f"[{arr.min()}, {arr.max()}]"
+            f"tokens for {path} must be in [0, {limit}) to fit {dtype} shards, got range "
+            f"[{arr.min()}, {arr.max()}]{hint}"
         )
     if arr.size >= 2**31:
         raise ValueError(f"{arr.size} tokens for {path}: the header's int32 count allows < 2**31")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
+    header[:3] = (magic, version, arr.size)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     digest = hashlib.sha256()
     try:
         with open(tmp, "wb") as f:
-            for chunk in (header.tobytes(), arr.astype("<u2", copy=False).tobytes()):
+            for chunk in (header.tobytes(), arr.astype(token_dtype, copy=False).tobytes()):
                 digest.update(chunk)
                 f.write(chunk)
             f.flush()
@@ -90,6 +115,11 @@ def write_shard(path, tokens) -> str:
 
 def read_shard_header(path) -> int:
     """Validate a shard's header against its file size; return its token count."""
+    return shard_info(path)[0]
+
+
+def shard_info(path) -> tuple[int, np.dtype]:
+    """Validate a shard's header against its file size; return (token count, token dtype)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -103,17 +133,22 @@ def read_shard_header(path) -> int:
         )
     header = np.frombuffer(raw, dtype="<i4")
     magic, version, ntok = (int(v) for v in header[:3])
-    if magic != SHARD_MAGIC:
+    if magic not in (SHARD_MAGIC, SHARD_MAGIC_U32):
         raise ShardFormatError(
-            f"{path} is not an llm.c token shard: magic number {magic}, expected {SHARD_MAGIC}"
+            f"{path} is not an llm.c token shard: magic number {magic}, expected {SHARD_MAGIC} (uint16 tokens) "
+            f"or {SHARD_MAGIC_U32} (uint32 tokens)"
         )
-    if version != SHARD_VERSION:
+    token_dtype = SHARD_KINDS.get((magic, version))
+    if token_dtype is None:
+        expected_version = SHARD_VERSION if magic == SHARD_MAGIC else SHARD_VERSION_U32
         raise ShardFormatError(
-            f"token shard {path} has version {version}; only version {SHARD_VERSION} (uint16 tokens) is supported"
+            f"token shard {path} has magic {magic} with version {version}; supported: magic {SHARD_MAGIC} "
+            f"version {SHARD_VERSION} (uint16 tokens) and magic {SHARD_MAGIC_U32} version {SHARD_VERSION_U32} "
+            f"(uint32 tokens), so version {expected_version} for this magic"
         )
     if ntok < 0:
         raise ShardFormatError(f"token shard {path} has a negative token count {ntok} in its header")
-    expected = HEADER_BYTES + TOKEN_BYTES * ntok
+    expected = HEADER_BYTES + token_dtype.itemsize * ntok
     if size < expected:
         raise ShardFormatError(
             f"token shard {path} is truncated: its header says {ntok} tokens ({expected} bytes "
@@ -124,15 +159,43 @@ def read_shard_header(path) -> int:
             f"token shard {path} is longer than its header says: {ntok} tokens ({expected} bytes "
             f"in all) but the file has {size} bytes"
         )
-    return ntok
+    return ntok, token_dtype
 
 
 def read_shard(path) -> np.ndarray:
-    """The tokens of an llm.c shard as a read-only uint16 array (memory-mapped), validated."""
-    ntok = read_shard_header(path)
+    """The tokens of an llm.c shard as a read-only uint16 or uint32 array (memory-mapped), validated."""
+    ntok, token_dtype = shard_info(path)
     if ntok == 0:
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
+        return np.zeros(0, dtype=token_dtype)
+    return np.memmap(path, dtype=token_dtype, mode="r", offset=HEADER_BYTES, shape=(ntok,))
+
+
+def max_token_id(path) -> int:
+    """The largest token id in a shard (-1 when it is empty), read in chunks (numpy's max runs at
+    memory speed: about 0.1 s per GB from the page cache)."""
+    tokens = read_shard(path)
+    best = -1
+    for start in range(0, len(tokens), _SCAN_CHUNK):
+        best = max(best, int(tokens[start:start + _SCAN_CHUNK].max()))
+    return best
+
+
+def check_token_ids(path, vocab_size: int) -> None:
+    """ShardFormatError (a ValueError) naming the shard and the position of its first token id
+    >= vocab_size; nothing when every id fits."""
+    tokens = read_shard(path)
+    if tokens.dtype.itemsize == 2 and vocab_size >= 1 << 16:
+        return  # every uint16 id fits
+    for start in range(0, len(tokens), _SCAN_CHUNK):
+        chunk = tokens[start:start + _SCAN_CHUNK]
+        bad = np.flatnonzero(chunk >= vocab_size)
+        if bad.size:
+            position = start + int(bad[0])
+            raise ShardFormatError(
+                f"token shard {path} holds token id {int(chunk[bad[0]])} at position {position} (of "
+                f"{len(tokens)}), but the vocabulary has {vocab_size} ids (0..{vocab_size - 1}); the shard's "
+                f"largest id is {max_token_id(path)}"
+            )
 
 
 # ----------------------------------------------------------------------------------------
@@ -176,6 +239,43 @@ def recorded_checksums(files) -> dict[str, tuple[str, Path]]:
             if Path(f).name in listed:
                 found[f] = listed[Path(f).name]
     return found
+
+
+def declared_tokenizer(files) -> tuple[dict | None, Path | None]:
+    """(spec, manifest) of the tokenizer that the manifests beside `files` declare for them (a dict
+    for pyllmc.tokenizer.from_spec), or (None, None) when none lists them with a declaration.
+    ShardFormatError when the shards are declared differently (or some are and others are not)."""
+    folders: dict[Path, list[str]] = {}
+    for f in files:
+        folders.setdefault(Path(f).resolve().parent, []).append(f)
+    per_file: dict[str, tuple[dict | None, Path | None]] = {os.fspath(f): (None, None) for f in files}
+    for folder, members in folders.items():
+        names = {Path(f).name: os.fspath(f) for f in members}
+        for manifest in sorted(folder.glob(f"*{MANIFEST_SUFFIX}")):
+            try:
+                content = json.loads(manifest.read_text())
+                listed = {e["file"] for e in content["shards"] if isinstance(e, dict)}
+                spec = content.get("tokenizer")
+                if spec is None and isinstance(content.get("config"), dict):  # older manifests: a name
+                    name = content["config"].get("tokenizer")
+                    spec = {"name": name} if isinstance(name, str) else None
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ShardFormatError(f"shard manifest {manifest} is unreadable ({type(e).__name__}: {e}): "
+                                       f"make the shards again, or move the manifest away") from e
+            if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("name"), str)):
+                raise ShardFormatError(f"shard manifest {manifest} declares a malformed tokenizer {spec!r} "
+                                       f"(expected an object with a \"name\")")
+            for name in listed & names.keys():
+                if spec is not None:
+                    per_file[names[name]] = (spec, manifest)
+    declared = {json.dumps(spec, sort_keys=True): (spec, manifest) for spec, manifest in per_file.values()}
+    if len(declared) > 1:
+        described = "; ".join(f"{f}: {spec['name'] if spec else 'none'}"
+                              f"{f' (in {manifest})' if manifest else ''}"
+                              for f, (spec, manifest) in list(per_file.items())[:4])
+        raise ShardFormatError(f"the token shards are not of one tokenizer ({described}): train on shards "
+                               f"that share a tokenizer")
+    return next(iter(declared.values())) if declared else (None, None)
 
 
 def verify_shard(path, expected: str, manifest) -> None:
@@ -235,7 +335,9 @@ class DistributedDataLoader:
         self.pin_memory = bool(pin_memory)
         self.files = _resolve_files(files_or_pattern)
         self.window = self.world_size * self.B * self.T + 1  # tokens one global batch reads
-        self.shard_tokens = [read_shard_header(f) for f in self.files]
+        infos = [shard_info(f) for f in self.files]
+        self.shard_tokens = [n for n, _ in infos]
+        self.token_dtypes = sorted({str(dtype.name) for _, dtype in infos})  # ["uint16"], ["uint32"] or both
         for f, n in zip(self.files, self.shard_tokens):
             if n < self.window:
                 raise ValueError(
@@ -247,6 +349,21 @@ class DistributedDataLoader:
         self.checksums = recorded_checksums(self.files) if verify else {}
         self._verified: set[str] = set()
         self.reset()
+
+    def max_token_id(self) -> tuple[int, str]:
+        """(the largest token id in this loader's shards, the shard that holds it): one read of every
+        shard (numpy at memory speed)."""
+        best, where = -1, self.files[0]
+        for f in self.files:
+            m = max_token_id(f)
+            if m > best:
+                best, where = m, f
+        return best, where
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """ShardFormatError naming the first shard and position whose id is >= vocab_size."""
+        for f in self.files:
+            check_token_ids(f, vocab_size)
 
     # the shard order of one epoch: name order, or a (seed, epoch)-determined permutation
     def _order(self, epoch: int) -> np.ndarray:

