@@ -69,7 +69,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pyllmc  # noqa: E402
-from pyllmc import checkpoint, corpus, ops  # noqa: E402
+from pyllmc import checkpoint, corpus, diagnostics, ops  # noqa: E402
 from pyllmc import tokenizer as tokenizers  # noqa: E402
 from pyllmc.data import DistributedDataLoader, ShardFormatError, declared_tokenizer  # noqa: E402
 from pyllmc.distributed import GradientBuckets, ShardedParameters  # noqa: E402
@@ -187,6 +187,10 @@ def build_parser():
     g.add_argument("--write_llmc", type=int, default=0, help="1: with each checkpoint, also the model in llm.c's format")
     g.add_argument("--write_hf", type=int, default=0, help="1: with each checkpoint, also a Hugging Face directory")
     g.add_argument("--log_every", type=int, default=1, help="print a step line every this many steps (the log gets all)")
+    g.add_argument("--diagnostics_every", type=int, default=0,
+                   help="every this many steps, per-layer activation, gradient and update-ratio statistics "
+                        "(pyllmc.diagnostics) as one \"diagnostics\" record in main.jsonl, with a warning for each "
+                        "rule of thumb broken; python dev/plot.py OUT/main.jsonl --diagnostics draws them; 0: off")
     g.add_argument("--device", type=str, default="", help="cuda, cuda:N or cpu; empty: cuda when available")
     return parser
 
@@ -527,6 +531,8 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
     grad_accum_steps = total_batch_size // tokens_per_micro_step
     if args.output_dir == "" and (args.resume or args.checkpoint_every > 0 or args.write_llmc or args.write_hf):
         raise ConfigError("--resume, --checkpoint_every, --write_llmc and --write_hf need --output_dir")
+    if args.diagnostics_every < 0:
+        raise ConfigError(f"--diagnostics_every must be >= 0 (0: off); got {args.diagnostics_every}")
     if args.zero_stage == 1 and not ddp:
         print0("note: --zero_stage 1 has no effect in a single process")
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
@@ -804,7 +810,8 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
             # inplace_backward: the fused classifier writes dloss/dlogits over the logits during the
             # forward (llm.c's trick), so the (B, T, V) gradient needs no memory of its own; the
             # 1 / grad_accum_steps of the mean is baked into it (no extra pass in backward)
-            _, loss = model(x, y, return_logits=False, inplace_backward=True, loss_scale=1.0 / grad_accum_steps)
+            forward = raw_model if health.capturing else model  # compiled graphs skip the diagnostics' hooks
+            _, loss = forward(x, y, return_logits=False, inplace_backward=True, loss_scale=1.0 / grad_accum_steps)
             loss_accum += loss.detach()
             loss.backward()
         if buckets is not None:
@@ -819,6 +826,10 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
     step_times, step_mfus = [], []
     skips_in_a_row = 0
     run_start = time.perf_counter()
+    # every --diagnostics_every steps: hooks for that step only, one "diagnostics" record, warnings
+    health = diagnostics.TrainingDiagnostics(raw_model, optimizer, every=args.diagnostics_every,
+                                             loss_scale=1.0 / grad_accum_steps, rank=rank, zero=zero, log=log,
+                                             print_fn=print0)
     model.train()
     with pyllmc.backend(backend_name):
         if start_step == 0 and args.val_loss_every > 0:
@@ -829,11 +840,13 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
             lr = learning_rate_at(step, args)
             step += 1
             last_step = step == stop_step
+            health.begin(step)
 
             # bad target ids are checked on the device and reported after the step's one sync
             with ops.deferred_target_checks():
                 loss_accum = accumulate_gradients()
                 norm = gradient_norm(params)
+                health.before_update()  # a diagnostics step: gradient statistics (before the clip), weights copied
                 loss_value, norm_value = loss_accum.item(), norm.item()  # the step's host sync
             # since the previous sync: the previous step's update, still queued then, and this fwd + bwd
             now = time.perf_counter()
@@ -887,6 +900,7 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
                 print0(f"step {step:{width}d}/{num_iterations} | loss {loss_value:.4f} | lr {lr:.2e} | "
                        f"norm {norm_value:.2f} | dt {dt * 1000:.1f}ms | tok/s {tokens_per_second:,.0f} | "
                        f"MFU {mfu_text} | ETA {format_duration(eta)}")
+            health.end(updated=not skipped, prefix=f"step {step:{width}d}/{num_iterations}")
 
             # ---- evaluate, sample, checkpoint (not counted in the next step's time) ----
             evaluating = last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0)
