@@ -95,8 +95,8 @@ SIGNIFICANT_DIGITS = 5  # floats in the log: enough for any plot or comparison, 
 
 # ---- warnings: the rules of thumb ----
 GELU_SATURATION_LIMIT = 0.5  # half a layer's GELU inputs where it is flat (no gradient) or linear (no
-#                              nonlinearity): the MLP has mostly stopped being one. Not lower: the CPU demo's
-#                              first layer sits at ~30% (13% flat, 17% linear) in a run that learns well
+#                              nonlinearity): the MLP has mostly stopped being one. Not lower: the CPU demo at
+#                              lr 6e-3 had its first layer at ~30% (13% flat, 17% linear) in a run that learned
 UPDATE_LOG10_HIGH = -1.5  # updates of 3% of the weights' std per step: the weights are being overwritten
 UPDATE_LOG10_LOW = -5.0  # 1e-5 of the weights' std per step: the parameter has practically stopped learning
 GRAD_NORM_NEIGHBOUR_FACTOR = 10.0  # a block's gradient norm 10x both neighbours': an exploding layer, not noise
