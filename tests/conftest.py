@@ -52,6 +52,13 @@ def pytest_report_header(config):
             f"cuda backend: {cuda}")
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # -q (the README's command) hides the header: a failure must still say how to replay its inputs
+    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+        terminalreporter.write_line(f"pyllmc: the failures above drew their inputs from PYLLMC_TEST_SEED={SESSION_SEED} "
+                                    f"(set it to replay them)")
+
+
 _stderr_copy = None  # the terminal's stderr, kept before pytest captures fd 2 during tests
 
 

@@ -48,8 +48,22 @@ def assert_grad_close(grad, logits, targets, dloss, ignore_index=-1, name="dlogi
     assert grad.dtype == logits.dtype and grad.shape == logits.shape, name
     _, truth = reference(logits, targets, ignore_index, dloss)
     _, same_dtype = reference(logits, targets, ignore_index, dloss, dtype=logits.dtype)
+    # The kernels keep each row's log-sum-exp as one fp32 number and take p = exp(x - lse): its
+    # rounding, up to half an ulp of |lse|, is that relative error in every probability of the row.
+    # At |logits| ~ 1e4 (ulp(3e4) = 0.002) a row whose top two logits nearly tie has p ~ 0.3 off by
+    # ~6e-4 of the largest entry, where PyTorch (exp(x - max) / sum) is exact to 1e-7. Allowed, per
+    # element, on top of the flash criterion: p x 2 ulps of |lse| x |dloss| / n_valid.
+    x = logits.detach().cpu().double()
+    lse = torch.logsumexp(x, dim=1, keepdim=True)  # (N, 1)
+    t = targets.long().cpu()
+    rows = (t != ignore_index).double().unsqueeze(1)  # (N, 1): ignored rows have no gradient
+    n_valid = rows.sum().clamp(min=1)
+    lse_rounding = torch.exp(x - lse) * 2 * torch.finfo(torch.float32).eps * lse.abs() * rows
+    slack = lse_rounding * (1.0 if dloss is None else abs(float(dloss))) / n_valid
+    diff = grad.detach().cpu().double() - truth
+    actual = truth + diff.sign() * (diff.abs() - slack).clamp(min=0)  # each element moved <= its slack
     scale = truth.abs().max().clamp(min=1e-30)
-    assert_flash_close((grad.detach().cpu().double() / scale).to(grad.dtype), truth / scale,
+    assert_flash_close((actual / scale).to(grad.dtype), truth / scale,
                        (same_dtype.double() / scale).to(grad.dtype), name)
 
 
