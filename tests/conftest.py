@@ -67,6 +67,14 @@ def pytest_configure(config):
     _stderr_copy = os.fdopen(os.dup(sys.__stderr__.fileno()), "w")
 
 
+def pytest_unconfigure(config):
+    global _stderr_copy
+    faulthandler.cancel_dump_traceback_later()  # no watchdog may write to the copy once it is closed
+    if _stderr_copy is not None:
+        _stderr_copy.close()
+        _stderr_copy = None
+
+
 def pytest_sessionstart(session):
     """Build the CUDA simulator up front: its compile errors are this run's first news."""
     from pyllmc import cuda_sim
