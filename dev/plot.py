@@ -215,7 +215,6 @@ def _histogram_panel(ax, colors, per_layer, title, label_of, xlabel, log_y=False
 
 
 def plot_diagnostics(plt, path, prefix, step=None):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the limits drawn are pyllmc's own constants
     from pyllmc.diagnostics import GELU_SATURATION_LIMIT, SATURATION_X, UPDATE_LOG10_HIGH, UPDATE_LOG10_LOW
 
     records = read_diagnostics(path)
@@ -370,4 +369,6 @@ def plot_diagnostics(plt, path, prefix, step=None):
 
 
 if __name__ == "__main__":
+    # run as a script from a checkout: the limits drawn are pyllmc's own constants
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

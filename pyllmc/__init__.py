@@ -1,5 +1,6 @@
 """pyllmc: train GPT-2 from Python with hand-written CUDA and Triton kernels."""
 
+import importlib.machinery as _importlib_machinery
 import importlib.util as _importlib_util
 import sys as _sys
 from pathlib import Path as _Path
@@ -13,17 +14,19 @@ def _link_source_checkout() -> None:
     `python train_gpt2.py` run there), kernels/ sits beside pyllmc/, and _C was built into
     the installed copy by `pip install .`: point pyllmc.kernels at the checkout's kernels/,
     and let `from pyllmc import _C` find an installed build.
+
+    kernels/ has no __init__.py, so pyllmc.kernels is a namespace package in both layouts,
+    and the checkout's top-level kernels/ can never shadow another top-level `kernels`
+    package (kernels/README.md says why that matters).
     """
     here = _Path(__file__).resolve().parent
     if (here / "kernels").is_dir():
         return  # the installed layout
     source_kernels = here.parent / "kernels"
-    if "pyllmc.kernels" not in _sys.modules and (source_kernels / "__init__.py").is_file():
-        spec = _importlib_util.spec_from_file_location(
-            "pyllmc.kernels", source_kernels / "__init__.py", submodule_search_locations=[str(source_kernels)])
-        module = _importlib_util.module_from_spec(spec)
-        _sys.modules["pyllmc.kernels"] = module
-        spec.loader.exec_module(module)
+    if "pyllmc.kernels" not in _sys.modules and (source_kernels / "_common.py").is_file():
+        spec = _importlib_machinery.ModuleSpec("pyllmc.kernels", None, is_package=True)
+        spec.submodule_search_locations = [str(source_kernels)]
+        _sys.modules["pyllmc.kernels"] = _importlib_util.module_from_spec(spec)
     if not any(here.glob("_C.*")):  # not built in place (pip install -e . builds it here)
         for entry in _sys.path:
             candidate = _Path(entry or ".").resolve() / "pyllmc"

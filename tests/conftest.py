@@ -121,6 +121,36 @@ def _time_limit():
         signal.signal(signal.SIGALRM, previous)
 
 
+_SYS_PATH_AT_START: list = []
+
+
+def pytest_collection(session):
+    _SYS_PATH_AT_START[:] = sys.path
+
+
+def pytest_collection_finish(session):
+    """No test module may leave a folder on sys.path: the repository root there lets its folders
+    shadow installed packages for every test after it. (pytest's own insert of tests/ is allowed.)"""
+    tests_dir = str(Path(__file__).resolve().parent)
+    added = [entry for entry in sys.path if entry not in _SYS_PATH_AT_START and entry != tests_dir]
+    if added:
+        raise pytest.UsageError(f"collecting the tests left {added} on sys.path: import the module under a "
+                                f"try/finally that removes the entry again")
+
+
+@pytest.fixture(autouse=True)
+def _sys_path_unchanged(request):
+    """A test that edits sys.path restores it (else the next tests import from wherever it pointed)."""
+    before = list(sys.path)
+    yield
+    if sys.path != before:
+        added = [entry for entry in sys.path if entry not in before]
+        removed = [entry for entry in before if entry not in sys.path]
+        sys.path[:] = before
+        pytest.fail(f"{request.node.nodeid} changed sys.path (added {added}, removed {removed}) and did not "
+                    f"restore it", pytrace=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed_per_test(request):
     seed = (SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode())) % 2**31

@@ -27,7 +27,6 @@ from pyllmc.diagnostics import TrainingDiagnostics, activation_summary, attentio
 from pyllmc.model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import _raw_tokens, read_log, run_train, train_losses  # noqa: E402
 
 # 3 blocks (the middle one has two neighbours), head dim 32 (what every attention backend takes in fp32)
