@@ -28,25 +28,36 @@ dev/bench/checkpoint.py); where xxhash is not installed, sha256 is written and r
 load_checkpoint verifies the checksum (reading the file through mmap, from the page cache)
 before unpickling anything; a mismatch is a ChecksumError (a ValueError) naming the file, the
 parts of it that are damaged (the zip members whose CRC-32 fails) and the two digests, so
-load_latest skips the file like any damaged one. Version-1 checkpoints (written before
-checksums) still load, with a notice.
+load_latest skips the file like any damaged one.
 
 Tokenizer. The trainer records the spec of the tokenizer its data declared (pyllmc.tokenizer) under
 "tokenizer"; recorded_tokenizer(state) reads it back (checkpoints from before it was recorded were
 GPT-2's when their model has GPT-2's vocabulary) and check_tokenizer refuses another one, so a run
 is never resumed, continued or decoded with a tokenizer whose ids mean something else.
 
-Checkpoint files are pickles (they hold numpy/python RNG states and arbitrary loader
-states): load only checkpoints you wrote yourself.
+A checkpoint is data, not code. People share checkpoints (to resume or fine-tune), and a pickle
+can name any Python callable to run while it loads; a checksum cannot help (anyone can write a valid
+one). So everything the trainer puts in a checkpoint is plain data (tensors, ints, floats, strings,
+bools, None, lists, tuples, dicts; numpy's RNG state as a dict holding a tensor), and every checkpoint
+is read with torch.load(weights_only=True), whose restricted unpickler accepts nothing else and calls
+nothing. A file that names any other Python object is refused before anything is unpickled
+(UnsafeCheckpointError, a ValueError). Checkpoints of the earlier format (versions 1 and 2 pickled
+numpy's RNG state as a numpy array, which only the unrestricted unpickler takes) are refused the same
+way, with the command that converts a file you wrote yourself:
+
+    python -m pyllmc.checkpoint convert --trust-this-file OLD.pt NEW.pt
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import mmap
 import os
+import pickle
 import random
 import re
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -56,8 +67,11 @@ import numpy as np
 import torch
 
 FORMAT = "pyllmc-train-checkpoint"
-VERSION = 2  # 2: carries a checksum; 1: written before checksums (read, unverified, with a notice)
-READABLE_VERSIONS = (1, 2)
+# 3: plain data only, read with weights_only=True; 2: a checksum, numpy objects pickled; 1: before checksums.
+# Versions 1 and 2 are refused with the conversion command (convert_trusted, below).
+VERSION = 3
+READABLE_VERSIONS = (3,)
+CONVERTIBLE_VERSIONS = (1, 2)
 _NAME = re.compile(r"^ckpt_(\d{8,})\.pt$")
 _TMP_PREFIX = ".tmp-"
 
@@ -120,10 +134,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 class ChecksumError(ValueError):
     """A checkpoint whose bytes differ from those its checksum was computed over (or whose checksum
     record is damaged); the message names the file and what failed."""
-
-
-class UnverifiedCheckpointWarning(UserWarning):
-    """A checkpoint written before checkpoints carried checksums: loaded without verification."""
 
 
 _CHECKSUM_TAG = b"pyllmc-checksum"
@@ -314,10 +324,31 @@ def verify_checksum(path: str | os.PathLike) -> Optional[str]:
     return algorithm
 
 
+_PLAIN_LEAVES = (torch.Tensor, bool, int, float, str, bytes, type(None), torch.dtype, torch.Size, torch.device)
+
+
+def check_plain_data(obj, where: str = "") -> None:
+    """TypeError naming the first value that torch.load(weights_only=True) could not read back: a
+    checkpoint holds tensors, numbers, strings, bools, None, and lists, tuples and dicts of them."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"checkpoint state{where}: key {key!r} is a {type(key).__name__}, not a str or int")
+            check_plain_data(value, f"{where}[{key!r}]")
+    elif isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        for i, value in enumerate(obj):
+            check_plain_data(value, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN_LEAVES) or type(obj).__module__ == "numpy":
+        raise TypeError(f"checkpoint state{where} is a {type(obj).__module__}.{type(obj).__qualname__}: a checkpoint "
+                        f"holds only plain data (tensors, numbers, strings, lists, tuples, dicts), which loads "
+                        f"without running code; convert it (a numpy array: torch.from_numpy)")
+
+
 def save_checkpoint(directory: str | os.PathLike, step: int, state: dict, keep_last: int = 0) -> Path:
     """Write `state` (plus the header) as the checkpoint of `step`; keep only the newest
     `keep_last` checkpoints (0 keeps all). Returns the checkpoint's path."""
     payload = {"format": FORMAT, "version": VERSION, "step": int(step), **state}
+    check_plain_data(payload)  # what cannot be loaded back as plain data is refused now, not at resume
     path = atomic_torch_save(payload, checkpoint_path(directory, step))
     remove_stale_temporaries(directory)
     if keep_last > 0:
@@ -333,26 +364,102 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> None:
         entry.unlink(missing_ok=True)
 
 
+class UnsafeCheckpointError(ValueError):
+    """A file that names Python objects beyond plain data (the restricted unpickler's set): loading it
+    could run code, so it is refused; an earlier-format pyllmc checkpoint gets the conversion command."""
+
+
+# What checkpoints of versions 1 and 2 pickled besides plain data: numpy's RNG state (an ndarray).
+_EARLIER_FORMAT_GLOBALS = re.compile(r"^numpy\.(core\.multiarray\._reconstruct|_core\.multiarray\._reconstruct|"
+                                     r"ndarray|dtype|dtypes\.\w+)$")
+
+
+def _unsafe_globals(path) -> list[str]:
+    """The Python objects a checkpoint's pickle names that torch.load(weights_only=True) refuses, found by
+    reading its opcodes (nothing is unpickled); [] where this torch cannot tell."""
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if finder is None:
+        return []
+    try:
+        return sorted(finder(str(path)))
+    except Exception:  # a damaged pickle: the load's own error says so
+        return []
+
+
+def _refuse_unsafe(path, err: Exception) -> UnsafeCheckpointError:
+    names = _unsafe_globals(path)
+    if names and all(_EARLIER_FORMAT_GLOBALS.match(name) for name in names):
+        return UnsafeCheckpointError(
+            f"{path}: a checkpoint of pyllmc's earlier format, which pickled Python objects ({', '.join(names)}); "
+            f"pyllmc now loads checkpoints only as plain data, because a pickled object can run any code while it "
+            f"loads. If you wrote this file yourself, convert it once: python -m pyllmc.checkpoint convert "
+            f"--trust-this-file {path} NEW.pt")
+    named = f"it names {', '.join(names)}" if names else f"{type(err).__name__}: {err}"
+    return UnsafeCheckpointError(
+        f"{path}: refused: a pyllmc checkpoint holds only plain data (tensors, numbers, strings, lists, dicts), "
+        f"and this file asks the unpickler for more ({named}); loading it could run code. Do not load it "
+        f"unless you know who made it and why")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", verify: bool = True) -> dict:
-    """Load one checkpoint; ValueError when the file is not a complete pyllmc checkpoint, ChecksumError
-    (a ValueError) when its bytes do not match its checksum. verify=False skips the checksum."""
+    """Load one checkpoint as plain data (torch.load with weights_only=True: nothing in the file is run).
+
+    ValueError when the file is not a complete pyllmc checkpoint; ChecksumError (a ValueError) when its
+    bytes do not match its checksum; UnsafeCheckpointError (a ValueError) when it names Python objects
+    beyond plain data: a file made to run code, or one of pyllmc's earlier format (the message gives the
+    conversion command). verify=False skips the checksum."""
     algorithm = verify_checksum(path) if verify else None  # before anything is unpickled
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # truncated zip, garbage bytes, unpickling errors...
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # the restricted unpickler met a global it does not allow
+        raise _refuse_unsafe(path, err) from None
+    except Exception as err:  # truncated zip, garbage bytes...
         raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT or "step" not in state:
         raise ValueError(f"{path}: not a {FORMAT} file (no header)")
     version = state.get("version")
+    if version in CONVERTIBLE_VERSIONS:
+        raise UnsafeCheckpointError(
+            f"{path}: a checkpoint of pyllmc's earlier format (version {version}); if you wrote it yourself, "
+            f"convert it once: python -m pyllmc.checkpoint convert --trust-this-file {path} NEW.pt")
     if version not in READABLE_VERSIONS:
         raise ValueError(f"{path}: checkpoint version {version}, this pyllmc reads {READABLE_VERSIONS}")
     if verify and algorithm is None:
-        if version >= 2:
-            raise ChecksumError(f"{path}: a version-{version} checkpoint without its checksum record "
-                                f"(the end of the file was damaged or rewritten)")
-        warnings.warn(f"{path}: written before checkpoints carried checksums (version {version}): "
-                      f"loaded without verification", UnverifiedCheckpointWarning, stacklevel=2)
+        raise ChecksumError(f"{path}: a version-{version} checkpoint without its checksum record "
+                            f"(the end of the file was damaged or rewritten)")
     return state
+
+
+def convert_trusted(source: str | os.PathLike, destination: str | os.PathLike) -> Path:
+    """Rewrite a checkpoint of the earlier format (versions 1, 2) as the current one (plain data).
+
+    THIS RUNS THE UNRESTRICTED UNPICKLER on `source`: whatever code the file names runs. Call it only on
+    a file you wrote yourself (the command line asks for --trust-this-file). The checksum of a version-2
+    file is verified first; the result is checked to load as plain data before it is written."""
+    source, destination = Path(source), Path(destination)
+    if source.resolve() == destination.resolve():
+        raise ValueError(f"{destination}: write the converted checkpoint to a new file (the original stays as it is)")
+    verify_checksum(source)
+    state = torch.load(source, map_location="cpu", weights_only=False)  # trusted by the caller, see above
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "step" not in state:
+        raise ValueError(f"{source}: not a {FORMAT} file (no header)")
+    if state.get("version") not in CONVERTIBLE_VERSIONS + READABLE_VERSIONS:
+        raise ValueError(f"{source}: checkpoint version {state.get('version')}, this pyllmc converts "
+                         f"{CONVERTIBLE_VERSIONS}")
+    for rank in state.get("ranks") or []:
+        rng = rank.get("rng") if isinstance(rank, dict) else None
+        if rng is not None and isinstance(rng.get("numpy"), tuple):
+            rng["numpy"] = _plain_numpy_state(rng["numpy"])
+    state.pop("format"), state.pop("version")
+    step = state.pop("step")
+    payload = {"format": FORMAT, "version": VERSION, "step": int(step), **state}
+    path = atomic_torch_save(payload, destination)
+    try:
+        load_checkpoint(path)
+    except ValueError as err:
+        path.unlink(missing_ok=True)
+        raise ValueError(f"{source}: holds more than plain data even after conversion ({err}); not converted") from None
+    return path
 
 
 def load_latest(directory: str | os.PathLike, map_location: Any = "cpu") -> Optional[tuple[dict, Path]]:
@@ -371,11 +478,19 @@ def load_latest(directory: str | os.PathLike, map_location: Any = "cpu") -> Opti
 
 # ---- random number generator states ---------------------------------------------------------
 
+def _plain_numpy_state(legacy) -> dict:
+    """numpy's global RNG state as plain data: np.random.get_state()'s tuple ("MT19937", key (624,) uint32,
+    pos, has_gauss, cached_gaussian) as a dict with the key in an int64 tensor."""
+    kind, key, pos, has_gauss, cached_gaussian = legacy
+    return {"bit_generator": str(kind), "key": torch.from_numpy(np.asarray(key, dtype=np.int64).copy()),
+            "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
 def rng_state() -> dict:
-    """Every global RNG a training run may draw from: python, numpy, torch CPU and CUDA."""
+    """Every global RNG a training run may draw from: python, numpy, torch CPU and CUDA (plain data)."""
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, tuple of 625 ints, None)
+        "numpy": _plain_numpy_state(np.random.get_state()),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -384,8 +499,11 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))  # weights_only loads tuples back as tuples; be sure
+    numpy = state["numpy"]
+    np.random.set_state((numpy["bit_generator"], numpy["key"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
@@ -414,3 +532,34 @@ def check_tokenizer(state: dict, tokenizer, path: str | os.PathLike = "the check
     recorded = recorded_tokenizer(state)
     if recorded is not None:
         check_same(recorded, tokenizer, f"checkpoint {path}")
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pyllmc.checkpoint",
+                                     description="Convert a training checkpoint of pyllmc's earlier format.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert = sub.add_parser("convert", help="rewrite an earlier-format checkpoint (versions 1, 2) as plain data",
+                             description="Loads SOURCE with the unrestricted unpickler (which runs whatever code the "
+                                         "file names) and writes it as a current checkpoint that loads as plain "
+                                         "data. Only for a file you wrote yourself.")
+    convert.add_argument("source")
+    convert.add_argument("destination")
+    convert.add_argument("--trust-this-file", action="store_true",
+                         help="say that you wrote SOURCE yourself: loading it may run any code it holds")
+    args = parser.parse_args(argv)
+    if not args.trust_this_file:
+        parser.error("convert loads SOURCE with the unrestricted unpickler, which runs any code the file holds: "
+                     "add --trust-this-file only if you wrote it yourself")
+    try:
+        path = convert_trusted(args.source, args.destination)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} (checkpoint version {VERSION}: plain data, loads without running code)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,6 +30,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -631,7 +633,12 @@ def _load_hf_weights(directory: str) -> dict:
             except ImportError as err:
                 raise ImportError(f"{path} needs the safetensors package (pip install safetensors)") from err
             return load_safetensors(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:  # weights_only: a pickle that names anything but tensors and plain data is refused, never run
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            blocked = re.search(r"GLOBAL (\S+)", str(err))
+            raise ValueError(f"{path}: refused: a model file holds tensors only, and this one asks the unpickler "
+                             f"for more ({blocked.group(1) if blocked else err}); loading it could run code") from None
 
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
@@ -640,6 +647,10 @@ def _load_hf_weights(directory: str) -> dict:
         if os.path.isfile(os.path.join(directory, index)):
             with open(os.path.join(directory, index)) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
+            outside = [s for s in shards if not isinstance(s, str) or os.path.basename(s) != s or s in ("", ".", "..")]
+            if outside:  # an index names files of its own directory, never a path to elsewhere
+                raise ValueError(f"{os.path.join(directory, index)}: weight_map names {outside[:3]}, not files of "
+                                 f"{directory}")
             state = {}
             for shard in shards:
                 state.update(load_file(shard))

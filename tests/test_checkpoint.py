@@ -153,8 +153,7 @@ def pickle_regions(data, start, end, state):
         spans.append((label, cat, start + at, start + at + len(needle)))
 
     find(rank["train_loader"]["file"].encode(), "pickle: loader state (current shard)", "loader state")
-    # torch pickles with protocol 2, where bytes travel as latin-1 text, UTF-8 encoded
-    find(rank["rng"]["numpy"][1].tobytes().decode("latin1").encode("utf-8"), "pickle: numpy RNG key", "rng state")
+    # (numpy's RNG key is a tensor: its own zip member, found by regions())
     # python's Mersenne Twister state: 625 ints, each one pickle opcode with its argument
     find(b"".join(pickle.dumps(i, 2)[2:-1] for i in rank["rng"]["python"][1]), "pickle: python RNG state",
          "rng state")
@@ -261,14 +260,7 @@ def test_load_latest_skips_a_payload_corrupted_checkpoint(clean, tmp_path):
 
 def test_checkpoints_without_a_checksum(clean, tmp_path):
     path, data, loaded = clean
-    # a version-1 checkpoint (written before checksums): loads, with a one-line notice
-    old = tmp_path / "ckpt_00000003.pt"
-    torch.save({"format": checkpoint.FORMAT, "version": 1, "step": 3, "x": torch.arange(5)}, old)
-    with pytest.warns(checkpoint.UnverifiedCheckpointWarning, match="without verification") as warned:
-        state = checkpoint.load_checkpoint(old)
-    assert state["step"] == 3 and torch.equal(state["x"], torch.arange(5))
-    assert len(warned) == 1 and "\n" not in str(warned[0].message)
-    # a version-2 checkpoint whose checksum record was cut off: refused
+    # a version-3 checkpoint whose checksum record was cut off: refused
     algorithm, _, length = checkpoint.read_checksum_record(path)
     stripped = tmp_path / "ckpt_00000004.pt"
     stripped.write_bytes(data[:length - 2] + b"\0\0")
@@ -337,3 +329,94 @@ def test_the_recorded_tokenizer_comes_back_and_another_is_refused(tmp_path):
     assert checkpoint.recorded_tokenizer({"model_config": {"vocab_size": 50257}}) == {"name": "gpt2"}
     assert checkpoint.recorded_tokenizer({"model_config": {"vocab_size": 256}}) is None
     checkpoint.check_tokenizer({"model_config": {"vocab_size": 256}}, MuLawTokenizer())  # unknown: not refused
+
+
+# ---- a checkpoint is data, not code ---------------------------------------------------------------
+
+class RunsAShellCommand:
+    """What a malicious checkpoint carries: unpickling it calls os.system(command)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def write_malicious_checkpoint(directory, step, state, marker):
+    """pyllmc's own writer (a valid checksum and header) with one extra entry that runs a shell command
+    when unpickled, as anyone can make; the check of plain data is what a forger would skip."""
+    payload = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "step": step, **state,
+               "extra": RunsAShellCommand(f"touch {marker}")}
+    return checkpoint.atomic_torch_save(payload, checkpoint.checkpoint_path(directory, step))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(clean, tmp_path):
+    path, data, loaded = clean
+    marker = tmp_path / "the_command_ran"
+    state = {k: v for k, v in loaded.items() if k not in ("format", "version", "step")}
+    good = checkpoint.save_checkpoint(tmp_path / "run", 3, state)
+    evil = write_malicious_checkpoint(tmp_path / "run", 6, state, marker)
+    checkpoint.verify_checksum(evil)  # its checksum is valid: a checksum is no signature
+    with pytest.raises(checkpoint.UnsafeCheckpointError, match=r"refused: .*only plain data.*(posix|os)\.system") as info:
+        checkpoint.load_checkpoint(evil)
+    assert isinstance(info.value, ValueError) and str(evil) in str(info.value)
+    assert "convert" not in str(info.value)  # not mistaken for an old checkpoint of ours
+    # the newest is refused, the older good one is taken, as for a damaged file
+    with pytest.warns(UserWarning, match="skipping checkpoint of step 6: .*could run code"):
+        state_back, found = checkpoint.load_latest(tmp_path / "run")
+    assert found == good and same_state(state_back, loaded | {"step": 3})
+    assert not marker.exists(), "loading the checkpoint ran its shell command"
+
+
+def test_saving_anything_but_plain_data_is_refused(tmp_path):
+    with pytest.raises(TypeError, match=r"state\['ranks'\]\[0\]\['rng'\] is a numpy.ndarray"):
+        checkpoint.save_checkpoint(tmp_path, 1, {"ranks": [{"rng": np.zeros(3)}]})
+    with pytest.raises(TypeError, match=r"state\['extra'\] is a .*RunsAShellCommand"):
+        checkpoint.save_checkpoint(tmp_path, 1, {"extra": RunsAShellCommand("true")})
+    assert checkpoint.list_checkpoints(tmp_path) == []
+
+
+def earlier_format_checkpoint(directory, loaded, version):
+    """A checkpoint as pyllmc wrote it before version 3: numpy's RNG state pickled as numpy's tuple (an
+    ndarray inside), with the checksum record (version 2) or without (version 1)."""
+    state = copy.deepcopy({k: v for k, v in loaded.items() if k not in ("format", "version", "step")})
+    np.random.seed(11)
+    for rank in state["ranks"]:
+        rank["rng"]["numpy"] = np.random.get_state()
+    payload = {"format": checkpoint.FORMAT, "version": version, "step": 5, **state}
+    return checkpoint.atomic_torch_save(payload, checkpoint.checkpoint_path(directory, 5), checksum=version >= 2)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_earlier_format_checkpoint_is_refused_with_the_conversion_command(clean, tmp_path, capsys, version):
+    _, _, loaded = clean
+    old = earlier_format_checkpoint(tmp_path, loaded, version)
+    with pytest.raises(checkpoint.UnsafeCheckpointError,
+                       match=r"earlier format.*numpy.*convert --trust-this-file") as info:
+        checkpoint.load_checkpoint(old)
+    assert f"python -m pyllmc.checkpoint convert --trust-this-file {old} NEW.pt" in str(info.value)
+    converted = tmp_path / "converted.pt"
+    # the converter runs the unrestricted unpickler: only when told that the file is trusted
+    with pytest.raises(SystemExit) as exit_info:
+        checkpoint.main(["convert", str(old), str(converted)])
+    assert exit_info.value.code == 2 and "--trust-this-file" in capsys.readouterr().err
+    assert not converted.exists()
+    assert checkpoint.main(["convert", "--trust-this-file", str(old), str(converted)]) == 0
+    assert "checkpoint version 3" in capsys.readouterr().out
+    state = checkpoint.load_checkpoint(converted)
+    assert state["version"] == checkpoint.VERSION and state["step"] == 5
+    assert same_state(state["model"], loaded["model"]) and same_state(state["optimizer"], loaded["optimizer"])
+    # numpy's RNG continues where the old file's state left it
+    np.random.seed(11)
+    expected = np.random.rand(4)
+    np.random.seed(99)
+    checkpoint.set_rng_state(state["ranks"][0]["rng"])
+    assert np.array_equal(np.random.rand(4), expected)
+    # refused: converting onto itself, or a file that is no checkpoint
+    assert checkpoint.main(["convert", "--trust-this-file", str(old), str(old)]) == 1
+    (tmp_path / "other.pt").write_bytes(b"\0" * 64)
+    assert checkpoint.main(["convert", "--trust-this-file", str(tmp_path / "other.pt"), str(tmp_path / "o.pt")]) == 1
+    assert "error:" in capsys.readouterr().err

@@ -243,7 +243,19 @@ def test_from_pretrained_pytorch_bin_and_errors(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0], hf(input_ids=x).logits, rtol=1e-5, atol=1e-5)
 
+    # a pickle that names more than tensors is refused (weights_only), and so is an index pointing elsewhere
+    from test_checkpoint import RunsAShellCommand
+
+    marker = tmp_path / "the_command_ran"
+    torch.save({"x": torch.zeros(1), "evil": RunsAShellCommand(f"touch {marker}")}, d / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: refused: .*\((posix|os)\.system\); loading it could run"):
+        GPT.from_pretrained(str(d))
+    assert not marker.exists()
     os.remove(d / "pytorch_model.bin")
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"h.0.attn": "../outside.bin"}}))
+    with pytest.raises(ValueError, match=r"weight_map names \['../outside.bin'\], not files of"):
+        GPT.from_pretrained(str(d))
+    os.remove(d / "pytorch_model.bin.index.json")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         GPT.from_pretrained(str(d))
     cfg = hf.config.to_dict()

@@ -16,6 +16,7 @@ token ids past the vocabulary refused before training; the tokenizer recorded in
 and a resume or continuation on another refused. About 8 minutes on 2 busy cores.
 """
 
+import io
 import json
 import os
 import re
@@ -254,6 +255,32 @@ def test_damaged_newest_checkpoint_is_skipped(shards, baseline, tmp_path):
     assert final["ranks"][0]["train_loader"] == reference["ranks"][0]["train_loader"]
 
 
+def test_a_checkpoint_that_would_run_code_is_refused_by_the_trainer(shards, baseline, tmp_path):
+    """A shared checkpoint with a valid checksum and one entry that runs a shell command when unpickled:
+    --model refuses it before anything runs; --resume 1 skips it for the older good checkpoint."""
+    from test_checkpoint import write_malicious_checkpoint
+
+    base_dir, _, records = baseline
+    marker = tmp_path / "the_command_ran"
+    good = checkpoint.load_checkpoint(base_dir / "ckpt_00000006.pt")
+    state = {k: v for k, v in good.items() if k not in ("format", "version", "step")}
+    out = tmp_path / "run"
+    _copy_checkpoint(base_dir, 3, out)
+    evil = write_malicious_checkpoint(out, 6, state, marker)
+
+    result = run_train([*COMMON, *_data_args(shards), "--model", str(evil), "--num_iterations", "1"],
+                       expect_ok=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert re.search(r"--model \S+ckpt_00000006\.pt: \S+: refused: .*could run code", result.stderr), result.stderr
+    assert "step 1/" not in result.stdout
+
+    result = run_train([*COMMON, *_data_args(shards), *RESUME_ARGS, "--output_dir", str(out), "--resume", "1"])
+    assert re.search(r"skipping checkpoint of step 6: .*ckpt_00000006\.pt: refused", result.stderr), result.stderr
+    assert "step 3)" in result.stdout  # resumed from the good one, and on from there bit for bit
+    assert train_losses(read_log(out)) == {s: l for s, l in train_losses(records).items() if s > 3}
+    assert not marker.exists(), "loading the checkpoint ran its shell command"
+
+
 def test_damaged_shard_is_reported_before_training(shards, tmp_path):
     from pyllmc.data import file_sha256
 
@@ -277,7 +304,7 @@ def test_damaged_shard_is_reported_before_training(shards, tmp_path):
 
 
 def test_checkpoint_write_killed_midway_keeps_the_previous(tmp_path, monkeypatch):
-    checkpoint.save_checkpoint(tmp_path, 1, {"weights": np.arange(4)})
+    checkpoint.save_checkpoint(tmp_path, 1, {"weights": [0, 1, 2, 3]})
 
     def killed(src, dst):
         raise OSError("killed during rename")
@@ -285,7 +312,7 @@ def test_checkpoint_write_killed_midway_keeps_the_previous(tmp_path, monkeypatch
     with monkeypatch.context() as m:
         m.setattr(os, "replace", killed)
         with pytest.raises(OSError, match="killed"):
-            checkpoint.save_checkpoint(tmp_path, 2, {"weights": np.arange(5)})
+            checkpoint.save_checkpoint(tmp_path, 2, {"weights": [0, 1, 2, 3, 4]})
     assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000001.pt"]  # no temporary left behind
     state, path = checkpoint.load_latest(tmp_path)
@@ -315,10 +342,14 @@ def test_rng_state_round_trip():
     import torch
 
     saved = checkpoint.rng_state()
-    a = (random.random(), np.random.rand(), torch.rand(3))
-    checkpoint.set_rng_state(saved)
-    b = (random.random(), np.random.rand(), torch.rand(3))
-    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+    a = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
+    # through a file, read back as a checkpoint is (plain data only)
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    checkpoint.set_rng_state(torch.load(buffer, weights_only=True))
+    b = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
+    assert a[:3] == b[:3] and torch.equal(a[3], b[3])
 
 
 @pytest.mark.parametrize("case", ["batch_not_divisible", "sequence_too_long", "shard_too_small", "missing_file"])
