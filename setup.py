@@ -6,7 +6,9 @@ and the CUDA runtime is linked statically. It never includes a torch header, so 
 builds under pip's build isolation and runs beside whatever torch is installed.
 
 Environment variables:
-  PYLLMC_CUDA_ARCH   compute capabilities to build for, e.g. "90" or "80;90" (default "80;90")
+  PYLLMC_CUDA_ARCH   compute capabilities to build for, e.g. "90", "80;90" or "80;90+PTX" (+PTX also
+                     embeds that arch's PTX, which newer GPUs JIT-compile). Default: the GPUs visible
+                     at build time (nvidia-smi), else "80;90+PTX" (pyllmc/_toolchain.py says why)
   PYLLMC_NO_CUDA=1   skip the extension even when nvcc is found (pure-Python install)
   CUDA_HOME          where the CUDA toolkit lives (else /usr/local/cuda, else nvcc on PATH)
   PYLLMC_NVCC_FLAGS  extra flags appended to every nvcc command
@@ -47,10 +49,13 @@ find_cuda_home = toolchain.find_cuda_home
 
 
 def cuda_archs():
-    try:
-        return toolchain.parse_archs(os.environ.get("PYLLMC_CUDA_ARCH", "80;90"))
-    except ValueError as err:
-        raise SystemExit(f"PYLLMC_CUDA_ARCH: {err}") from None
+    """(the archs to build for, why), chosen once per build."""
+    if not hasattr(cuda_archs, "chosen"):
+        try:
+            cuda_archs.chosen = toolchain.build_archs()
+        except ValueError as err:
+            raise SystemExit(f"PYLLMC_CUDA_ARCH: {err}") from None
+    return cuda_archs.chosen
 
 
 def find_ninja():
@@ -77,11 +82,14 @@ class CudaBuildExt(build_ext):
         build_dir = Path(self.build_temp).resolve() / "cuda"
         build_dir.mkdir(parents=True, exist_ok=True)
 
-        nvcc_flags = toolchain.nvcc_flags(CSRC, cuda_archs())
+        archs, why = cuda_archs()
+        nvcc_flags = toolchain.nvcc_flags(CSRC, archs)
         sources = sorted(CSRC.glob("*.cu"))
         objects = [build_dir / (src.stem + ".o") for src in sources]
         headers = sorted(CSRC.glob("*.cuh"))
-        log(f"nvcc {nvcc}, archs {cuda_archs()}, {len(sources)} kernel files")
+        log(f"nvcc {nvcc}, archs {';'.join(archs)} ({why}), {len(sources)} kernel files")
+        # the extension reports what it was built for (pyllmc.available_backends() names it)
+        ext.define_macros = [*(ext.define_macros or []), ("PYLLMC_CUDA_ARCHS", f'"{";".join(archs)}"')]
 
         ninja = find_ninja()
         if ninja:

@@ -29,13 +29,21 @@ void bind(py::module_& m);  // csrc/sim/module.cpp: schedule, cp.async mode, sel
 }
 #endif
 
+#ifndef PYLLMC_CUDA_ARCHS  // setup.py defines it: the -gencode list the kernels were built for
+#define PYLLMC_CUDA_ARCHS ""
+#endif
+
 namespace pyllmc {
+// device.cu
+cudaError_t probe_kernel_image();
 // gelu.cu
 void gelu_forward(void* out, const void* inp, long long n, int dtype, cudaStream_t stream);
 void gelu_backward(void* dinp, const void* inp, const void* dout, long long n, int dtype, cudaStream_t stream);
 // adamw.cu
 void adamw_step(const void* tensors, int num_tensors, const void* chunk_to_tensor, long long num_chunks,
                 long long chunk_size, const void* hyper, int num_rows, cudaStream_t stream);
+void adamw_step_device_hyper(const void* tensors, int num_tensors, const void* chunk_to_tensor, long long num_chunks,
+                             long long chunk_size, const void* hyper, int num_rows, cudaStream_t stream);
 int adamw_chunk_size();
 int adamw_max_rows();
 // attention.cu
@@ -102,6 +110,25 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
     }, "Why the CUDA runtime sees no device: the runtime's error string, or '' when it sees one.");
     m.def("cuda_runtime_version", [] { return CUDART_VERSION; },
           "CUDA runtime version the extension was built with (e.g. 13000).");
+    m.def("device_error_name", [] {
+        int n = 0;
+        cudaError_t err = cudaGetDeviceCount(&n);
+        cudaGetLastError();
+        return err == cudaSuccess ? std::string() : std::string(cudaGetErrorName(err));
+    }, "The runtime's error name when it sees no device (e.g. 'cudaErrorInsufficientDriver'), else ''.");
+    m.def("cuda_driver_version", [] {
+        int version = 0;
+        if (cudaDriverGetVersion(&version) != cudaSuccess) version = 0;
+        cudaGetLastError();
+        return version;
+    }, "The newest CUDA version the installed driver supports (e.g. 12080), 0 without a driver.");
+    m.def("built_archs", [] { return std::string(PYLLMC_CUDA_ARCHS); },
+          "The architectures the kernels were compiled for, as PYLLMC_CUDA_ARCH spells them (e.g. '80;90+PTX').");
+    m.def("kernel_image_error", [] {
+        cudaError_t err = pyllmc::probe_kernel_image();
+        return err == cudaSuccess ? std::string() : std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+    }, "'' when this build's kernels launch on the current device, else the runtime's error (e.g. "
+       "'cudaErrorNoKernelImageForDevice: ...').");
 
     // ---- gelu
     m.def("gelu_forward", [](ptr_t out, ptr_t inp, long long n, int dtype, ptr_t stream) {
@@ -116,6 +143,13 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
                            long long chunk_size, ptr_t hyper, int num_rows, ptr_t stream) {
         pyllmc::adamw_step(as_ptr(tensors), num_tensors, as_ptr(chunk_to_tensor), num_chunks, chunk_size,
                            as_ptr(hyper), num_rows, as_stream(stream));
+    }, py::arg("tensors"), py::arg("num_tensors"), py::arg("chunk_to_tensor"), py::arg("num_chunks"),
+       py::arg("chunk_size"), py::arg("hyper"), py::arg("num_rows"), py::arg("stream"));
+    // capturable mode: hyper is a DEVICE pointer, read by the kernel when it runs
+    m.def("adamw_step_device_hyper", [](ptr_t tensors, int num_tensors, ptr_t chunk_to_tensor, long long num_chunks,
+                                        long long chunk_size, ptr_t hyper, int num_rows, ptr_t stream) {
+        pyllmc::adamw_step_device_hyper(as_ptr(tensors), num_tensors, as_ptr(chunk_to_tensor), num_chunks, chunk_size,
+                                        as_ptr(hyper), num_rows, as_stream(stream));
     }, py::arg("tensors"), py::arg("num_tensors"), py::arg("chunk_to_tensor"), py::arg("num_chunks"),
        py::arg("chunk_size"), py::arg("hyper"), py::arg("num_rows"), py::arg("stream"));
     m.def("adamw_chunk_size", &pyllmc::adamw_chunk_size, "Elements per block of adamw_step.");

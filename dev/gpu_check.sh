@@ -7,7 +7,7 @@
 # Stages, in this order, each with its own time limit, each writing its log under $OUT as it
 # runs (a run killed at any point still leaves what it learned):
 #   1. environment + build (<= 120 s): GPU, driver, versions; pip install --no-build-isolation
-#      --no-deps -e . for sm_90 only, all cores. Fails hard (and stops) when torch sees a GPU but
+#      --no-deps -e . for the GPU's own architecture only (nvidia-smi), all cores. Fails hard (and stops) when torch sees a GPU but
 #      the cuda backend cannot run: pyllmc._C's own device error is printed (a CUDA 13 runtime on
 #      an older driver sees 0 devices, which would turn every CUDA test into a skip).
 #   2. smoke (<= 90 s): dev/gpu_smoke.py, every op x backend x dtype x gradient at GPT-2 shapes
@@ -152,13 +152,21 @@ echo "gpu_check: $([ "$DRY_RUN" = 1 ] && echo 'dry run (no GPU)' || echo 'GPU ru
 
 # ---- 1. environment + build ---------------------------------------------------------------------
 
+# Build for the GPU this runs on, its architecture only (the fastest build), whatever NVIDIA GPU it is
+# (sm_80 or newer runs every stage; below, the bf16 tensor-core kernels report themselves unavailable).
+# PYLLMC_CUDA_ARCH given by the caller wins; without nvidia-smi (a dry run on a CPU) it stays unset.
+gpu_arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+if [ -z "${PYLLMC_CUDA_ARCH:-}" ] && [ -n "$gpu_arch" ]; then
+    export PYLLMC_CUDA_ARCH="$gpu_arch"
+fi
+
 # The environment probe: one ENV-JSON line for the summary, then the same as text.
 # Exit 11: torch sees no GPU; exit 10: it sees one but the cuda backend cannot run there.
 cat >"$TMP/probe.py" <<'PY'
 import json, os, platform, shutil, subprocess, sys
 
 dry = os.environ["DRY_RUN"] == "1"
-env = {"python": platform.python_version(), "arch": os.environ.get("PYLLMC_CUDA_ARCH", "90"),
+env = {"python": platform.python_version(), "arch": os.environ.get("PYLLMC_CUDA_ARCH", "not set (no nvidia-smi)"),
        "jobs": os.environ.get("MAX_JOBS"), "build_seconds": float(os.environ.get("BUILD_SECONDS") or 0) or None}
 if shutil.which("nvidia-smi"):
     q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
@@ -216,7 +224,7 @@ else
         echo "=== environment (CPU cores: $(nproc))" >>"$STAGE_LOG"
         step nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.sm --format=csv
         step nvcc --version
-        export PYLLMC_CUDA_ARCH=90 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+        export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
         echo "=== build: PYLLMC_CUDA_ARCH=$PYLLMC_CUDA_ARCH MAX_JOBS=$MAX_JOBS pip install --no-build-isolation --no-deps -v -e ." \
             >>"$STAGE_LOG"
         t0=$SECONDS
@@ -263,7 +271,8 @@ if [ "$DRY_RUN" = 1 ]; then
 else
     if [ -z "$STOP" ] && [ -f dev/ptxas_report.py ]; then
         # The ptxas table for the report, on the CPU cores the tests leave idle; stopped before the bench.
-        timeout 200 "$PY" dev/ptxas_report.py --arch 90 --md "$TMP/ptxas.md" >"$TMP/ptxas.log" 2>&1 &
+        ptxas_arch="${PYLLMC_CUDA_ARCH:-90}"
+        timeout 200 "$PY" dev/ptxas_report.py --arch "${ptxas_arch%%+*}" --md "$TMP/ptxas.md" >"$TMP/ptxas.log" 2>&1 &
         PTXAS_PID=$!
     fi
     if stage_begin tests 120 170 tests.log; then

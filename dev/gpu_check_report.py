@@ -351,11 +351,15 @@ def judge_sanitizer(stages: list, out: Path) -> Verdict:
 def _load_bench_run():
     """dev/bench/run.py, by path (its report code needs no torch)."""
     bench = ROOT / "dev" / "bench"
-    sys.path.insert(0, str(bench))
-    spec = importlib.util.spec_from_file_location("pyllmc_bench_run", bench / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    saved = list(sys.path)  # run.py puts its folder on sys.path to import common.py: only while it loads
+    try:
+        sys.path.insert(0, str(bench))
+        spec = importlib.util.spec_from_file_location("pyllmc_bench_run", bench / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
     return module
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Iterator, NamedTuple, Optional
 
 import torch
@@ -141,12 +142,47 @@ def _probe_status(name: str) -> BackendStatus:
     if cuda_sim.enabled():
         return BackendStatus(True, "", simulated=True)
     if ext.device_count() == 0:
-        runtime = ext.device_error() or "no device"
-        return BackendStatus(False, f"{_no_gpu_reason()}; the CUDA runtime says: {runtime}")
-    if not torch.cuda.is_available():
+        status = BackendStatus(False, _no_device_reason(ext))
+    elif not torch.cuda.is_available():
         return BackendStatus(False, "the CUDA runtime sees a GPU but this torch has no CUDA support "
                              "(install a CUDA build of torch)")
-    return BackendStatus(True, "")
+    else:
+        image_error = ext.kernel_image_error()
+        if not image_error:
+            return BackendStatus(True, "")
+        status = BackendStatus(False, _no_image_reason(ext, image_error))
+    if torch.cuda.is_available():  # torch uses the GPU, our extension cannot: say so once, not just fall back
+        warnings.warn(f"pyllmc: the cuda backend cannot run here ({status.reason}); 'auto' uses triton instead",
+                      RuntimeWarning, stacklevel=2)
+    return status
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def _no_device_reason(ext) -> str:
+    """Why the extension's CUDA runtime sees no GPU, in words a user can act on."""
+    runtime = ext.device_error() or "no device"
+    driver, built = ext.cuda_driver_version(), ext.cuda_runtime_version()
+    # with no driver at all the runtime says "insufficient driver" too: only a driver that is there and
+    # older than the runtime is the driver's fault
+    if ext.device_error_name() == "cudaErrorInsufficientDriver" and 0 < driver < built:
+        supports = f"supports CUDA {_cuda_version(driver)}"
+        return (f"the NVIDIA driver ({supports}) is older than the CUDA {_cuda_version(built)} runtime pyllmc._C was "
+                f"built with: update the driver, or reinstall pyllmc with a CUDA toolkit no newer than the driver "
+                f"supports (CUDA_HOME=... pip install .)")
+    seen_by_torch = " (torch sees one: the extension's CUDA runtime does not)" if torch.cuda.is_available() else ""
+    return f"{_no_gpu_reason()}{seen_by_torch}; the CUDA runtime says: {runtime}"
+
+
+def _no_image_reason(ext, image_error: str) -> str:
+    """Why the extension's kernels cannot launch on this GPU: usually built for other architectures."""
+    major, minor = torch.cuda.get_device_capability()
+    built = ext.built_archs() or "unknown architectures"
+    return (f"pyllmc._C holds no kernel this GPU (compute capability {major}.{minor}) can run: it was built for "
+            f"{built} ({image_error}); rebuild for this GPU: PYLLMC_CUDA_ARCH={major}{minor} pip install "
+            f"--force-reinstall --no-deps .")
 
 
 def cuda_extension():

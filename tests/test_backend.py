@@ -126,3 +126,94 @@ def test_context_backend_drives_ops():
     with pyllmc.backend("torch"):
         y = pyllmc.ops.gelu(x)
     assert y.grad_fn is not None and "Gelu" in type(y.grad_fn).__name__  # torch's own autograd node
+
+
+# ---- choosing honestly on GPUs the build does not fit (the device API patched: no GPU here) ----------
+
+class FakeExtension:
+    """What pyllmc._C answers on a machine with a GPU, as the patched cases need."""
+
+    def __init__(self, devices=1, image_error="", error_name="", error="", driver=13000, built="80;90+PTX"):
+        self.devices, self.image_error, self.error_name, self.error = devices, image_error, error_name, error
+        self.driver, self.built = driver, built
+
+    def device_count(self):
+        return self.devices
+
+    def device_error(self):
+        return self.error
+
+    def device_error_name(self):
+        return self.error_name
+
+    def cuda_driver_version(self):
+        return self.driver
+
+    def cuda_runtime_version(self):
+        return 13000
+
+    def built_archs(self):
+        return self.built
+
+    def kernel_image_error(self):
+        return self.image_error
+
+
+@pytest.fixture
+def gpu_machine(monkeypatch):
+    """Patch the probes as a machine whose torch sees a GPU of compute capability `capability` would."""
+    def install(ext, capability=(9, 0)):
+        monkeypatch.setattr(backend_mod.cuda_sim, "enabled", lambda: False)
+        monkeypatch.setattr(backend_mod, "_extension", lambda: (ext, ""))
+        monkeypatch.setattr(backend_mod, "_triton", lambda: (True, ""))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(backend_mod, "_probe_cache", {})
+
+    return install
+
+
+def test_a_gpu_the_build_has_no_kernel_for_falls_back_with_the_rebuild_command(gpu_machine):
+    """B200 / RTX 5090 with a build that has neither their SASS nor PTX: the first op would raise
+    "no kernel image is available"; the backend chooser says so up front, and auto uses triton."""
+    gpu_machine(FakeExtension(image_error="cudaErrorNoKernelImageForDevice: no kernel image is available for "
+                                          "execution on the device", built="80;90"), capability=(12, 0))
+    with pytest.warns(RuntimeWarning, match="cuda backend cannot run here .*'auto' uses triton") as warned:
+        status = backend_mod.backend_status("cuda")
+    assert len(warned) == 1 and "\n" not in str(warned[0].message)
+    assert not status.available
+    assert "compute capability 12.0" in status.reason and "built for 80;90" in status.reason
+    assert "PYLLMC_CUDA_ARCH=120 pip install" in status.reason and "NoKernelImage" in status.reason
+    assert pyllmc.default_backend("cuda") == "triton"
+    with pytest.raises(pyllmc.BackendUnavailableError, match="PYLLMC_CUDA_ARCH=120"):
+        backend_mod.require_backend("cuda")
+
+
+def test_a_driver_older_than_the_runtime_is_named(gpu_machine):
+    """The runtime is linked statically: a CUDA 13 build on a driver for CUDA 12.8 sees no device while
+    torch (with its own, older runtime) does. The reason names the driver, not 'no GPU'."""
+    gpu_machine(FakeExtension(devices=0, error_name="cudaErrorInsufficientDriver", driver=12080,
+                              error="CUDA driver version is insufficient for CUDA runtime version"))
+    with pytest.warns(RuntimeWarning, match="older than the CUDA 13.0 runtime"):
+        status = backend_mod.backend_status("cuda")
+    assert not status.available
+    assert "NVIDIA driver (supports CUDA 12.8) is older than the CUDA 13.0 runtime" in status.reason
+    assert "update the driver" in status.reason and "no CUDA GPU is visible" not in status.reason
+    assert pyllmc.default_backend("cuda") == "triton"
+
+
+def test_a_gpu_the_build_fits_is_chosen_without_a_word(gpu_machine, recwarn):
+    gpu_machine(FakeExtension())
+    assert backend_mod.backend_status("cuda") == (True, "", False)
+    assert pyllmc.default_backend("cuda") == "cuda"
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_the_extension_probes_its_own_kernel_image():
+    """The probe runs a real launch (on the simulator here): '' where the kernels can run."""
+    status = pyllmc.available_backends()["cuda"]
+    if not status.available:
+        pytest.skip(f"the cuda backend is unavailable here: {status.reason}")
+    ext = backend_mod.cuda_extension()
+    assert ext.kernel_image_error() == ""
+    assert ext.cuda_driver_version() >= 11000 and ext.device_error_name() == ""

@@ -114,3 +114,67 @@ def test_transformers_builds_a_gpt2_from_the_repository_root():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-2:] == ["parameters", str(1 * (12 * 32 * 32 + 13 * 32) + 2 * 32 + 50257 * 32
                                                              + 1024 * 32)]
+
+
+# ---- which GPUs the build covers ----------------------------------------------------------------------
+
+def _toolchain():
+    from pyllmc import _toolchain
+
+    return _toolchain
+
+
+def test_arch_lists_take_ptx_and_refuse_what_cannot_build():
+    t = _toolchain()
+    assert t.parse_archs("80;90+PTX") == ["80", "90+PTX"]
+    assert t.parse_archs("8.0, 12.0+ptx") == ["80", "120+PTX"]
+    assert t.gencode_flags(["80", "90+PTX"]) == ["-gencode", "arch=compute_80,code=sm_80",
+                                                 "-gencode", "arch=compute_90,code=[sm_90,compute_90]"]
+    for bad, message in (("70", "below 7.5"), ("sm90", "cannot read"), ("90+SASS", "cannot read")):
+        with pytest.raises(ValueError, match=message):
+            t.parse_archs(bad)
+
+
+def _fake_nvidia_smi(tmp_path, output: str, rc: int = 0) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    script = bin_dir / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\nprintf '{output}'\nexit {rc}\n")
+    script.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def test_the_build_targets_the_visible_gpu_else_a_list_that_runs_everywhere(tmp_path, monkeypatch):
+    """A GPU visible at build time gets its own SASS (+ PTX for newer GPUs); without one, the default list
+    has sm_80 and sm_90 SASS and sm_90 PTX, which sm_100 and sm_120 JIT-compile (no "no kernel image")."""
+    t = _toolchain()
+    monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path, "12.0\\n12.0\\n")["PATH"])
+    assert t.build_archs({}) == (["120+PTX"], "the GPU(s) visible at build time (nvidia-smi)")
+    assert t.build_archs({"PYLLMC_CUDA_ARCH": "86"}) == (["86"], "PYLLMC_CUDA_ARCH")
+    monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path / "none", "", rc=9)["PATH"])
+    archs, why = t.build_archs({})
+    assert archs == ["80", "90+PTX"] and "no GPU visible" in why
+    assert any(a.endswith("+PTX") for a in archs), "a build for no particular GPU must carry PTX for newer ones"
+
+
+@pytest.mark.skipif(os.environ.get("PYLLMC_NO_CUDA") == "1", reason="PYLLMC_NO_CUDA=1: a pure-Python install was asked for")
+def test_the_installed_extension_carries_the_ptx_it_says():
+    """`cuobjdump --list-ptx` of the installed pyllmc._C lists PTX for every arch its build list marks +PTX."""
+    if not nvcc_available():
+        pytest.skip("no nvcc on this machine: the pure-Python install is expected")
+    from pyllmc import _C, _toolchain
+
+    built = _C.built_archs()
+    assert built, "setup.py must record the architectures it built for"
+    cuobjdump = _toolchain.find_cuda_home() / "bin" / "cuobjdump"
+    if not cuobjdump.exists():  # a minimal toolkit without it: Triton ships NVIDIA's cuobjdump
+        triton = pytest.importorskip("triton")
+        cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("no cuobjdump here (neither in the CUDA toolkit nor in Triton's NVIDIA backend)")
+    listed = subprocess.run([str(cuobjdump), "--list-ptx", _C.__file__], capture_output=True, text=True, timeout=120)
+    for arch in _toolchain.parse_archs(built):
+        if arch.endswith("+PTX"):
+            assert f"sm_{arch[:-4]}" in listed.stdout, (built, listed.stdout[-2000:], listed.stderr[-2000:])
+    if "+PTX" not in built:
+        assert "No PTX" in listed.stdout + listed.stderr or not listed.stdout.strip()

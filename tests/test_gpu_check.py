@@ -5,6 +5,7 @@ faults; and the verdicts are checked on logs of the failures a GPU run can produ
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +44,19 @@ def _rows(path: Path) -> list:
 @pytest.mark.slow
 def test_dry_run(tmp_path):
     out = tmp_path / "out"
+    # an RTX 3090's nvidia-smi: the check takes the architecture it builds for from the device it runs on
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "nvidia-smi").write_text('#!/bin/sh\ncase "$*" in *compute_cap*) echo 8.6 ;; '
+                                         '*) echo "NVIDIA GeForce RTX 3090, 580.65.06" ;; esac\n')
+    (fake_bin / "nvidia-smi").chmod(0o755)
+    env = _env(OUT=str(out), PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    env.pop("PYLLMC_CUDA_ARCH", None)
     proc = subprocess.run(["bash", str(ROOT / "dev" / "gpu_check.sh"), "--dry-run"], cwd=ROOT,
-                          env=_env(OUT=str(out)), capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300)
     summary = (out / "summary.md").read_text()
+    build_log = (out / "build.log").read_text()
+    assert re.search(r"^arch +86$", build_log, re.M) and "RTX 3090" in build_log, build_log[-3000:]
     assert proc.returncode == 0, f"dry run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}\n{summary}"
     assert summary.splitlines()[0].startswith("# GPU check --dry-run (no GPU): ok"), summary
     files = {p.name for p in out.iterdir()}
