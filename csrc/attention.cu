@@ -33,6 +33,22 @@
 //   diagonal: dQ += dS K. No atomics: every output element is owned by exactly one thread,
 //   and each is reduced in a fixed order, so results are deterministic.
 // - The ordering of the grid: heavy CTAs (long causal loops) are scheduled first.
+// - Shared memory per CTA (bytes, 16-bit elements, rows padded to D + 8): forward 5 * 64 rows
+//   (46,080 at D=64, 87,040 at D=128); dK/dV 2 * 64 + 4 * kBr rows + 4 * kBr floats (56,320 / 70,144);
+//   dQ 2 * 64 + 4 * kBc rows: with kBc = 64, 55,296 at D=64 but 104,448 at D=128, more than the
+//   99 KB (101,376) a block may opt in to on sm_86 / sm_89 / sm_120; there the launcher takes
+//   kBc = 32 (69,632), chosen from the device's opt-in limit, and keeps kBc = 64 where it fits
+//   (sm_80, sm_90, sm_100).
+// - Compute capability 8.0+ only (mma.sync with bf16, cp.async, ldmatrix): built for an older
+//   architecture (sm_75), the tensor-core kernels' bodies are a trap, and the launchers refuse
+//   bf16/fp16 on a device below 8.0 with a message before any launch; float32 runs everywhere.
+//
+// - Memory access, measured by the simulator's counters (python dev/sim_counters.py): loads (cp.async,
+//   16 bytes a lane) and ldmatrix are at the ideal, conflict-free thanks to the padded rows. The
+//   outputs O, dK, dV, dQ are stored straight from the mma accumulators, a 4-byte pair per lane over
+//   8 rows: 8 sectors per request where 4 would do. Kept for now: they are written once per tile
+//   (a small share of the bytes a CTA moves); staging them through the padded shared tile for
+//   16-byte row stores is the known fix, worth it only once a GPU times it.
 //
 // float32 inputs (D in {32, 64, 128}) take a simple path, all in fp32 (no tensor cores): one warp
 // per row (the lanes split D), keys visited one at a time from global memory (L2-resident).
@@ -72,26 +88,51 @@ __device__ __forceinline__ P* head_of(P* base, const HeadStrides& s, int bh, int
 // ----------------------------------------------------------------------------
 // PTX wrappers (sm_80+)
 
+// cp.async, ldmatrix and mma.sync.m16n8k16 with bf16 need sm_80: compiled for an older GPU
+// (nvcc -arch=sm_75), the wrappers trap instead (never reached: the launchers check the
+// device's compute capability first). The host pass and the CPU simulator see the real code.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define PYLLMC_ATTENTION_SM80 1
+#else
+#define PYLLMC_ATTENTION_SM80 0
+#endif
+
+#if PYLLMC_ATTENTION_SM80
 // Shared-memory address of a generic pointer, as the 32-bit operand PTX wants.
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+#endif
 
 // 16-byte async copy gmem -> smem. When !valid, src-size is 0: nothing is read and the 16
 // destination bytes are zero-filled (PTX: cp.async with src-size < cp-size fills the rest with
 // zeros). `src` must still be a valid address; callers pass the start of the tensor then.
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+#if PYLLMC_ATTENTION_SM80
     const int src_bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem_dst)),
                  "l"(__cvta_generic_to_global(gmem_src)), "r"(src_bytes)
                  : "memory");
+#else
+    __trap();
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#if PYLLMC_ATTENTION_SM80
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#else
+    __trap();
+#endif
+}
 // Wait until at most N committed groups of this thread are still in flight (groups complete in
 // commit order). A __syncthreads() must follow before other threads' copies are read.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#if PYLLMC_ATTENTION_SM80
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#else
+    __trap();
+#endif
 }
 
 // ldmatrix.m8n8.x4.b16: four 8x8 matrices of 16-bit elements. Lanes 8m..8m+7 give the addresses
@@ -100,16 +141,26 @@ __device__ __forceinline__ void cp_async_wait() {
 // 16 bits). With .trans, lane l gets the transposed element pair instead: rows 2*(l%4) and
 // 2*(l%4)+1 of column l/4 (PTX ISA, "Warp-level matrix load instruction: ldmatrix").
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_address) {
+#if PYLLMC_ATTENTION_SM80
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_u32(row_address))
                  : "memory");
+#else
+    r[0] = r[1] = r[2] = r[3] = 0;
+    __trap();
+#endif
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_address) {
+#if PYLLMC_ATTENTION_SM80
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_u32(row_address))
                  : "memory");
+#else
+    r[0] = r[1] = r[2] = r[3] = 0;
+    __trap();
+#endif
 }
 
 // d += a * b with mma.sync.aligned.m16n8k16.row.col, fp32 accumulate. With g = lane/4, t = lane%4
@@ -122,6 +173,9 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 // In every 32-bit register the element with the lower k (or column) index is in the low half.
 template <typename Elem>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if !PYLLMC_ATTENTION_SM80
+    __trap();
+#else
     if constexpr (std::is_same_v<Elem, __nv_bfloat16>) {
         asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
             "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
@@ -134,6 +188,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
     }
+#endif
 }
 
 // Two floats -> one 32-bit register of two 16-bit elements, `lo` in the low half.
@@ -222,6 +277,9 @@ __device__ __forceinline__ void load_tile_async(Elem* tile, const Elem* gmem, lo
 
 constexpr int kTcWarps = 4;
 constexpr int kTcThreads = kTcWarps * 32;
+// Every kernel here declares __launch_bounds__(threads, 1): one block per SM is enough, so ptxas may
+// give each thread what it needs (without the 1, ptxas for sm_100 held the D=64 forward to 128
+// registers and the float32 dK/dV kernel to 32, and both spilled).
 
 template <int D>
 struct FwdTiles {
@@ -235,7 +293,7 @@ struct FwdTiles {
 
 // out: (B, H, T, D); lse: (B, H, T); q, k, v: (B, H, T, D). grid (B*H, ceil(T / kBr)), block 128.
 template <typename Elem, int D>
-__global__ void __launch_bounds__(kTcThreads)
+__global__ void __launch_bounds__(kTcThreads, 1)
 attention_forward_tc_kernel(Elem* __restrict__ out, float* __restrict__ lse, const Elem* __restrict__ q,
                             const Elem* __restrict__ k, const Elem* __restrict__ v, HeadStrides out_s,
                             HeadStrides q_s, HeadStrides k_s, HeadStrides v_s, int num_heads, int seq_len,
@@ -452,7 +510,7 @@ __device__ __forceinline__ void dkdv_load_q_stage(Elem* q_stage, Elem* do_stage,
 // dk, dv: (B, H, T, D) written; dout, q, k, v: (B, H, T, D); lse, delta: (B, H, T).
 // grid (B*H, ceil(T / kBc)), block 128.
 template <typename Elem, int D>
-__global__ void __launch_bounds__(kTcThreads)
+__global__ void __launch_bounds__(kTcThreads, 1)
 attention_backward_dkdv_tc_kernel(Elem* __restrict__ dk, Elem* __restrict__ dv, const Elem* __restrict__ dout,
                                   const float* __restrict__ lse, const float* __restrict__ delta,
                                   const Elem* __restrict__ q, const Elem* __restrict__ k,
@@ -609,25 +667,28 @@ attention_backward_dkdv_tc_kernel(Elem* __restrict__ dk, Elem* __restrict__ dv, 
 // ----------------------------------------------------------------------------
 // Tensor-core backward: dQ
 
-template <int D>
+// BC: keys per streamed tile. 64, or 32 where the 64-key tiles do not fit the device's shared
+// memory (D = 128 on a 99 KB GPU: see the design note; the launcher chooses).
+template <int D, int BC = 64>
 struct DqTiles {
     static constexpr int kBr = 64;  // query rows per CTA: 16 per warp
-    static constexpr int kBc = 64;  // keys per streamed tile
+    static constexpr int kBc = BC;  // keys per streamed tile
     static_assert(kBr == 16 * kTcWarps, "each warp owns 16 query rows");
     static_assert(kBc % 16 == 0 && D % 16 == 0, "mma k/n steps are 16 wide");
+    static_assert(kBr % kBc == 0, "key tiles must align with the query tile (the diagonal tile is the last)");
     // q tile, dout tile, then 2 stages of (k tile, v tile)
     static constexpr int kSmemElems = 2 * kBr * kStride<D> + 4 * kBc * kStride<D>;
 };
 
 // dq: (B, H, T, D) written; others as in the dK/dV kernel. grid (B*H, ceil(T / kBr)), block 128.
-template <typename Elem, int D>
-__global__ void __launch_bounds__(kTcThreads)
+template <typename Elem, int D, int BC>
+__global__ void __launch_bounds__(kTcThreads, 1)
 attention_backward_dq_tc_kernel(Elem* __restrict__ dq, const Elem* __restrict__ dout, const float* __restrict__ lse,
                                 const float* __restrict__ delta, const Elem* __restrict__ q,
                                 const Elem* __restrict__ k, const Elem* __restrict__ v, HeadStrides dq_s,
                                 HeadStrides dout_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s, int num_heads,
                                 int seq_len, float scale_log2, float scale) {
-    using Tiles = DqTiles<D>;
+    using Tiles = DqTiles<D, BC>;
     constexpr int kBr = Tiles::kBr, kBc = Tiles::kBc, S = kStride<D>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     Elem* q_smem = reinterpret_cast<Elem*>(smem_raw);  // (kBr, S)
@@ -767,7 +828,7 @@ constexpr int kFp32Threads = kFp32RowsPerBlock * 32;
 
 // out: (B, H, T, D); lse: (B, H, T); q, k, v: (B, H, T, D). grid (B*H, ceil(T / 4)), block 128.
 template <int D>
-__global__ void __launch_bounds__(kFp32Threads)
+__global__ void __launch_bounds__(kFp32Threads, 1)
 attention_forward_fp32_kernel(float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q,
                               const float* __restrict__ k, const float* __restrict__ v, HeadStrides out_s,
                               HeadStrides q_s, HeadStrides k_s, HeadStrides v_s, int num_heads, int seq_len,
@@ -811,7 +872,7 @@ attention_forward_fp32_kernel(float* __restrict__ out, float* __restrict__ lse, 
 
 // dq: (B, H, T, D); one warp per query row i: dq_i = scale * sum_{j<=i} dS_ij k_j.
 template <int D>
-__global__ void __launch_bounds__(kFp32Threads)
+__global__ void __launch_bounds__(kFp32Threads, 1)
 attention_backward_dq_fp32_kernel(float* __restrict__ dq, const float* __restrict__ dout,
                                   const float* __restrict__ lse, const float* __restrict__ delta,
                                   const float* __restrict__ q, const float* __restrict__ k,
@@ -859,7 +920,7 @@ attention_backward_dq_fp32_kernel(float* __restrict__ dq, const float* __restric
 
 // dk, dv: (B, H, T, D); one warp per key j: dv_j = sum_{i>=j} P_ij dO_i, dk_j = scale * sum_{i>=j} dS_ij q_i.
 template <int D>
-__global__ void __launch_bounds__(kFp32Threads)
+__global__ void __launch_bounds__(kFp32Threads, 1)
 attention_backward_dkdv_fp32_kernel(float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ dout,
                                     const float* __restrict__ lse, const float* __restrict__ delta,
                                     const float* __restrict__ q, const float* __restrict__ k,
@@ -914,13 +975,30 @@ attention_backward_dkdv_fp32_kernel(float* __restrict__ dk, float* __restrict__ 
 // ----------------------------------------------------------------------------
 // launch helpers
 
-// Dynamic smem above 48 KB needs an explicit opt-in per kernel (and per device: set at every launch).
-template <typename Kernel>
-void set_smem_and_check(Kernel kernel, size_t smem_bytes, const char* name) {
+// The most dynamic shared memory a block of the current device may opt in to, bytes.
+size_t max_smem_optin() {
     int device = 0, max_optin = 0;
     PYLLMC_CUDA_CHECK(cudaGetDevice(&device));
     PYLLMC_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    require(smem_bytes <= static_cast<size_t>(max_optin),
+    return static_cast<size_t>(max_optin);
+}
+
+// The tensor-core kernels (bf16 / fp16) need compute capability 8.0 (see the design note).
+void require_tensor_cores(const char* name) {
+    int device = 0, major = 0, minor = 0;
+    PYLLMC_CUDA_CHECK(cudaGetDevice(&device));
+    PYLLMC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    PYLLMC_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    require(major >= 8, std::string(name) + ": attention in bfloat16/float16 needs compute capability 8.0+ "
+                        "(mma.sync, cp.async, ldmatrix); this GPU is " + std::to_string(major) + "." +
+                        std::to_string(minor) + ": use float32, or the triton/torch backend");
+}
+
+// Dynamic smem above 48 KB needs an explicit opt-in per kernel (and per device: set at every launch).
+template <typename Kernel>
+void set_smem_and_check(Kernel kernel, size_t smem_bytes, const char* name) {
+    const size_t max_optin = max_smem_optin();
+    require(smem_bytes <= max_optin,
             std::string(name) + ": needs " + std::to_string(smem_bytes) + " bytes of shared memory, the device allows " +
                 std::to_string(max_optin));
     PYLLMC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -993,6 +1071,7 @@ void attention_forward(void* out, float* lse, const void* q, const void* k, cons
                        int B, int H, int T, int D, int dtype, cudaStream_t stream) {
     const DType type = to_dtype(dtype);
     const int rows_per_cta = type == DType::kFloat32 ? kFp32RowsPerBlock : 64;
+    if (type != DType::kFloat32) require_tensor_cores("attention_forward");
     if (!check_sizes(B, H, T, D, "attention_forward", rows_per_cta)) return;
     const auto s = read_strides<4>(strides, {out, q, k, v}, type != DType::kFloat32, "attention_forward",
                                    {"out", "q", "k", "v"});
@@ -1010,12 +1089,12 @@ void attention_forward(void* out, float* lse, const void* q, const void* k, cons
             } else {
                 using Tiles = FwdTiles<kD>;
                 const size_t smem = Tiles::kSmemElems * sizeof(Elem);
-                auto kernel = attention_forward_tc_kernel<Elem, kD>;
-                set_smem_and_check(kernel, smem, "attention_forward");
+                auto forward_kernel = attention_forward_tc_kernel<Elem, kD>;
+                set_smem_and_check(forward_kernel, smem, "attention_forward");
                 const dim3 grid(B * H, ceil_div(T, Tiles::kBr));
-                kernel<<<grid, kTcThreads, smem, stream>>>(static_cast<Elem*>(out), lse, static_cast<const Elem*>(q),
-                                                          static_cast<const Elem*>(k), static_cast<const Elem*>(v),
-                                                          s[0], s[1], s[2], s[3], H, T, scale * kLog2e);
+                forward_kernel<<<grid, kTcThreads, smem, stream>>>(
+                    static_cast<Elem*>(out), lse, static_cast<const Elem*>(q), static_cast<const Elem*>(k),
+                    static_cast<const Elem*>(v), s[0], s[1], s[2], s[3], H, T, scale * kLog2e);
                 PYLLMC_LAUNCH_CHECK("attention_forward_tc_kernel");
             }
         });
@@ -1030,6 +1109,7 @@ void attention_backward(void* dq, void* dk, void* dv, float* delta, const void* 
                         int B, int H, int T, int D, int dtype, cudaStream_t stream) {
     const DType type = to_dtype(dtype);
     const int rows_per_cta = type == DType::kFloat32 ? kFp32RowsPerBlock : 64;
+    if (type != DType::kFloat32) require_tensor_cores("attention_backward");
     if (!check_sizes(B, H, T, D, "attention_backward", rows_per_cta)) return;
     const auto s = read_strides<8>(strides, {dq, dk, dv, dout, out, q, k, v}, type != DType::kFloat32,
                                    "attention_backward", {"dq", "dk", "dv", "dout", "out", "q", "k", "v"});
@@ -1064,26 +1144,35 @@ void attention_backward(void* dq, void* dk, void* dv, float* delta, const void* 
                 {
                     using Tiles = DkdvTiles<kD>;
                     const size_t smem = Tiles::kSmemElems * sizeof(Elem) + Tiles::kSmemFloats * sizeof(float);
-                    auto kernel = attention_backward_dkdv_tc_kernel<Elem, kD>;
-                    set_smem_and_check(kernel, smem, "attention_backward (dK/dV)");
+                    auto dkdv_kernel = attention_backward_dkdv_tc_kernel<Elem, kD>;
+                    set_smem_and_check(dkdv_kernel, smem, "attention_backward (dK/dV)");
                     const dim3 grid(B * H, ceil_div(T, Tiles::kBc));
-                    kernel<<<grid, kTcThreads, smem, stream>>>(
+                    dkdv_kernel<<<grid, kTcThreads, smem, stream>>>(
                         static_cast<Elem*>(dk), static_cast<Elem*>(dv), static_cast<const Elem*>(dout), lse, delta,
                         static_cast<const Elem*>(q), static_cast<const Elem*>(k), static_cast<const Elem*>(v), dk_s,
                         dv_s, dout_s, q_s, k_s, v_s, H, T, scale * kLog2e, scale);
                     PYLLMC_LAUNCH_CHECK("attention_backward_dkdv_tc_kernel");
                 }
-                {
-                    using Tiles = DqTiles<kD>;
+                // dQ: 64-key tiles where they fit the device's shared memory, else 32-key tiles.
+                const auto launch_dq = [&](auto key_tile) {
+                    constexpr int kBc = decltype(key_tile)::value;
+                    using Tiles = DqTiles<kD, kBc>;
                     const size_t smem = Tiles::kSmemElems * sizeof(Elem);
-                    auto kernel = attention_backward_dq_tc_kernel<Elem, kD>;
-                    set_smem_and_check(kernel, smem, "attention_backward (dQ)");
+                    auto dq_kernel = attention_backward_dq_tc_kernel<Elem, kD, kBc>;
+                    set_smem_and_check(dq_kernel, smem, "attention_backward (dQ)");
                     const dim3 grid(B * H, ceil_div(T, Tiles::kBr));
-                    kernel<<<grid, kTcThreads, smem, stream>>>(
+                    dq_kernel<<<grid, kTcThreads, smem, stream>>>(
                         static_cast<Elem*>(dq), static_cast<const Elem*>(dout), lse, delta,
                         static_cast<const Elem*>(q), static_cast<const Elem*>(k), static_cast<const Elem*>(v), dq_s,
                         dout_s, q_s, k_s, v_s, H, T, scale * kLog2e, scale);
                     PYLLMC_LAUNCH_CHECK("attention_backward_dq_tc_kernel");
+                };
+                if constexpr (kD == 64) {
+                    launch_dq(std::integral_constant<int, 64>{});  // 55,296 B: fits every 8.0+ GPU
+                } else if (DqTiles<kD, 64>::kSmemElems * sizeof(Elem) <= max_smem_optin()) {
+                    launch_dq(std::integral_constant<int, 64>{});
+                } else {
+                    launch_dq(std::integral_constant<int, 32>{});
                 }
             }
         });

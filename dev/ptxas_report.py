@@ -10,6 +10,16 @@ compile), with `-Xptxas -v`, and ptxas's lines are parsed into one row per kerne
     python dev/ptxas_report.py                      # the table for sm_90
     python dev/ptxas_report.py --arch 80 --md results.md --json results.json
     python dev/ptxas_report.py --check              # exit 1, listing them, if any instance spills
+    python dev/ptxas_report.py --arch all --check   # every GPU pyllmc runs on (ARCHS), also checking
+                                                    # each launch's shared memory against its limit
+
+Shared memory: ptxas knows a kernel's static __shared__ bytes; the dynamic bytes are the
+launcher's choice. dynamic_smem() says what the launcher gives each instance (attention.cu's
+tile sizes, layernorm.cu's largest row), launched_on() whether the launcher uses the
+instance on that GPU at all (the tensor-core attention needs 8.0; the dQ kernel's 32-key
+tiles stand in for the 64-key ones where those do not fit), and fits() checks static +
+dynamic against the GPU's opt-in limit (SMEM_OPTIN). tests/test_cuda_profiles.py checks
+dynamic_smem() against the launches the CPU simulator records.
 
 The logs are cached per source file under $PYLLMC_CACHE_DIR/ptxas (default ~/.cache/pyllmc),
 keyed by nvcc's version, the flags and the contents of the file and of csrc/'s headers,
@@ -46,6 +56,17 @@ def _load_toolchain():
 
 
 toolchain = _load_toolchain()
+
+# The GPUs pyllmc is built and checked for, and the shared memory a block may opt in to on each
+# (bytes; NVIDIA's CUDA C++ Programming Guide, "Technical Specifications per Compute Capability";
+# the same numbers as the CPU simulator's profiles, pyllmc/cuda_sim.py DEVICES).
+ARCHS = ("75", "80", "86", "89", "90", "100", "120")
+SMEM_OPTIN = {"75": 65536, "80": 166912, "86": 101376, "89": 101376, "90": 232448, "100": 232448, "120": 101376}
+STATIC_SMEM_LIMIT = 48 * 1024
+# Every file is compiled for every arch, except that where the code is the same on each (no
+# __CUDA_ARCH__ branches, no arch-dependent tiles) the extra archs need not recompile it for CI:
+# PER_ARCH_FILES are compiled for every arch, the rest for sm_90 (and sm_80, the default build).
+PER_ARCH_FILES = ("attention.cu",)
 
 # ptxas -v, CUDA 11-13. Per entry function:
 #   ptxas info    : Compiling entry function '<mangled>' for 'sm_90'
@@ -143,8 +164,9 @@ def _compile(nvcc: str, flags: list[str], source: Path) -> str:
     return done.stdout + done.stderr
 
 
-def _logs(arch: str, csrc: Path) -> dict[str, str]:
-    """{file name: ptxas log} for every csrc/*.cu, from the cache or compiled in parallel."""
+def _logs(arch: str, csrc: Path, files: Optional[tuple] = None) -> dict[str, str]:
+    """{file name: ptxas log} for every csrc/*.cu (or those named in `files`), from the cache or
+    compiled in parallel."""
     cuda_home = toolchain.find_cuda_home()
     if cuda_home is None:
         raise RuntimeError("nvcc not found (CUDA_HOME, /usr/local/cuda, PATH)")
@@ -155,6 +177,8 @@ def _logs(arch: str, csrc: Path) -> dict[str, str]:
     sources = sorted(csrc.glob("*.cu"))
     if not sources:
         raise RuntimeError(f"no .cu files in {csrc}")
+    if files is not None:
+        sources = [s for s in sources if s.name in files]
 
     logs, todo = {}, {}
     for src in sources:
@@ -193,21 +217,80 @@ def _logs(arch: str, csrc: Path) -> dict[str, str]:
     return logs
 
 
-def report(arch: str = "90", csrc: Optional[Path] = None) -> list[dict]:
-    """One dict per kernel instance in csrc/*.cu compiled for sm_<arch>: file, kernel (short
-    name), mangled, arch, registers, spill_stores, spill_loads, stack_frame (bytes), smem_static
-    (bytes; dynamic shared memory is the launch's business), barriers."""
+def report(arch: str = "90", csrc: Optional[Path] = None, files: Optional[tuple] = None) -> list[dict]:
+    """One dict per kernel instance in csrc/*.cu (or the files named) compiled for sm_<arch>: file,
+    kernel (short name), mangled, arch, registers, spill_stores, spill_loads, stack_frame (bytes),
+    smem_static (bytes), smem_dynamic (what the launcher gives it, bytes), launched (whether the
+    launcher uses it on this GPU), barriers."""
     archs = toolchain.parse_archs(arch)
     if len(archs) != 1:
         raise ValueError(f"one architecture at a time, not {arch!r}")
     arch = archs[0]
     csrc = Path(csrc) if csrc is not None else ROOT / "csrc"
     rows = []
-    for file, log in sorted(_logs(arch, csrc).items()):
+    for file, log in sorted(_logs(arch, csrc, files).items()):
         rows += parse(log, file)
     for row, demangled in zip(rows, _demangle([r["mangled"] for r in rows])):
         row["kernel"] = short_name(demangled)
+        row["smem_dynamic"] = dynamic_smem(row["kernel"])
+        row["launched"] = launched_on(row["kernel"], arch)
     return sorted(rows, key=_order)
+
+
+def _template_args(kernel: str) -> list[str]:
+    """'k<bf16, 128, 32>' -> ['bf16', '128', '32']."""
+    inside = kernel.partition("<")[2].rpartition(">")[0]
+    return [a.strip() for a in inside.split(",")] if inside else []
+
+
+_ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def dynamic_smem(kernel: str) -> int:
+    """Bytes of dynamic shared memory the launcher gives kernel instance `kernel` (a short name):
+    attention.cu's tile formulas (rows padded to D + 8 elements), layernorm.cu's (2, C) floats at the
+    longest row of the instance; 0 for kernels without extern __shared__."""
+    base, args = kernel.split("<")[0], _template_args(kernel)
+    if base == "attention_forward_tc_kernel":  # q tile + 2 stages of (k, v) tiles, 64 rows each
+        elem, d = _ELEM_BYTES[args[0]], int(args[1])
+        return (64 + 4 * 64) * (d + 8) * elem
+    if base == "attention_backward_dkdv_tc_kernel":  # k, v tiles + 2 stages of (q, dout) + (lse, delta) floats
+        elem, d = _ELEM_BYTES[args[0]], int(args[1])
+        rows = 64 if d <= 64 else 32
+        return (2 * 64 + 4 * rows) * (d + 8) * elem + 4 * rows * 4
+    if base == "attention_backward_dq_tc_kernel":  # q, dout tiles + 2 stages of (k, v) tiles of kBc keys
+        elem, d, keys = _ELEM_BYTES[args[0]], int(args[1]), int(args[2])
+        return (2 * 64 + 4 * keys) * (d + 8) * elem
+    if base == "layernorm_backward_kernel":  # (2, C) floats, C <= 32 lanes * kChunks * W
+        width, chunks = int(args[1]), int(args[2])
+        return 2 * 32 * chunks * width * 4
+    return 0
+
+
+def launched_on(kernel: str, arch: str) -> bool:
+    """Whether the launchers use this instance on sm_<arch>: the tensor-core attention kernels only
+    from 8.0 on, and the dQ kernel's 32-key tiles exactly where its 64-key tiles do not fit."""
+    base, args = kernel.split("<")[0], _template_args(kernel)
+    capability = int(arch.rstrip("a"))
+    if base in ("attention_forward_tc_kernel", "attention_backward_dkdv_tc_kernel",
+                "attention_backward_dq_tc_kernel") and capability < 80:
+        return False
+    if base == "attention_backward_dq_tc_kernel":
+        fast = f"{base}<{args[0]}, {args[1]}, 64>"
+        fits_fast = dynamic_smem(fast) <= SMEM_OPTIN[arch.rstrip("a")]
+        return fits_fast if args[2] == "64" else not fits_fast
+    return True
+
+
+def over_smem_limit(rows: list[dict]) -> list[dict]:
+    """The rows whose static shared memory passes 48 KiB, or whose static + dynamic shared memory
+    passes their GPU's opt-in limit where the launcher uses them."""
+    bad = []
+    for r in rows:
+        limit = SMEM_OPTIN[r["arch"].removeprefix("sm_").rstrip("a")]
+        if r["smem_static"] > STATIC_SMEM_LIMIT or (r["launched"] and r["smem_static"] + r["smem_dynamic"] > limit):
+            bad.append(r)
+    return bad
 
 
 def _order(row: dict):
@@ -221,35 +304,44 @@ def spills(rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table, by file then kernel; sizes in bytes."""
-    lines = ["| file | kernel | registers | spill stores | spill loads | stack | static smem | barriers |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in sorted(rows, key=_order):
-        lines.append(f"| {r['file']} | `{r['kernel']}` | {r['registers']} | {r['spill_stores']} | "
-                     f"{r['spill_loads']} | {r['stack_frame']} | {r['smem_static']} | {r['barriers']} |")
+    lines = ["| arch | file | kernel | registers | spill stores | spill loads | stack | static smem | dynamic smem "
+             "| barriers |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=lambda r: (int(r["arch"].removeprefix("sm_").rstrip("a")), _order(r))):
+        dynamic = r.get("smem_dynamic", 0) if r.get("launched", True) else f"({r.get('smem_dynamic', 0)}, unused)"
+        lines.append(f"| {r['arch']} | {r['file']} | `{r['kernel']}` | {r['registers']} | {r['spill_stores']} | "
+                     f"{r['spill_loads']} | {r['stack_frame']} | {r['smem_static']} | {dynamic} | {r['barriers']} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="90", help="compute capability, e.g. 90, 80 or 90a (default 90)")
+    parser.add_argument("--arch", default="90", help="compute capability, e.g. 90, 80 or 90a, or 'all' for "
+                        f"{', '.join(ARCHS)} (default 90)")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     parser.add_argument("--md", type=Path, help="write the Markdown table here")
-    parser.add_argument("--check", action="store_true", help="exit 1 if any kernel instance spills registers")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if any kernel instance spills registers or passes its shared-memory limit")
     args = parser.parse_args(argv)
 
-    rows = report(args.arch)
+    archs = ARCHS if args.arch == "all" else (args.arch,)
+    rows = [row for arch in archs for row in report(arch)]
     table = markdown(rows)
     print(table, end="")
     if args.json:
-        args.json.write_text(json.dumps({"arch": f"sm_{args.arch}", "kernels": rows}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"arch": [f"sm_{a}" for a in archs], "kernels": rows}, indent=1) + "\n")
     if args.md:
-        args.md.write_text(f"ptxas report, sm_{args.arch}\n\n" + table)
-    spilling = spills(rows)
-    print(f"{len(rows)} kernel instances, {len(spilling)} spilling", file=sys.stderr)
-    if args.check and spilling:
+        args.md.write_text(f"ptxas report, {', '.join(f'sm_{a}' for a in archs)}\n\n" + table)
+    spilling, too_big = spills(rows), over_smem_limit(rows)
+    print(f"{len(rows)} kernel instances, {len(spilling)} spilling, {len(too_big)} over their shared-memory limit",
+          file=sys.stderr)
+    if args.check and (spilling or too_big):
         for r in spilling:
-            print(f"SPILL {r['file']} {r['kernel']}: {r['spill_stores']} B spill stores, "
+            print(f"SPILL {r['arch']} {r['file']} {r['kernel']}: {r['spill_stores']} B spill stores, "
                   f"{r['spill_loads']} B spill loads, {r['registers']} registers", file=sys.stderr)
+        for r in too_big:
+            print(f"SMEM {r['arch']} {r['file']} {r['kernel']}: {r['smem_static']} B static + {r['smem_dynamic']} B "
+                  f"dynamic, the limit is {SMEM_OPTIN[r['arch'].removeprefix('sm_').rstrip('a')]}", file=sys.stderr)
         return 1
     return 0
 

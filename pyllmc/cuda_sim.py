@@ -22,8 +22,13 @@ An instruction the simulator does not implement fails the build (RewriteError).
 Environment:
   PYLLMC_CUDA_SIM=1          the cuda backend runs on this simulator (CPU tensors)
   PYLLMC_CUDA_SIM_VARIANT    "default", or "sanitize" (AddressSanitizer + UBSan; the process needs
-                             LD_PRELOAD=sanitizer_preload(), see tests/test_cuda_sim.py)
-  PYLLMC_CSRC                the csrc/ folder to build (default: the source checkout's)
+                             LD_PRELOAD=sanitizer_preload(), see tests/test_cuda_sim.py), or "counters"
+                             (memory counters: pyllmc/sim_counters.py)
+  PYLLMC_CUDA_SIM_DEVICE     the GPU the simulator answers for (DEVICES; default sm_90): its compute
+                             capability and shared-memory limits are what cudaDeviceGetAttribute reports
+                             and what launches may use. device_profile("sm_86") switches it in-process.
+  PYLLMC_CSRC                the csrc/ folder to build (default: the installed package's pyllmc/csrc,
+                             else the source checkout's)
   PYLLMC_CACHE_DIR           where builds are kept (default ~/.cache/pyllmc)
   CXX                        the compiler (default g++)
 """
@@ -50,8 +55,28 @@ from typing import Iterator, Optional
 
 from ._toolchain import find_cuda_home
 
-VARIANTS = ("default", "sanitize")
+VARIANTS = ("default", "sanitize", "counters")
+# The "counters" variant (pyllmc/sim_counters.py): kernel units get GCC's ThreadSanitizer
+# instrumentation, whose __tsan_* calls csrc/sim/counters.cpp answers (no TSan runtime is linked).
+# The -fno-* flags keep the accesses shaped like the source: without them GCC splits a 16-byte
+# Packed128 copy into 4-byte pieces (SRA), merges or vectorizes stores, and folds identical
+# template instances or tails into one body (an access credited to the wrong instance).
+COUNTERS_KERNEL_FLAGS = ["-fsanitize=thread", "-fno-tree-sra", "-fno-tree-vectorize", "-fno-tree-slp-vectorize",
+                         "-fno-store-merging", "-fno-ipa-icf", "-fno-crossjumping", "-fno-tree-tail-merge"]
 MODULE_NAME = "_C_sim"
+
+# The simulated GPUs (csrc/sim/runtime.cpp's kProfiles: NVIDIA's "Technical Specifications per
+# Compute Capability"): name -> (compute capability, opt-in shared memory per block in bytes, parts).
+DEVICES = {
+    "sm_75": ((7, 5), 65536, "T4"),
+    "sm_80": ((8, 0), 166912, "A100"),
+    "sm_86": ((8, 6), 101376, "RTX 3090, A10"),
+    "sm_89": ((8, 9), 101376, "RTX 4090, L4"),
+    "sm_90": ((9, 0), 232448, "H100, H200"),
+    "sm_100": ((10, 0), 232448, "B200"),
+    "sm_120": ((12, 0), 101376, "RTX 5090"),
+}
+DEFAULT_DEVICE = "sm_90"
 
 # The inline PTX that csrc/sim/ptx.cpp executes; anything else fails the rewrite.
 SUPPORTED_PTX = re.compile(
@@ -73,6 +98,22 @@ class BuildError(RuntimeError):
 def enabled() -> bool:
     """True when PYLLMC_CUDA_SIM asks for the cuda backend to run on the simulator."""
     return os.environ.get("PYLLMC_CUDA_SIM", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_device_name(name: str) -> str:
+    """`name` if it is a simulated device (DEVICES), else ValueError listing the known ones."""
+    if name not in DEVICES:
+        raise ValueError(f"unknown simulated device {name!r}: expected one of {', '.join(DEVICES)}")
+    return name
+
+
+def device_name_from_env() -> str:
+    """The device PYLLMC_CUDA_SIM_DEVICE asks for (sm_90 when unset); ValueError for an unknown one."""
+    raw = os.environ.get("PYLLMC_CUDA_SIM_DEVICE", "").strip() or DEFAULT_DEVICE
+    try:
+        return check_device_name(raw)
+    except ValueError as err:
+        raise ValueError(f"PYLLMC_CUDA_SIM_DEVICE: {err}") from None
 
 
 def variant() -> str:
@@ -321,19 +362,23 @@ def rewrite(source: str, path: str = "<source>", file_index: int = 0) -> str:
 # the build
 
 
-def source_dir() -> Path:
-    """The csrc/ folder the simulator builds: PYLLMC_CSRC, else the source checkout's."""
+def source_dir(package_dir: Optional[Path] = None) -> Path:
+    """The csrc/ folder the simulator builds: PYLLMC_CSRC, else the copy installed inside the
+    package (pyllmc/csrc, shipped as package data), else the source checkout's (beside pyllmc/).
+    `package_dir`: the pyllmc folder to look in (default: this module's)."""
     env = os.environ.get("PYLLMC_CSRC")
     if env:
         path = Path(env).expanduser().resolve()
         if not (path / "sim" / "cuda_sim.h").is_file():
             raise BuildError(f"PYLLMC_CSRC={env}: no sim/cuda_sim.h there (expected pyllmc's csrc/ folder)")
         return path
-    candidate = Path(__file__).resolve().parent.parent / "csrc"
-    if (candidate / "sim" / "cuda_sim.h").is_file():
-        return candidate
-    raise BuildError("the CUDA simulator builds the kernels from a pyllmc source checkout: set "
-                     "PYLLMC_CSRC=/path/to/pyllmc/csrc (this installed copy has no csrc/ beside it)")
+    package = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
+    candidates = (package / "csrc", package.parent / "csrc")
+    for candidate in candidates:
+        if (candidate / "sim" / "cuda_sim.h").is_file():
+            return candidate
+    raise BuildError(f"the CUDA kernels' sources were not found (looked in {', '.join(map(str, candidates))}): "
+                     f"reinstall pyllmc, or set PYLLMC_CSRC=/path/to/pyllmc/csrc")
 
 
 def cache_dir() -> Path:
@@ -409,6 +454,8 @@ def _flags(tools: Toolchain, variant_name: str) -> list[str]:
              "-ffp-contract=off", "-Wno-attributes", f"-DCUDA_SIM_FCONTEXT={int(tools.fcontext)}"]
     if variant_name == "sanitize":
         flags += ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    elif variant_name == "counters":
+        flags += ["-O2", "-g"]  # -g: addr2line names each access site's source line
     else:
         flags += ["-O2"]
     return flags
@@ -460,6 +507,8 @@ def build(variant_name: Optional[str] = None, *, verbose: bool = True) -> Path:
 
         kernel_flags = ["-x", "c++", "-include", str(sim / "cuda_sim.h"), "-I", str(src_dir), "-I", str(sim),
                         "-I", str(tools.cuda_include)]
+        if variant_name == "counters":
+            kernel_flags += COUNTERS_KERNEL_FLAGS
         py_flags = [f"-I{inc}" for inc in tools.includes]
         units = [_Unit(p.stem + ("_sim" if p.parent == sim else ""), src_dir / p.name, kernel_flags)
                  for p in kernel_files if p.suffix == ".cu"]
@@ -527,6 +576,7 @@ def load(variant_name: Optional[str] = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sys.modules[f"pyllmc.{MODULE_NAME}"] = module
+    module.sim_set_device(device_name_from_env())
     _loaded.update(module=module, variant=variant_name, path=path)
     return module
 
@@ -565,6 +615,37 @@ def schedule(name: str = "forward", seed: int = 0, cp_async: str = "at_wait", gr
     finally:
         module.sim_set_schedule(previous["schedule"], previous["seed"], previous["greedy"])
         module.sim_set_cp_async(previous["cp_async"])
+
+
+def set_device(name: str) -> None:
+    """Simulate GPU `name` (one of DEVICES) from now on; it forgets every kernel's opted-in
+    shared memory, as a new CUDA context would."""
+    load().sim_set_device(check_device_name(name))
+
+
+def device() -> dict:
+    """The simulated GPU: name, parts, compute_capability, smem_per_block(_optin), smem_per_sm,
+    regs_per_sm / _block, max_threads_per_block / _sm, multiprocessor_count (what the simulator
+    reports: a few SMs, so grid-wide splits stay cheap) and full_multiprocessor_count (the part's)."""
+    return dict(load().sim_device())
+
+
+@contextlib.contextmanager
+def device_profile(name: str) -> Iterator[dict]:
+    """Run the block as GPU `name` (e.g. "sm_86"), then go back to the previous one; yields device()."""
+    check_device_name(name)
+    previous = device()["name"]
+    set_device(name)
+    try:
+        yield device()
+    finally:
+        set_device(previous)
+
+
+def launches() -> list:
+    """The launches since reset_stats() (at most 4096): name (the kernel expression of the source),
+    smem (dynamic shared memory, bytes), grid, block."""
+    return [dict(d) for d in load().sim_launches()]
 
 
 def multiprocessor_count() -> int:

@@ -11,7 +11,9 @@ CUDA kernels: on a machine without a GPU they run on the CPU simulator (pyllmc.c
 PYLLMC_CUDA_SIM=1 is set here unless the environment says otherwise (PYLLMC_CUDA_SIM=0 turns
 it off), so every [cuda] test runs the real csrc/ kernels through the ops layer on CPU
 tensors. The simulator is built once per session, before the first test, from this
-checkout's csrc/ (PYLLMC_CSRC); a build failure stops the run.
+checkout's csrc/ (PYLLMC_CSRC); a build failure stops the run. It simulates the GPU that
+PYLLMC_CUDA_SIM_DEVICE names (default sm_90; the header says which); tests/test_cuda_profiles.py
+switches between GPUs in-process.
 
 Markers and limits: tests that run CUDA kernels ([cuda] parametrizations, GPU-only tests)
 are marked `gpu` (`pytest -m gpu` is the GPU check's test stage); PYLLMC_TEST_TIMEOUT=N fails
@@ -47,7 +49,13 @@ SESSION_SEED = int(os.environ.get("PYLLMC_TEST_SEED", random.randrange(2**31)))
 def pytest_report_header(config):
     from pyllmc import cuda_sim
 
-    cuda = "simulated on the CPU (PYLLMC_CUDA_SIM=1)" if cuda_sim.enabled() else "pyllmc._C"
+    if cuda_sim.enabled():
+        device = cuda_sim.device_name_from_env()  # ValueError for an unknown PYLLMC_CUDA_SIM_DEVICE
+        capability, optin, gpus = cuda_sim.DEVICES[device]
+        cuda = (f"simulated on the CPU (PYLLMC_CUDA_SIM=1) as {device} ({gpus}: compute capability "
+                f"{capability[0]}.{capability[1]}, {optin} B shared memory per block; PYLLMC_CUDA_SIM_DEVICE)")
+    else:
+        cuda = "pyllmc._C"
     return (f"pyllmc: PYLLMC_TEST_SEED={SESSION_SEED}  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}  "
             f"cuda backend: {cuda}")
 
@@ -138,17 +146,27 @@ def pytest_collection_finish(session):
                                 f"try/finally that removes the entry again")
 
 
+def _installed_library_internals(entry: str) -> bool:
+    """A folder inside an installed package (torch's inductor puts setuptools' vendored packages there on
+    first use and relies on it later): a library's own business, not a test's."""
+    return "site-packages" in Path(entry).parts or "dist-packages" in Path(entry).parts
+
+
 @pytest.fixture(autouse=True)
 def _sys_path_unchanged(request):
     """A test that edits sys.path restores it (else the next tests import from wherever it pointed)."""
     before = list(sys.path)
     yield
-    if sys.path != before:
-        added = [entry for entry in sys.path if entry not in before]
-        removed = [entry for entry in before if entry not in sys.path]
-        sys.path[:] = before
-        pytest.fail(f"{request.node.nodeid} changed sys.path (added {added}, removed {removed}) and did not "
-                    f"restore it", pytrace=False)
+    if sys.path == before:
+        return
+    added = [entry for entry in sys.path if entry not in before]
+    if added and all(_installed_library_internals(entry) for entry in added) and \
+            [entry for entry in sys.path if entry not in added] == before:
+        return
+    removed = [entry for entry in before if entry not in sys.path]
+    what = f"added {added}, removed {removed}" if added or removed else "reordered or duplicated entries"
+    sys.path[:] = before
+    pytest.fail(f"{request.node.nodeid} changed sys.path ({what}) and did not restore it", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

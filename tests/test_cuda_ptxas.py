@@ -5,6 +5,12 @@ build and parses `ptxas -v`: registers, spills, stack and static shared memory o
 instance. A register spill compiles and runs correctly, only slower, so no other test sees
 it; this one does. The first cold run compiles for about a minute on 2 cores (the logs are
 cached, see the report's docstring); the parser itself is tested on captured output.
+
+Every other GPU pyllmc runs on (sm_75, 80, 86, 89, 100, 120) gets the same checks, plus static +
+launch-time shared memory against that GPU's limit, for the files whose code differs per
+architecture (ptxas_report.PER_ARCH_FILES: attention.cu, with its sm_80 guards and its
+per-GPU dQ tiles); the other files' code is the same everywhere, and all of them are checked
+for sm_90 (the whole set for every arch: `python dev/ptxas_report.py --arch all --check`).
 """
 
 import importlib.util
@@ -123,3 +129,46 @@ def test_registers_and_static_smem_within_limits(sm90):
 def test_no_kernel_instance_spills(sm90):
     spilling = ptxas_report.spills(sm90)
     assert not spilling, f"{len(spilling)} kernel instances spill registers:\n{_describe(spilling)}"
+
+
+def test_launch_smem_within_the_sm90_limit(sm90):
+    too_big = ptxas_report.over_smem_limit(sm90)
+    assert not too_big, [(r["kernel"], r["smem_static"], r["smem_dynamic"]) for r in too_big]
+    dq = {r["kernel"]: r["launched"] for r in sm90 if r["kernel"].startswith("attention_backward_dq_tc_kernel")}
+    assert dq["attention_backward_dq_tc_kernel<bf16, 128, 64>"] and dq["attention_backward_dq_tc_kernel<bf16, 64, 64>"]
+    assert not dq["attention_backward_dq_tc_kernel<bf16, 128, 32>"], "sm_90 keeps the fast dQ tiles"
+
+
+@pytest.fixture(scope="module", params=[a for a in ptxas_report.ARCHS if a != "90"], ids=lambda a: f"sm_{a}")
+def other_arch(request):
+    if find_cuda_home() is None:
+        pytest.skip("nvcc not found (CUDA_HOME, /usr/local/cuda, PATH): nothing to ask ptxas")
+    return request.param, ptxas_report.report(request.param, files=ptxas_report.PER_ARCH_FILES)
+
+
+def test_every_arch_compiles_without_spills_within_its_smem(other_arch):
+    arch, rows = other_arch
+    assert rows and all(r["arch"] == f"sm_{arch}" for r in rows)
+    kernels = {r["kernel"].split("<")[0] for r in rows}
+    assert set(KERNELS["attention.cu"]) <= kernels, set(KERNELS["attention.cu"]) - kernels
+    spilling = ptxas_report.spills(rows)
+    assert not spilling, f"sm_{arch}: {len(spilling)} kernel instances spill registers:\n{_describe(spilling)}"
+    too_big = ptxas_report.over_smem_limit(rows)
+    assert not too_big, [(r["kernel"], r["smem_static"], r["smem_dynamic"]) for r in too_big]
+    assert all(r["registers"] <= 255 for r in rows)
+    launched = [r for r in rows if r["launched"]]
+    assert {r["kernel"].split("<")[0] for r in launched} == (
+        set(KERNELS["attention.cu"]) if int(arch) >= 80 else
+        {k for k in KERNELS["attention.cu"] if "_tc_" not in k}), "which kernels the launchers use on this GPU"
+
+
+def test_dynamic_smem_of_the_attention_tiles():
+    """The design note's numbers (attention.cu), and which dQ tiles each GPU gets."""
+    smem = ptxas_report.dynamic_smem
+    assert smem("attention_forward_tc_kernel<bf16, 128>") == 87040
+    assert smem("attention_backward_dkdv_tc_kernel<fp16, 128>") == 70144
+    assert smem("attention_backward_dq_tc_kernel<bf16, 128, 64>") == 104448
+    assert smem("attention_backward_dq_tc_kernel<bf16, 128, 32>") == 69632
+    assert smem("attention_backward_dq_tc_kernel<bf16, 64, 64>") == 55296
+    fast = [a for a in ptxas_report.ARCHS if ptxas_report.launched_on("attention_backward_dq_tc_kernel<bf16, 128, 64>", a)]
+    assert fast == ["80", "90", "100"]

@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "sim_internal.h"
 
@@ -47,6 +49,45 @@ void bind(py::module_& m) {
         d["multiprocessor_count"] = options().multiprocessor_count;
         return d;
     });
+    m.def("sim_device_names", [] {
+        int count = 0;
+        const cuda_sim::DeviceProfile* profiles = cuda_sim::device_profiles(&count);
+        py::list names;
+        for (int i = 0; i < count; ++i) names.append(profiles[i].name);
+        return names;
+    });
+    m.def("sim_set_device", [](const std::string& name) {
+        if (!cuda_sim::set_device(name)) {
+            int count = 0;
+            const cuda_sim::DeviceProfile* profiles = cuda_sim::device_profiles(&count);
+            std::string known;
+            for (int i = 0; i < count; ++i) known += std::string(i ? ", " : "") + profiles[i].name;
+            throw std::invalid_argument("unknown simulated device " + name + "; known: " + known);
+        }
+    }, py::arg("name"));
+    m.def("sim_device", [] {
+        const cuda_sim::DeviceProfile& p = cuda_sim::device();
+        py::dict d;
+        d["name"] = p.name;
+        d["gpus"] = p.gpus;
+        d["compute_capability"] = py::make_tuple(p.major, p.minor);
+        d["smem_per_block"] = p.smem_per_block;
+        d["smem_per_block_optin"] = p.smem_per_block_optin;
+        d["smem_per_sm"] = p.smem_per_sm;
+        d["regs_per_sm"] = p.regs_per_sm;
+        d["regs_per_block"] = p.regs_per_block;
+        d["max_threads_per_block"] = p.max_threads_per_block;
+        d["max_threads_per_sm"] = p.max_threads_per_sm;
+        d["full_multiprocessor_count"] = p.multiprocessor_count;
+        d["multiprocessor_count"] = options().multiprocessor_count;
+        return d;
+    });
+    m.def("sim_device_attribute", [](int attr) {
+        int value = 0;
+        if (cudaDeviceGetAttribute(&value, static_cast<cudaDeviceAttr>(attr), 0) != cudaSuccess)
+            throw std::invalid_argument("cudaDeviceGetAttribute: attribute " + std::to_string(attr) + " not simulated");
+        return value;
+    }, py::arg("attr"));
     m.def("sim_stats", [] {
         const cuda_sim::Stats& s = cuda_sim::stats();
         py::dict d;
@@ -58,7 +99,22 @@ void bind(py::module_& m) {
         d["switches"] = s.switches;
         return d;
     });
-    m.def("sim_reset_stats", [] { cuda_sim::stats() = cuda_sim::Stats{}; });
+    m.def("sim_reset_stats", [] {
+        cuda_sim::stats() = cuda_sim::Stats{};
+        cuda_sim::launch_log().clear();
+    });
+    m.def("sim_launches", [] {
+        py::list out;
+        for (const cuda_sim::LaunchRecord& r : cuda_sim::launch_log()) {
+            py::dict d;
+            d["name"] = r.name;
+            d["smem"] = r.smem;
+            d["grid"] = py::make_tuple(r.grid.x, r.grid.y, r.grid.z);
+            d["block"] = py::make_tuple(r.block.x, r.block.y, r.block.z);
+            out.append(d);
+        }
+        return out;
+    });
     m.def("sim_info", [] {
         py::dict d;
         d["fibers"] = CUDA_SIM_FCONTEXT ? "fcontext" : "ucontext";

@@ -12,6 +12,7 @@
 // exactly and accumulates in double, rounding once to float (the tensor cores round their fp32
 // sums differently: a few ulp). Anything else is an error, never silently skipped.
 #include "sim_internal.h"
+#include "counters.h"
 
 #include <cmath>
 #include <cstdlib>
@@ -328,6 +329,10 @@ void asm_exec(const char* ptx, std::initializer_list<AsmOperand> ops, const char
                 failf(file, line, "cp.async: addresses must be aligned to the %d-byte copy", ins.cp_size);
             CpAsyncCopy copy{static_cast<unsigned char*>(shared_pointer(dst_address, ins.cp_size, "cp.async", file, line)),
                              src, ins.cp_size, static_cast<int>(src_size)};
+            if (g_counting) {  // the memory counters: a global read and a shared write, 16 B (cg) or cp-size
+                if (src_size > 0) counters_record(ptx, src, static_cast<unsigned>(src_size), false, file, line, "cp.async");
+                counters_record(ptx, copy.dst, static_cast<unsigned>(ins.cp_size), true, file, line, "cp.async");
+            }
             if (options().cp_async == CpAsyncMode::kImmediate) land(copy);
             else state.open.push_back(copy);
             return;
@@ -368,6 +373,10 @@ void asm_exec(const char* ptx, std::initializer_list<AsmOperand> ops, const char
             slot.address = static_cast<std::uint32_t>(read_int(address));
             slot.matrices = ins.matrices;
             slot.trans = ins.trans;
+            // The memory counters: lanes 8m..8m+7 each read one 16-byte row of matrix m.
+            if (g_counting && lane_id() < 8 * ins.matrices)
+                counters_record(ptx, shared_pointer(slot.address, 16, "ldmatrix", file, line), 16, false, file, line,
+                                "ldmatrix");
             warp_collective(ins.trans ? "ldmatrix.trans" : "ldmatrix", 0xffffffffu, &ldmatrix_combine, &slot, file,
                             line);
             return;

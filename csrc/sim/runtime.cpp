@@ -4,6 +4,7 @@
 // shared memory, the fault handler that turns a bad access into a launch error, and the CUDA
 // runtime API functions that the launchers and bindings call.
 #include "sim_internal.h"
+#include "counters.h"
 
 #include <signal.h>
 #include <sys/mman.h>
@@ -37,9 +38,21 @@ namespace {
 constexpr std::size_t kStackBytes = 256 * 1024;     // per simulated thread, plus a guard page
 constexpr std::size_t kStaticSharedBytes = 48 * 1024;  // CUDA's limit on static __shared__
 constexpr std::size_t kDefaultDynamicLimit = 48 * 1024;
-constexpr int kOptinSharedBytes = 232448;           // H100 / H200: 227 KiB per block
 constexpr std::uint32_t kDynamicSharedOffset = 0x10000;  // shared addresses: static arena, then dynamic
-constexpr int kMaxThreads = 1024;
+
+// See DeviceProfile (sim_internal.h) for the source of these numbers.
+constexpr DeviceProfile kProfiles[] = {
+    // name     parts                        cc     smem/block opt-in   smem/SM  regs/SM regs/block thr/block thr/SM SMs
+    {"sm_75", "T4, RTX 2080 (Turing)", 7, 5, 49152, 65536, 65536, 65536, 65536, 1024, 1024, 40},
+    {"sm_80", "A100 (Ampere)", 8, 0, 49152, 166912, 167936, 65536, 65536, 1024, 2048, 108},
+    {"sm_86", "RTX 3090, A10 (Ampere)", 8, 6, 49152, 101376, 102400, 65536, 65536, 1024, 1536, 82},
+    {"sm_89", "RTX 4090, L4 (Ada)", 8, 9, 49152, 101376, 102400, 65536, 65536, 1024, 1536, 128},
+    {"sm_90", "H100, H200 (Hopper)", 9, 0, 49152, 232448, 233472, 65536, 65536, 1024, 2048, 132},
+    {"sm_100", "B200 (Blackwell)", 10, 0, 49152, 232448, 233472, 65536, 65536, 1024, 2048, 148},
+    {"sm_120", "RTX 5090 (Blackwell)", 12, 0, 49152, 101376, 102400, 65536, 65536, 1024, 1536, 170},
+};
+constexpr int kDefaultProfile = 4;  // sm_90
+const DeviceProfile* g_device = &kProfiles[kDefaultProfile];
 
 std::size_t page_size() {
     static const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
@@ -595,13 +608,19 @@ bool check_launch(const Launch& l, std::string& why, cudaError_t& code) {
     const dim3 g = l.cfg.grid, b = l.cfg.block;
     code = cudaErrorInvalidConfiguration;
     if (b.x == 0 || b.y == 0 || b.z == 0 || b.x > 1024 || b.y > 1024 || b.z > 64 ||
-        static_cast<unsigned long long>(b.x) * b.y * b.z > kMaxThreads) {
-        why = format("invalid block (%u, %u, %u): each dim >= 1, x, y <= 1024, z <= 64, at most 1024 threads", b.x,
-                     b.y, b.z);
+        static_cast<unsigned long long>(b.x) * b.y * b.z > static_cast<unsigned>(g_device->max_threads_per_block)) {
+        why = format("invalid block (%u, %u, %u): each dim >= 1, x, y <= 1024, z <= 64, at most %d threads (%s)", b.x,
+                     b.y, b.z, g_device->max_threads_per_block, g_device->name);
         return false;
     }
     if (g.x == 0 || g.y == 0 || g.z == 0 || g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535) {
         why = format("invalid grid (%u, %u, %u): each dim >= 1, x < 2^31, y, z <= 65535", g.x, g.y, g.z);
+        return false;
+    }
+    if (l.cfg.smem > static_cast<std::size_t>(g_device->smem_per_block_optin)) {
+        code = cudaErrorInvalidValue;
+        why = format("%zu bytes of dynamic shared memory, more than the %d a block may have on %s", l.cfg.smem,
+                     g_device->smem_per_block_optin, g_device->name);
         return false;
     }
     if (l.cfg.smem > l.dynamic_limit) {
@@ -628,6 +647,41 @@ Site g_combine_site{nullptr, 0};
 
 Options& options() { return g_options; }
 Stats& stats() { return g_stats; }
+
+bool counters_view(CountersView* v) {
+    if (g_thread == nullptr || g_launch == nullptr) return false;
+    v->linear = g_thread->linear;
+    v->stack_lo = g_thread->stack->base;
+    v->stack_hi = g_thread->stack->top();
+    v->threads_lo = reinterpret_cast<const unsigned char*>(g_block.threads.data());
+    v->threads_hi = reinterpret_cast<const unsigned char*>(g_block.threads.data() + g_block.threads.size());
+    v->arena = g_block.arena;
+    v->arena_bytes = kStaticSharedBytes;
+    v->dynamic = g_block.dynamic;
+    v->dynamic_bytes = g_block.dynamic_bytes;
+    return true;
+}
+
+const DeviceProfile* device_profiles(int* count) {
+    *count = static_cast<int>(sizeof(kProfiles) / sizeof(kProfiles[0]));
+    return kProfiles;
+}
+const DeviceProfile& device() { return *g_device; }
+std::vector<LaunchRecord>& launch_log() {
+    static std::vector<LaunchRecord> log;
+    return log;
+}
+bool set_device(const std::string& name) {
+    for (const DeviceProfile& p : kProfiles) {
+        if (name == p.name) {
+            std::lock_guard<std::recursive_mutex> lock(g_launch_mutex);
+            g_device = &p;
+            g_dynamic_limits.clear();
+            return true;
+        }
+    }
+    return false;
+}
 
 void failf(const char* file, int line, const char* fmt, ...) {
     va_list args;
@@ -785,11 +839,11 @@ void* static_shared(int site, std::size_t bytes, std::size_t align, const char* 
     if (offset + bytes > kStaticSharedBytes)
         failf(file, line, "static __shared__ memory of this kernel passes %zu bytes (CUDA's limit is 48 KiB)",
               kStaticSharedBytes);
-    const std::size_t limit = g_launch->dynamic_limit_set ? static_cast<std::size_t>(kOptinSharedBytes)
-                                                          : kDefaultDynamicLimit;
+    const std::size_t limit = static_cast<std::size_t>(g_launch->dynamic_limit_set ? g_device->smem_per_block_optin
+                                                                                   : g_device->smem_per_block);
     if (offset + bytes + b.dynamic_bytes > limit)
-        failf(file, line, "%zu bytes of static plus %zu of dynamic shared memory exceed the %zu a block may have",
-              offset + bytes, b.dynamic_bytes, limit);
+        failf(file, line, "%zu bytes of static plus %zu of dynamic shared memory exceed the %zu a block may have (%s)",
+              offset + bytes, b.dynamic_bytes, limit, g_device->name);
     void* p = b.arena + offset;
     std::memset(p, 0xFF, bytes);  // uninitialized shared memory reads as NaN / -1, not zero
     b.arena_used = offset + bytes;
@@ -804,7 +858,8 @@ std::size_t cvta_to_shared(const void* p, const char* file, int line) {
     // As on the GPU, any address of the block's shared window converts, also past what the launch
     // allocated: the instruction that then touches it is what fails.
     if (c >= b.arena && c < b.arena + kStaticSharedBytes) return static_cast<std::size_t>(c - b.arena);
-    if (c >= b.dynamic && c < b.dynamic + kOptinSharedBytes) return kDynamicSharedOffset + (c - b.dynamic);
+    if (c >= b.dynamic && c < b.dynamic + g_device->smem_per_block_optin)
+        return kDynamicSharedOffset + (c - b.dynamic);
     failf(file, line, "__cvta_generic_to_shared(%p): not an address in this block's shared memory", p);
 }
 
@@ -849,11 +904,13 @@ void run_grid(const char* name, const void* kernel, const LaunchConfig& cfg, voi
         return;
     }
     ++g_stats.launches;
+    if (launch_log().size() < kMaxLaunchLog) launch_log().push_back(LaunchRecord{name, cfg.smem, cfg.grid, cfg.block});
     g_launch = &l;
     g_grid_dim = cfg.grid;
     g_block_dim = cfg.block;
     t_running_grid = true;
     install_fault_handler();
+    counters_launch_begin(name);
 
     const dim3 g = cfg.grid;
     const unsigned long long num_blocks = static_cast<unsigned long long>(g.x) * g.y * g.z;
@@ -868,12 +925,14 @@ void run_grid(const char* name, const void* kernel, const LaunchConfig& cfg, voi
         const uint3 idx{static_cast<unsigned>(linear % g.x), static_cast<unsigned>((linear / g.x) % g.y),
                         static_cast<unsigned>(linear / (static_cast<unsigned long long>(g.x) * g.y))};
         run_block(idx, linear);
+        counters_block_end();
         if (g_block.failed) {
             error = g_block.error;
             break;
         }
     }
 
+    counters_launch_end();
     restore_fault_handler();
     t_running_grid = false;
     g_launch = nullptr;
@@ -886,8 +945,10 @@ void run_grid(const char* name, const void* kernel, const LaunchConfig& cfg, voi
 }  // namespace cuda_sim
 
 // ----------------------------------------------------------------------------
-// The CUDA runtime API, as far as pyllmc calls it. One simulated device (compute capability
-// 9.0, H100/H200 shared-memory limits, a few SMs); streams are accepted and ignored.
+// The CUDA runtime API, as far as pyllmc calls it. One simulated device, described by the
+// current DeviceProfile (sm_90, the H100/H200, unless set_device chose another), with a few SMs
+// (options().multiprocessor_count: grid-wide work splits stay small on a CPU); streams are
+// accepted and ignored.
 
 using cuda_sim::g_last_error;
 
@@ -939,21 +1000,26 @@ cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaE
 
 cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
     if (device != 0) return cudaErrorInvalidDevice;
+    const cuda_sim::DeviceProfile& d = cuda_sim::device();
     switch (attr) {
-        case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = cuda_sim::kOptinSharedBytes; return cudaSuccess;
-        case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; return cudaSuccess;
+        case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = d.smem_per_block_optin; return cudaSuccess;
+        case cudaDevAttrMaxSharedMemoryPerBlock: *value = d.smem_per_block; return cudaSuccess;
+        case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = d.smem_per_sm; return cudaSuccess;
+        case cudaDevAttrMaxRegistersPerBlock: *value = d.regs_per_block; return cudaSuccess;
+        case cudaDevAttrMaxRegistersPerMultiprocessor: *value = d.regs_per_sm; return cudaSuccess;
         case cudaDevAttrMultiProcessorCount: *value = cuda_sim::g_options.multiprocessor_count; return cudaSuccess;
-        case cudaDevAttrMaxThreadsPerBlock: *value = cuda_sim::kMaxThreads; return cudaSuccess;
+        case cudaDevAttrMaxThreadsPerBlock: *value = d.max_threads_per_block; return cudaSuccess;
+        case cudaDevAttrMaxThreadsPerMultiProcessor: *value = d.max_threads_per_sm; return cudaSuccess;
         case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
-        case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
-        case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+        case cudaDevAttrComputeCapabilityMajor: *value = d.major; return cudaSuccess;
+        case cudaDevAttrComputeCapabilityMinor: *value = d.minor; return cudaSuccess;
         default: return cudaErrorInvalidValue;
     }
 }
 
 cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
     if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-        if (value < 0 || value > cuda_sim::kOptinSharedBytes) return cudaErrorInvalidValue;
+        if (value < 0 || value > cuda_sim::device().smem_per_block_optin) return cudaErrorInvalidValue;
         cuda_sim::g_dynamic_limits[func] = value;
         return cudaSuccess;
     }

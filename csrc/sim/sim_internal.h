@@ -23,6 +23,28 @@ struct Options {
 };
 Options& options();
 
+// The GPU the simulator answers for: what cudaDeviceGetAttribute reports, the largest
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) it accepts, and what a launch may use.
+// Values: NVIDIA's CUDA C++ Programming Guide, table "Technical Specifications per Compute
+// Capability" (shared memory per SM and opt-in per block, which is per SM minus the 1 KB the
+// driver reserves per block from 8.0 on; threads per SM); the SM count is the named part's.
+struct DeviceProfile {
+    const char* name;        // "sm_90"
+    const char* gpus;        // the parts it stands for
+    int major, minor;        // compute capability
+    int smem_per_block;      // default limit of static + dynamic shared memory per block
+    int smem_per_block_optin;  // the most a kernel may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+    int smem_per_sm;
+    int regs_per_sm, regs_per_block;
+    int max_threads_per_block, max_threads_per_sm;
+    int multiprocessor_count;  // the full part's; the simulator reports options().multiprocessor_count
+};
+const DeviceProfile* device_profiles(int* count);  // the table, sm_75 first
+const DeviceProfile& device();                      // the current one (sm_90 until set_device)
+// Switches the simulated device (false, changing nothing, for an unknown name). Like a new
+// CUDA context, it forgets every kernel's MaxDynamicSharedMemorySize.
+bool set_device(const std::string& name);
+
 // Counters since the last reset, for tests and for the cost of a run.
 struct Stats {
     unsigned long long launches = 0;
@@ -33,6 +55,16 @@ struct Stats {
     unsigned long long switches = 0;
 };
 Stats& stats();
+
+// The launches that ran since the last reset of the stats (the first kMaxLaunchLog of them): what
+// each asked for, so tests can check the configuration a launcher chose.
+struct LaunchRecord {
+    std::string name;  // the kernel expression of the launch, as written in the source
+    std::size_t smem;  // dynamic shared memory, bytes
+    dim3 grid, block;
+};
+constexpr std::size_t kMaxLaunchLog = 4096;
+std::vector<LaunchRecord>& launch_log();
 
 struct CpAsyncCopy {
     unsigned char* dst;

@@ -38,6 +38,7 @@ from ._common import (
     dtype_code,
     resolve_backend,
     triton_kernels,
+    triton_launch,
 )
 
 # The head dims each backend takes, per dtype: the one table that the checks and the error
@@ -61,8 +62,35 @@ def backends_for_head_dim(head_dim: int, dtype: torch.dtype) -> list[str]:
     return [name for name in SUPPORTED_HEAD_DIMS if supports_head_dim(name, head_dim, dtype)]
 
 
+# The CUDA tensor-core kernels (bfloat16 / float16: mma.sync, cp.async, ldmatrix) need this compute
+# capability; float32 runs on any GPU (csrc/attention.cu checks it again before a launch).
+CUDA_TENSOR_CORE_CAPABILITY = (8, 0)
+
+
+def _cuda_compute_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of the GPU the cuda backend runs on for `device` (the simulated one on CPU)."""
+    if device.type == "cpu":
+        from .. import cuda_sim
+
+        return tuple(cuda_sim.device()["compute_capability"])
+    return torch.cuda.get_device_capability(device)
+
+
+def _check_cuda_capability(device: torch.device, dtype: torch.dtype, what: str) -> None:
+    if dtype == torch.float32:
+        return
+    capability = _cuda_compute_capability(device)
+    if tuple(capability) < CUDA_TENSOR_CORE_CAPABILITY:
+        raise ValueError(
+            f"{what}: attention in {_dtype_names([dtype])} on backend 'cuda' needs compute capability 8.0+ "
+            f"(mma.sync, cp.async, ldmatrix); this GPU is {capability[0]}.{capability[1]}: use float32, "
+            f"or the triton/torch backend")
+
+
 def _resolve(backend: Optional[str], device: torch.device, head_dim: int, dtype: torch.dtype, what: str) -> str:
     name = resolve_backend(backend, device)
+    if name == "cuda":
+        _check_cuda_capability(device, dtype, what)
     if not supports_head_dim(name, head_dim, dtype):
         table = SUPPORTED_HEAD_DIMS[name]
         raise ValueError(
@@ -171,7 +199,8 @@ def _forward_into(out, q, k, v, backend: str) -> torch.Tensor:
     """out (B, H, T, D) = attention(q, k, v); returns lse (B, H, T) float32."""
     B, H, T, D = q.shape
     if backend == "triton":
-        _, lse = triton_kernels("attention").attention_forward(q, k, v, out=out)
+        with triton_launch(q):
+            _, lse = triton_kernels("attention").attention_forward(q, k, v, out=out)
         return lse
     if backend == "torch":
         return _torch_forward_into(out, q, k, v)
@@ -192,7 +221,8 @@ def _backward_into(dq, dk, dv, dout, q, k, v, out, lse, backend: str) -> None:
     """dq, dk, dv (B, H, T, D) = the gradients of attention(q, k, v) for dout."""
     B, H, T, D = q.shape
     if backend == "triton":
-        triton_kernels("attention").attention_backward(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv)
+        with triton_launch(q):
+            triton_kernels("attention").attention_backward(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv)
         return
     if backend == "torch":
         _torch_backward_into(dq, dk, dv, dout, q, k, v)
