@@ -22,6 +22,10 @@
 //   they travel by value in the kernel's parameter space (AdamWHyperTable, __grid_constant__):
 //   no host-to-device copy and no recompilation when lr changes. A row is one (param group,
 //   step) pair; the optimizer launches once more per kMaxRows rows (never in practice).
+// - Capturable mode (AdamW(capturable=True), for CUDA graphs): values passed by value would
+//   be frozen into the graph at capture, so the rows are read from device memory instead
+//   (adamw_step_device_hyper), where the optimizer computes them on the device from the
+//   device-side step counts and lr each step; one row per tensor, no kMaxRows limit.
 // - Each thread updates 8 consecutive elements with 128-bit loads/stores (one vector of
 //   bf16, two of fp32); tensors whose pointers are not 16-byte aligned, and the last
 //   partial vector of a tensor, take a scalar path. Streaming cache hints: each byte is
@@ -29,6 +33,12 @@
 // - Stochastic rounding: a counter-based hash of (seed, step, element index), so a run is
 //   reproducible bit for bit and the Triton kernel and the torch reference draw the same bits.
 // No atomics, no reductions: deterministic.
+// Memory access, measured by the simulator's counters (python dev/sim_counters.py): the fp32 streams
+// (m, v, master, fp32 gradients) take 30.9 sectors per warp request where 15.5 would do: a thread's
+// two 16-byte packets are 16 bytes apart, so one request's lanes are 32 bytes apart (50%). Kept for
+// now: the fix (packet j of thread t at element (j * kThreads + t) * 4, with 8-byte accesses for 16-bit
+// parameters) changes which thread owns which element, and its gain is a GPU timing no one has made
+// yet; every byte is still read once (unique bytes = ideal), so DRAM traffic is already minimal.
 #include "common.cuh"
 
 namespace pyllmc {
@@ -191,16 +201,8 @@ __device__ __forceinline__ void adamw_update(const AdamWTensor& t, const AdamWHy
     store8(param, out, count, vector);
 }
 
-// One block per chunk; chunk_to_tensor: (num_chunks,) int32; tensors: (num_tensors,) rows.
-__global__ void __launch_bounds__(kThreads)
-adamw_kernel(const AdamWTensor* __restrict__ tensors, int num_tensors, const int* __restrict__ chunk_to_tensor,
-             const __grid_constant__ AdamWHyperTable hyper, int num_rows) {
-    const long long chunk = blockIdx.x;
-    const int index = chunk_to_tensor[chunk];
-    if (index < 0 || index >= num_tensors) return;  // a table from pyllmc/optim.py never has one
-    const AdamWTensor t = tensors[index];
-    if (t.hyper_row < 0 || t.hyper_row >= num_rows || chunk < t.first_chunk) return;
-    const AdamWHyper& h = hyper.rows[t.hyper_row];
+// This thread's 8 elements of chunk `chunk` (this block's) of tensor t, with hyperparameters h.
+__device__ __forceinline__ void adamw_chunk(const AdamWTensor& t, const AdamWHyper& h, long long chunk) {
     const long long begin = (chunk - t.first_chunk) * kChunk + static_cast<long long>(threadIdx.x) * kPerThread;
     if (begin >= t.numel) return;
     const long long left = t.numel - begin;
@@ -225,6 +227,32 @@ adamw_kernel(const AdamWTensor* __restrict__ tensors, int num_tensors, const int
     }
 }
 
+// One block per chunk; chunk_to_tensor: (num_chunks,) int32; tensors: (num_tensors,) rows.
+__global__ void __launch_bounds__(kThreads)
+adamw_kernel(const AdamWTensor* __restrict__ tensors, int num_tensors, const int* __restrict__ chunk_to_tensor,
+             const __grid_constant__ AdamWHyperTable hyper, int num_rows) {
+    const long long chunk = blockIdx.x;
+    const int index = chunk_to_tensor[chunk];
+    if (index < 0 || index >= num_tensors) return;  // a table from pyllmc/optim.py never has one
+    const AdamWTensor t = tensors[index];
+    if (t.hyper_row < 0 || t.hyper_row >= num_rows || chunk < t.first_chunk) return;
+    adamw_chunk(t, hyper.rows[t.hyper_row], chunk);
+}
+
+// The same with the hyperparameter rows in device memory: hyper (num_rows,) rows of AdamWHyper.
+__global__ void __launch_bounds__(kThreads)
+adamw_device_hyper_kernel(const AdamWTensor* __restrict__ tensors, int num_tensors,
+                          const int* __restrict__ chunk_to_tensor, const AdamWHyper* __restrict__ hyper,
+                          int num_rows) {
+    const long long chunk = blockIdx.x;
+    const int index = chunk_to_tensor[chunk];
+    if (index < 0 || index >= num_tensors) return;  // a table from pyllmc/optim.py never has one
+    const AdamWTensor t = tensors[index];
+    if (t.hyper_row < 0 || t.hyper_row >= num_rows || chunk < t.first_chunk) return;
+    const AdamWHyper h = hyper[t.hyper_row];
+    adamw_chunk(t, h, chunk);
+}
+
 }  // namespace
 
 // tensors: device (num_tensors, 10) int64, rows of AdamWTensor; chunk_to_tensor: device
@@ -247,6 +275,25 @@ void adamw_step(const void* tensors, int num_tensors, const void* chunk_to_tenso
         static_cast<const AdamWTensor*>(tensors), num_tensors, static_cast<const int*>(chunk_to_tensor), table,
         num_rows);
     PYLLMC_LAUNCH_CHECK("adamw_kernel");
+}
+
+// The same, but hyper is a DEVICE (num_rows, 8) float32 table of AdamWHyper rows, read by the
+// kernel when it runs (capturable mode: a CUDA graph replays the launch with the values the
+// device holds then). Any num_rows >= 1.
+void adamw_step_device_hyper(const void* tensors, int num_tensors, const void* chunk_to_tensor, long long num_chunks,
+                             long long chunk_size, const void* hyper, int num_rows, cudaStream_t stream) {
+    require(chunk_size == kChunk, "adamw_step_device_hyper: chunk_size must be " + std::to_string(kChunk) +
+                                      ", got " + std::to_string(chunk_size));
+    require(num_tensors >= 0 && num_chunks >= 0, "adamw_step_device_hyper: negative sizes");
+    require(num_rows >= 1, "adamw_step_device_hyper: num_rows must be >= 1, got " + std::to_string(num_rows));
+    require(num_chunks <= 0x7fffffffLL, "adamw_step_device_hyper: too many chunks for one launch");
+    if (num_chunks == 0 || num_tensors == 0) return;
+    require(tensors != nullptr && chunk_to_tensor != nullptr && hyper != nullptr,
+            "adamw_step_device_hyper: null table");
+    adamw_device_hyper_kernel<<<static_cast<unsigned int>(num_chunks), kThreads, 0, stream>>>(
+        static_cast<const AdamWTensor*>(tensors), num_tensors, static_cast<const int*>(chunk_to_tensor),
+        static_cast<const AdamWHyper*>(hyper), num_rows);
+    PYLLMC_LAUNCH_CHECK("adamw_device_hyper_kernel");
 }
 
 int adamw_chunk_size() { return static_cast<int>(kChunk); }

@@ -1,29 +1,35 @@
 """What the GPU compiler makes of every Triton kernel at a real GPT-2 124M launch, without a GPU.
 
 The Triton interpreter (how CI runs the kernels) says nothing about the code a GPU runs: tile
-sizes, vector widths, register spills, approximate math. This report builds that code ahead of
-time, as the JIT would on an H200, and reads the compiler's own output:
+sizes, vector widths, register spills, shared memory, approximate math. This report builds that
+code ahead of time, as the JIT would on each GPU architecture (sm_75 to sm_120: the attention
+tiles and stages depend on the architecture's shared memory per block), and reads the compiler's
+own output:
 
 1. Launches: the launchers in pyllmc.kernels run on meta tensors of GPT-2 124M's training
    shapes (B*T = 65536 rows, C = 768, V = 50257 classes in rows of Vp = 50304, T = 1024,
    H = 12, D = 64; the model's own views: q/k/v split from one (B, T, 3C) buffer, the (N, V)
    view of the padded logits), with the device description of kernels/_common.py replaced by
-   an H200's (sm_90, 132 SMs). So the constexprs, num_warps and grids come from the launchers'
-   own configuration code. Each kernel launch is intercepted and specialized by the JIT's own
-   binder: a pointer whose address is 16-byte aligned and an int divisible by 16 get the
-   `tt.divisibility = 16` attribute, an int equal to 1 becomes the constant 1, exactly as on
-   the GPU (a meta tensor's data_ptr() is its byte offset from an aligned base, as a view of a
+   the architecture's (its compute capability and opt-in shared memory per block from
+   _common.SHARED_MEMORY_PER_BLOCK, 132 SMs). So the constexprs, num_warps, num_stages and
+   grids come from the launchers' own configuration code. Each kernel launch is intercepted and
+   specialized by the JIT's own binder: a pointer whose address is 16-byte aligned and an int
+   divisible by 16 get the `tt.divisibility = 16` attribute, an int equal to 1 becomes the
+   constant 1, exactly as on the GPU (a meta tensor's data_ptr() is its byte offset from an aligned base, as a view of a
    fresh CUDA allocation is).
-2. Compilation: triton.compile for sm_90 (no GPU needed), then from its output:
+2. Compilation: triton.compile for the architecture (no GPU needed), then from its output:
    - ptxas -v (the log of Triton's own ptxas run): registers, spill stores and loads;
+   - metadata.shared: the shared memory the kernel asks for at launch, against the
+     architecture's limit and, for attention, against kernels/attention.py's estimate (which
+     must never be below it: the tile choice relies on it);
    - the PTX: the global loads and stores in each loop (a label and the backward branch to it)
      and in the whole kernel, by width (128-bit: ld.global.v4.b32 and the like), and the
      approximate / IEEE instructions used (ex2.approx, lg2.approx, rcp.approx, div.full,
      div.rn, sqrt.approx, sqrt.rn, rsqrt.approx, tanh.approx).
 
-    python dev/triton_report.py                 # the table (both dtypes), sm_90
-    python dev/triton_report.py --json out.json --dtypes bf16
-    python dev/triton_report.py --check         # exit 1 if any kernel spills
+    python dev/triton_report.py                 # the tables (both dtypes), every architecture
+    python dev/triton_report.py --archs 90 --json out.json --dtypes bf16
+    python dev/triton_report.py --check         # exit 1 if a kernel spills or exceeds shared memory
 
 Run it with TRITON_INTERPRET unset (or 0). It takes the Triton that imports: put another one
 first on PYTHONPATH (pip install --no-deps --target DIR triton==3.6.0) to build with that.
@@ -67,7 +73,8 @@ def _gpt2_parameter_sizes() -> list[int]:
 
 def record_launches(dtypes=DTYPES, arch: int = 90) -> list[dict]:
     """Every distinct kernel launch of GPT-2 124M training (forward, backward, optimizer) in
-    `dtypes`, specialized for `arch` by the JIT's own binder. Nothing runs."""
+    `dtypes` on an sm_`arch` GPU, specialized by the JIT's own binder. Nothing runs. Attention
+    launches carry their shared-memory estimate (kernels/attention.py)."""
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
@@ -78,9 +85,10 @@ def record_launches(dtypes=DTYPES, arch: int = 90) -> list[dict]:
 
     if not isinstance(cross_entropy.cross_entropy_forward_kernel, jit.JITFunction):
         raise RuntimeError("the kernels are interpreted here: run with TRITON_INTERPRET unset or 0")
-    # An H200: the only device facts the launch configuration reads (kernels/_common.py).
+    # The only device facts the launch configuration reads (kernels/_common.py).
+    gpu = _common.gpu_of_arch(arch, sm_count=132)
     original_gpu_of = _common.gpu_of
-    _common.gpu_of = lambda device: _common.GPU(capability=(arch // 10, arch % 10), sm_count=132)
+    _common.gpu_of = lambda device: gpu
     backend = make_backend(GPUTarget("cuda", arch, 32))
     seen: dict = {}
     context = {}
@@ -95,7 +103,13 @@ def record_launches(dtypes=DTYPES, arch: int = 90) -> list[dict]:
         key = (self.fn.__module__, self.fn.__name__, repr(signature), repr(sorted(constexprs.items())),
                repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
         if key not in seen:
-            seen[key] = dict(
+            estimate = None
+            if self.fn.__name__ in ATTENTION_KERNELS:
+                c = {self.arg_names[p[0]]: v for p, v in constexprs.items()}
+                estimate = attention.shared_memory_estimate(
+                    ATTENTION_KERNELS[self.fn.__name__], c["HEAD_DIM"], context["torch_dtype"],
+                    (c["BLOCK_M"], c["BLOCK_N"], options.num_warps, options.num_stages), gpu.capability)
+            seen[key] = dict(shared_estimate=estimate,
                 module=self.fn.__module__, kernel=self.fn.__name__, fn=self, signature=signature,
                 constexprs=constexprs, attrs=attrs, options=options.__dict__, dtype=context["dtype"],
                 grid=[int(g) for g in (grid if isinstance(grid, tuple) else grid(bound_args))],
@@ -113,6 +127,7 @@ def record_launches(dtypes=DTYPES, arch: int = 90) -> list[dict]:
         for name in dtypes:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
             context["dtype"] = name
+            context["torch_dtype"] = dtype
 
             def meta(*shape, dt=dtype):
                 return torch.empty(shape, device="meta", dtype=dt)
@@ -160,6 +175,10 @@ def record_launches(dtypes=DTYPES, arch: int = 90) -> list[dict]:
         jit.JITFunction.run = original_run
         _common.gpu_of = original_gpu_of
     return list(seen.values())
+
+
+ATTENTION_KERNELS = {"attention_forward_kernel": "fwd", "attention_dkdv_kernel": "dkdv",
+                     "attention_dq_kernel": "dq"}
 
 
 def _plain(value):
@@ -235,8 +254,22 @@ def compile_launch(launch: dict, arch: int = 90) -> dict:
     return result
 
 
-def report(dtypes=DTYPES, arch: int = 90) -> dict:
+def default_archs() -> tuple:
+    """Every architecture of _common.SHARED_MEMORY_PER_BLOCK that this Triton's backend builds for."""
+    from pyllmc.kernels import _common
+
+    return tuple(sorted(_common.SHARED_MEMORY_PER_BLOCK))
+
+
+def report(dtypes=DTYPES, archs=(90,), attention_archs=()) -> dict:
+    """{"triton", "seconds", "gpt2", "archs": [{"arch", "shared_memory_per_block", "seconds",
+    "launches": [...]}]}: every launch compiled for every arch of `archs`, and the attention
+    launches (the only ones whose configuration depends on the architecture) for every arch of
+    `attention_archs`. An arch this Triton's backend cannot build for (a compile error naming it
+    unsupported) is listed with "skipped": why."""
     import triton
+
+    from pyllmc.kernels import _common
 
     # a fresh cache: every kernel really compiles, so ptxas runs and prints its log
     with tempfile.TemporaryDirectory() as cache:
@@ -247,10 +280,42 @@ def report(dtypes=DTYPES, arch: int = 90) -> dict:
         knobs.cache.dir = cache
         knobs.nvidia.dump_ptxas_log = True
         start = time.perf_counter()
-        launches = record_launches(dtypes, arch)
-        results = [compile_launch(launch, arch) for launch in launches]
-    return {"triton": triton.__version__, "arch": arch, "seconds": round(time.perf_counter() - start, 1),
-            "gpt2": GPT2, "launches": results}
+        per_arch = []
+        for arch, only_attention in [(a, False) for a in archs] + [(a, True) for a in attention_archs]:
+            arch_start = time.perf_counter()
+            entry = {"arch": arch, "shared_memory_per_block": _common.SHARED_MEMORY_PER_BLOCK[arch],
+                     "only_attention": only_attention}
+            try:
+                launches = record_launches(dtypes, arch)
+                if only_attention:
+                    launches = [launch for launch in launches if launch["kernel"] in ATTENTION_KERNELS]
+                entry["launches"] = [compile_launch(launch, arch) for launch in launches]
+            except Exception as error:  # noqa: BLE001: only "this Triton cannot build for it" is tolerated
+                if "support" not in str(error).lower():
+                    raise
+                entry["skipped"] = f"Triton {triton.__version__} cannot build for sm_{arch}: {str(error)[:200]}"
+                entry["launches"] = []
+            entry["seconds"] = round(time.perf_counter() - arch_start, 1)
+            per_arch.append(entry)
+    return {"triton": triton.__version__, "seconds": round(time.perf_counter() - start, 1), "gpt2": GPT2,
+            "archs": per_arch}
+
+
+def problems(entry: dict) -> list[str]:
+    """What is wrong with one arch's launches: register spills, shared memory over the
+    architecture's limit, an attention estimate below what the compiler allocated."""
+    found = []
+    limit = entry["shared_memory_per_block"]
+    for r in entry["launches"]:
+        name = f"sm_{entry['arch']} {r['kernel']} ({r['dtype']})"
+        if r["spill_stores"] or r["spill_loads"]:
+            found.append(f"{name}: spills {r['spill_stores']} B stored, {r['spill_loads']} B loaded")
+        if r["shared"] > limit:
+            found.append(f"{name}: {r['shared']} B of shared memory, over the limit of {limit} B")
+        if r["shared_estimate"] is not None and r["shared_estimate"] < r["shared"]:
+            found.append(f"{name}: kernels/attention.py estimates {r['shared_estimate']} B of shared memory, "
+                         f"the compiler allocated {r['shared']} B")
+    return found
 
 
 def _loads(acc: dict) -> str:
@@ -258,38 +323,80 @@ def _loads(acc: dict) -> str:
 
 
 def table(rep: dict) -> str:
-    head = ("| kernel | dtype | constexprs | warps | regs | spills (st/ld B) | loads in loops | stores in loops "
-            "| approx / IEEE math |")
-    rows = [f"Triton {rep['triton']}, sm_{rep['arch']}, GPT-2 124M launches; built in {rep['seconds']} s", "",
-            head, "|" + " --- |" * 9]
-    for r in rep["launches"]:
-        consts = ", ".join(f"{k}={v}" for k, v in r["constexpr_args"].items())
-        loop_ld = "; ".join(_loads(loop["ld"]) for loop in r["loops"]) or "(no loop) " + _loads(r["whole"]["ld"])
-        loop_st = "; ".join(_loads(loop["st"]) for loop in r["loops"]) or "(no loop) " + _loads(r["whole"]["st"])
-        approx = ", ".join(f"{op} x{n}" for op, n in r["approx"].items()) or "-"
-        rows.append(f"| {r['kernel']} | {r['dtype']} | {consts} | {r['num_warps']} | {r['registers']} | "
-                    f"{r['spill_stores']}/{r['spill_loads']} | {loop_ld} | {loop_st} | {approx} |")
+    head = ("| kernel | dtype | constexprs | warps | stages | regs | spills (st/ld B) | smem B (estimate) "
+            "| loads in loops | stores in loops | approx / IEEE math |")
+    rows = []
+    for entry in rep["archs"]:
+        which = "attention launches" if entry["only_attention"] else "launches"
+        rows += [f"Triton {rep['triton']}, sm_{entry['arch']} ({entry['shared_memory_per_block']} B of shared memory "
+                 f"per block), GPT-2 124M {which}; built in {entry['seconds']} s", ""]
+        if entry.get("skipped"):
+            rows += [entry["skipped"], ""]
+            continue
+        rows += [head, "|" + " --- |" * 11]
+        for r in entry["launches"]:
+            consts = ", ".join(f"{k}={v}" for k, v in r["constexpr_args"].items())
+            loop_ld = "; ".join(_loads(loop["ld"]) for loop in r["loops"]) or "(no loop) " + _loads(r["whole"]["ld"])
+            loop_st = "; ".join(_loads(loop["st"]) for loop in r["loops"]) or "(no loop) " + _loads(r["whole"]["st"])
+            approx = ", ".join(f"{op} x{n}" for op, n in r["approx"].items()) or "-"
+            smem = str(r["shared"]) + (f" ({r['shared_estimate']})" if r["shared_estimate"] is not None else "")
+            rows.append(f"| {r['kernel']} | {r['dtype']} | {consts} | {r['num_warps']} | {r['num_stages']} | "
+                        f"{r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {smem} | {loop_ld} | {loop_st} "
+                        f"| {approx} |")
+        rows.append("")
+    return "\n".join(rows)
+
+
+def summary(rep: dict) -> str:
+    """One line per arch and attention launch: the tiles, shared memory and spills (the part that
+    depends on the architecture), plus the worst of the other kernels."""
+    rows = [f"Triton {rep['triton']}: shared memory (B) and spills (B) per architecture", "",
+            "| arch | limit | kernel | dtype | BLOCK_M x BLOCK_N, warps, stages | smem (estimate) | spills |",
+            "|" + " --- |" * 7]
+    for entry in rep["archs"]:
+        if entry.get("skipped"):
+            rows.append(f"| sm_{entry['arch']} | {entry['shared_memory_per_block']} | skipped | | | | |")
+            continue
+        others = [r for r in entry["launches"] if r["shared_estimate"] is None]
+        for r in entry["launches"]:
+            if r["shared_estimate"] is None:
+                continue
+            c = r["constexpr_args"]
+            rows.append(f"| sm_{entry['arch']} | {entry['shared_memory_per_block']} | {r['kernel']} | {r['dtype']} | "
+                        f"{c['BLOCK_M']} x {c['BLOCK_N']}, {r['num_warps']}, {r['num_stages']} | "
+                        f"{r['shared']} ({r['shared_estimate']}) | {r['spill_stores'] + r['spill_loads']} |")
+        if others:
+            worst = max(others, key=lambda r: r["shared"])
+            rows.append(f"| sm_{entry['arch']} | {entry['shared_memory_per_block']} | {len(others)} other launches | | "
+                        f"| at most {worst['shared']} ({worst['kernel']}) | "
+                        f"{sum(r['spill_stores'] + r['spill_loads'] for r in others)} |")
     return "\n".join(rows)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--archs", help="comma-separated sm numbers, every kernel (default: every known architecture)")
+    parser.add_argument("--attention-archs", default="",
+                        help="comma-separated sm numbers for which only the attention kernels are built")
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--json", help="write the full report (PTX included) here")
-    parser.add_argument("--check", action="store_true", help="exit 1 if any kernel spills registers")
+    parser.add_argument("--summary", action="store_true", help="print only the per-arch shared memory summary")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if a kernel spills registers or exceeds (or is underestimated in) shared memory")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET is on: the kernels would be interpreted, not compiled")
     sys.path.insert(0, str(ROOT))  # a source checkout imports pyllmc like the installed package
-    rep = report(tuple(args.dtypes.split(",")), args.arch)
+    archs = tuple(int(a) for a in args.archs.split(",") if a) if args.archs is not None else default_archs()
+    attention_archs = tuple(int(a) for a in args.attention_archs.split(",") if a)
+    rep = report(tuple(args.dtypes.split(",")), archs, attention_archs)
     if args.json:
         Path(args.json).write_text(json.dumps(rep))
-    print(table(rep))
-    spilling = [r for r in rep["launches"] if r["spill_stores"] or r["spill_loads"]]
-    for r in spilling:
-        print(f"SPILLS {r['kernel']} ({r['dtype']}): {r['spill_stores']} B stored, {r['spill_loads']} B loaded")
-    return 1 if args.check and spilling else 0
+    print(summary(rep) if args.summary else table(rep))
+    found = [p for entry in rep["archs"] for p in problems(entry)]
+    for p in found:
+        print("PROBLEM", p)
+    return 1 if args.check and found else 0
 
 
 if __name__ == "__main__":

@@ -4,10 +4,14 @@ launch, and the rounding of float32 results to the storage dtype.
 
 The GPU. Each launcher asks `gpu_of(tensor.device)`: None means the CPU interpreter (large
 tiles, few programs: every program and loop step is a Python iteration there), else a `GPU`
-whose compute capability picks the attention tiles and whose SM count sizes the LayerNorm
-backward's grid. Nothing else about the device enters a launch configuration, so
-tests/test_triton_gpu_compile.py substitutes an H200's description here and obtains, without
-a GPU, the exact launches (constexprs, num_warps, grids) of a real GPT-2 step.
+whose compute capability and opt-in shared memory per block pick the attention tiles and
+pipeline stages (kernels/attention.py estimates each config's shared memory and shrinks it
+until it fits), and whose SM count sizes the LayerNorm backward's grid. Nothing else about the
+device enters a launch configuration, so dev/triton_report.py substitutes the description of
+each architecture of SHARED_MEMORY_PER_BLOCK here and obtains, without a GPU, the exact
+launches (constexprs, num_warps, num_stages, grids) of a real GPT-2 step on it. The other
+kernels keep on chip only a reduction's scratch (a few KB, the same on every GPU); the
+report checks their shared memory against every architecture's limit too.
 
 FP contraction. `enable_fp_fusion` lets the compiler turn a * b + c into one fma (one
 rounding instead of two). Every launch passes it explicitly instead of taking Triton's
@@ -31,16 +35,39 @@ import triton.language as tl
 FP_FUSION = True
 
 
+# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes) of each
+# architecture: what a kernel may use at most. At run time the device itself is asked; this
+# table describes the GPUs a launch is built for ahead of time (dev/triton_report.py) and in
+# the tests.
+SHARED_MEMORY_PER_BLOCK = {
+    75: 65536,    # T4, RTX 20xx
+    80: 166912,   # A100, A30
+    86: 101376,   # A10, A40, RTX 30xx
+    89: 101376,   # L4, L40S, RTX 40xx
+    90: 232448,   # H100, H200
+    100: 232448,  # B200, GB200
+    120: 101376,  # RTX 50xx, RTX PRO 6000 Blackwell
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class GPU:
     capability: tuple[int, int]  # (major, minor): (9, 0) for the H100 / H200
     sm_count: int                # streaming multiprocessors: 132 on an H100 SXM / H200
+    shared_memory_per_block: int  # opt-in bytes one block may use: 232448 on an H100 / H200
+
+
+def gpu_of_arch(arch: int, sm_count: int = 132) -> GPU:
+    """The description of an sm_<arch> GPU from SHARED_MEMORY_PER_BLOCK (ahead-of-time builds, tests)."""
+    if arch not in SHARED_MEMORY_PER_BLOCK:
+        raise ValueError(f"unknown architecture sm_{arch}; known: {sorted(SHARED_MEMORY_PER_BLOCK)}")
+    return GPU((arch // 10, arch % 10), sm_count, SHARED_MEMORY_PER_BLOCK[arch])
 
 
 @functools.lru_cache(maxsize=None)
 def _describe(index: int) -> GPU:
     props = torch.cuda.get_device_properties(index)
-    return GPU((props.major, props.minor), props.multi_processor_count)
+    return GPU((props.major, props.minor), props.multi_processor_count, props.shared_memory_per_block_optin)
 
 
 def gpu_of(device: torch.device) -> Optional[GPU]:

@@ -19,8 +19,10 @@ full chunks run without a mask, so their loads and stores are 128-bit vectors (c
 the PTX: ld/st.global.v4); only a tensor's last chunk is masked.
 
 Hyperparameters come from a small float32 tensor (num_rows, 8) on the device, written by
-the optimizer each step (one tiny host-to-device copy): lr and the bias corrections change
-every step without recompiling. The RNG key (column 7) is stored as the bits of a uint32.
+the optimizer each step (one tiny host-to-device copy; with AdamW(capturable=True) computed on
+the device instead, one row per tensor, so that a CUDA graph replays it with current values):
+lr and the bias corrections change every step without recompiling. The RNG key (column 7) is
+stored as the bits of a uint32.
 
 Bitwise agreement with the CUDA kernel: both use explicit fma, IEEE sqrt and division, and
 this kernel is compiled with fp fusion off, so nothing else is contracted. Under the Triton

@@ -31,7 +31,10 @@ are checked to fit in int32 by the launchers.
 
 Matmuls run on tensor cores (tl.dot) for bf16/fp16 with fp32 accumulation; float32 inputs
 use input_precision="ieee" so fp32 results are fp32-accurate (not TF32). Block sizes come
-from a small per-head-dim table (no autotuning); head dims 16, 32, 64 and 128.
+from a small per-head-dim table (no autotuning); head dims 16, 32, 64 and 128. The table is
+written for sm_80 and sm_90; on a GPU with less shared memory per block (a T4's 64 KB, the
+99 KB of sm_86 / sm_89 / sm_120) an entry whose estimated shared memory does not fit drops
+pipeline stages, then halves its tiles, until it does (gpu_block_config).
 """
 
 import math
@@ -62,7 +65,7 @@ _HOPPER_16BIT = {  # sm_90 (wgmma)
     64: _SMALL_D_16BIT,
     128: {"fwd": (128, 64, 8, 3), "dkdv": (16, 64, 8, 2), "dq": (128, 32, 8, 2)},
 }
-_AMPERE_16BIT = {  # sm_80 (mma.sync) and every other architecture
+_AMPERE_16BIT = {  # sm_80 (mma.sync) and every other architecture with tensor-core dots
     16: _SMALL_D_16BIT,
     32: _SMALL_D_16BIT,
     64: {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 32, 8, 3)},
@@ -77,26 +80,131 @@ _FP32 = {
     64: {"fwd": (64, 32, 8, 1), "dkdv": (16, 64, 8, 1), "dq": (64, 32, 8, 1)},
     128: {"fwd": (16, 16, 4, 1), "dkdv": (16, 32, 8, 1), "dq": (32, 16, 8, 1)},
 }
+# bf16 where the tensor cores lack it (sm_75): FMA-unit dots over operands converted to float32,
+# the float32 table's shapes, smaller where bf16's conversions spilled (ptxas -v for sm_75).
+_FMA_16BIT = {**_FP32, 64: {"fwd": (64, 32, 8, 1), "dkdv": (16, 32, 8, 1), "dq": (32, 16, 8, 1)}}
+# Register pressure, not shared memory: entries of the tables above that spill registers on
+# another architecture (ptxas allocates differently there; dev/triton_report.py at GPT-2's
+# launches), replaced on it. (capability, dtype, head_dim, kernel) -> config.
+_SPILL_FREE_OVERRIDES = {
+    ((8, 6), torch.float32, 64, "fwd"): (64, 16, 8, 1),  # (64, 32, 8, 1) spills 24 B
+    ((8, 9), torch.float32, 64, "fwd"): (64, 16, 8, 1),
+    ((12, 0), torch.float32, 64, "dkdv"): (16, 32, 8, 1),  # (16, 64, 8, 1) spills 32 B
+}
 # Under the CPU interpreter every program and every loop step is a Python iteration and a
 # tile op costs about the same whatever its size: few, large tiles. BLOCK_M != BLOCK_N on
 # purpose, so the multi-step diagonal loops run in the CPU tests too.
 _INTERPRETER_BLOCKS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
 
 
-def gpu_block_config(kernel: str, head_dim: int, dtype: torch.dtype, capability: tuple[int, int]):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdv" | "dq" on a GPU
-    of compute capability `capability`."""
+def _tensor_core_dots(dtype: torch.dtype, capability: tuple[int, int]) -> bool:
+    """Whether tl.dot on `dtype` runs on tensor cores here: fp16 from Turing (sm_75) on, bf16
+    from Ampere (sm_80) on. Elsewhere (float32 "ieee", bf16 on a T4) the dots run on the FMA
+    units and take small tiles (_FP32, _FMA_16BIT)."""
+    if dtype == torch.float16:
+        return capability >= (7, 5)
+    return dtype == torch.bfloat16 and capability >= (8, 0)
+
+
+def _async_pipeline_buffers(stages: int, capability: tuple[int, int]) -> int:
+    """Shared-memory copies of each tile a loop streams, at num_stages = `stages`.
+    Hopper's wgmma and datacenter Blackwell's tcgen05 (9.x, 10.x) keep `stages` buffers;
+    mma.sync GPUs (sm_75 to sm_89, and sm_120) keep stages - 1 in flight, but up to two when
+    nothing is pipelined (stages = 1: an operand and its transposed copy), so count at least two.
+    Measured with metadata.shared of the AOT builds (dev/triton_report.py)."""
+    if capability[0] in (9, 10):
+        return stages
+    return max(2, stages - 1)
+
+
+def shared_memory_estimate(kernel: str, head_dim: int, dtype: torch.dtype, config: tuple,
+                           capability: tuple[int, int]) -> int:
+    """An upper bound of the shared memory (bytes) kernel "fwd" | "dkdv" | "dq" uses at
+    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages), e = the element size, D = head_dim:
+
+        resident + buffers * streamed + BLOCK_M * BLOCK_N * e (+ output + 1 KB on 10.x)
+
+      fwd:  resident Q (BLOCK_M * D * e), streamed K and V (2 * BLOCK_N * D * e)
+      dkdv: resident K and V (2 * BLOCK_N * D * e), streamed Q, dO (2 * BLOCK_M * D * e) and
+            lse, delta (2 * BLOCK_M * 4)
+      dq:   resident Q and dO (2 * BLOCK_M * D * e), streamed K and V (2 * BLOCK_N * D * e)
+
+    buffers: _async_pipeline_buffers. The (BLOCK_M, BLOCK_N) term is P or dS on its way to the
+    next dot's operand layout. On sm_100 (tcgen05: accumulators in tensor memory) add the
+    output tile (its rows * D * e: O, dK / dV, dQ), staged on its way out, and 1 KB of
+    barriers. Dots without tensor cores (float32, bf16 on sm_75) count e = 4: their operands are
+    converted to float32 on the way. Checked against the compiler's own number
+    (metadata.shared) for every launch dev/triton_report.py builds:
+    never below it, exact for several (e.g. the dkdv and dq kernels at D = 128 on sm_80)."""
+    block_m, block_n, _, stages = config
+    e = dtype.itemsize if _tensor_core_dots(dtype, capability) else 4
+    if kernel == "fwd":
+        resident, streamed = block_m * head_dim * e, 2 * block_n * head_dim * e
+    elif kernel == "dkdv":
+        resident, streamed = 2 * block_n * head_dim * e, 2 * block_m * head_dim * e + 2 * block_m * 4
+    elif kernel == "dq":
+        resident, streamed = 2 * block_m * head_dim * e, 2 * block_n * head_dim * e
+    else:
+        raise ValueError(f"kernel must be 'fwd', 'dkdv' or 'dq'; got {kernel!r}")
+    tensor_memory_epilogue = 0
+    if capability[0] == 10:
+        output_rows = block_n if kernel == "dkdv" else block_m
+        tensor_memory_epilogue = output_rows * head_dim * e + 1024
+    return (resident + _async_pipeline_buffers(stages, capability) * streamed + block_m * block_n * e
+            + tensor_memory_epilogue)
+
+
+def _smaller_configs(kernel: str, config: tuple):
+    """`config`, then ever cheaper ones: fewer pipeline stages first (down to 1), then smaller
+    tiles: the streamed one halved down to 16 (its buffers are what the stages multiply), then
+    the resident one, down to 16 x 16. Every config keeps the two-stage loops' divisibility
+    rule (fwd, dq: BLOCK_M % BLOCK_N == 0; dkdv: BLOCK_N % BLOCK_M == 0)."""
+    block_m, block_n, warps, stages = config
+    while True:
+        for s in range(stages, 0, -1):
+            yield block_m, block_n, warps, s
+        resident, streamed = (block_n, block_m) if kernel == "dkdv" else (block_m, block_n)
+        if streamed > 16:
+            streamed //= 2
+        elif resident > 16:
+            resident //= 2
+        else:
+            return
+        block_m, block_n = (streamed, resident) if kernel == "dkdv" else (resident, streamed)
+
+
+def gpu_block_config(kernel: str, head_dim: int, dtype: torch.dtype, capability: tuple[int, int],
+                     shared_memory: Optional[int] = None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdv" | "dq" on a GPU of
+    compute capability `capability` whose blocks may use `shared_memory` bytes (opt-in; default:
+    the architecture's, _common.SHARED_MEMORY_PER_BLOCK). The table's entry when it fits by
+    shared_memory_estimate (every entry does on sm_80 and sm_90), else the first that fits of
+    _smaller_configs."""
+    if shared_memory is None:
+        arch = capability[0] * 10 + capability[1]
+        if arch not in _common.SHARED_MEMORY_PER_BLOCK:
+            raise ValueError(f"no shared-memory size known for sm_{arch}: pass shared_memory")
+        shared_memory = _common.SHARED_MEMORY_PER_BLOCK[arch]
     if dtype == torch.float32:
-        return _FP32[head_dim][kernel]
-    table = _HOPPER_16BIT if capability[0] == 9 else _AMPERE_16BIT
-    return table[head_dim][kernel]
+        preferred = _FP32[head_dim][kernel]
+    elif not _tensor_core_dots(dtype, capability):
+        preferred = _FMA_16BIT[head_dim][kernel]
+    else:
+        table = _HOPPER_16BIT if capability[0] == 9 else _AMPERE_16BIT
+        preferred = table[head_dim][kernel]
+    preferred = _SPILL_FREE_OVERRIDES.get((tuple(capability), dtype, head_dim, kernel), preferred)
+    for config in _smaller_configs(kernel, preferred):
+        if shared_memory_estimate(kernel, head_dim, dtype, config, capability) <= shared_memory:
+            return config
+    raise ValueError(f"attention {kernel} (D={head_dim}, {dtype}): no tile fits in {shared_memory} bytes of "
+                     f"shared memory per block")
 
 
 def block_config(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.device, seq_len: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd" | "dkdv" | "dq"."""
     gpu = _common.gpu_of(device)
     if gpu is not None:
-        return gpu_block_config(kernel, head_dim, dtype, gpu.capability)
+        return gpu_block_config(kernel, head_dim, dtype, gpu.capability, gpu.shared_memory_per_block)
     block_m, block_n, warps, stages = _INTERPRETER_BLOCKS[kernel]
     # tiny sequences: shrink both tiles together (keeps the divisibility rule)
     while min(block_m, block_n) > 16 and max(block_m, block_n) >= 2 * seq_len:

@@ -29,6 +29,16 @@ State per param, torch.optim's format: {"step": float32 CPU scalar tensor, "exp_
 state_dict() / load_state_dict() round-trip exactly (load keeps them fp32, unlike
 torch.optim, which would cast them to the param dtype), so training continues bit for bit.
 
+CUDA graphs: the default step reads its step count on the host and passes lr, the bias
+corrections and the RNG key by value (CUDA) or through a pinned host copy (Triton), so a
+captured step would replay the capture's values for ever; step() refuses to be captured then.
+With capturable=True (torch.optim.AdamW's option) the step counts live on the params' device,
+lr may be a device tensor (group["lr"].fill_(...) between replays), and each tensor's
+hyperparameter row is computed on the device every step, with torch.optim.AdamW(capturable=True)'s
+float32 tensor math, and read by the kernels from device memory. Run one step before capturing
+(the usual warm-up): it builds the device tables, which nothing may copy from the host during
+the capture.
+
 Backends (pyllmc.backend rules with the params' device; backend= pins one):
 - "cuda": csrc/adamw.cu, one launch for every tensor of the step (a device table of
   pointers, rebuilt only when a pointer changes; the per-step hyperparameters travel by value
@@ -50,6 +60,7 @@ from typing import Optional
 import torch
 
 from . import backends as _backends
+from .ops._common import graph_capture_underway
 
 # Device table layout, shared with csrc/adamw.cu (AdamWTensor / AdamWHyper) and kernels/adamw.py.
 _TABLE_COLUMNS = 10  # param, grad, master, exp_avg, exp_avg_sq, numel, first_chunk, rng_offset, hyper_row, flags
@@ -120,6 +131,11 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     torch's caching host allocator keeps the pinned block alive until the copy has run."""
     if device.type != "cuda":
         return host.to(device)
+    if graph_capture_underway():
+        raise RuntimeError("AdamW(capturable=True): a device table would be copied from the host during a CUDA "
+                           "graph capture (the first step, or the params, their gradients' addresses or a float "
+                           "hyperparameter changed); run step() once outside the capture first, and keep "
+                           "gradients in place (zero_grad(set_to_none=False)) between warm-up and capture")
     return host.pin_memory().to(device, non_blocking=True)
 
 
@@ -155,6 +171,8 @@ class _Hyper:
 
 
 def _check_hyperparameters(where: str, lr, betas, eps, weight_decay) -> None:
+    if isinstance(lr, torch.Tensor) and (lr.numel() != 1 or lr.dtype != torch.float32):
+        raise ValueError(f"{where}: a tensor lr must hold one float32 value; got {lr.dtype} {tuple(lr.shape)}")
     if not float(lr) >= 0.0:
         raise ValueError(f"{where}: lr must be >= 0, got {lr}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -179,12 +197,14 @@ class AdamW(torch.optim.Optimizer):
         master_weights: keep an fp32 master copy of bf16/fp16 params (ignored for fp32 params).
         stochastic_rounding: round bf16 params stochastically when writing them back.
         seed: seeds the stochastic rounding (with the step and the element index).
+        capturable: step() may be captured in a CUDA graph (see the module docstring); lr may then
+            be a 0-dim float32 tensor on the params' device. A setting of the whole optimizer.
         backend: "cuda" | "triton" | "torch" | None (pyllmc's backend resolution for the params' device).
     """
 
     def __init__(self, params, lr: float = 6e-4, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                  master_weights: bool = True, stochastic_rounding: bool = False, seed: int = 0,
-                 backend: Optional[str] = None):
+                 capturable: bool = False, backend: Optional[str] = None):
         _check_hyperparameters("AdamW", lr, betas, eps, weight_decay)
         if backend is not None and backend not in _backends.BACKENDS:
             raise ValueError(f"AdamW: unknown backend {backend!r}; expected one of {_backends.BACKENDS} or None")
@@ -192,9 +212,11 @@ class AdamW(torch.optim.Optimizer):
         self._device: Optional[torch.device] = None
         self._table_cache: dict = {}      # launch position -> (key, device table)
         self._chunk_map_cache: dict = {}  # launch position -> (key, device chunk -> tensor map)
+        self._constants_cache: Optional[tuple] = None  # capturable: (key, device per-tensor constants)
+        self.capturable = bool(capturable)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         master_weights=bool(master_weights), stochastic_rounding=bool(stochastic_rounding),
-                        seed=int(seed))
+                        seed=int(seed), capturable=self.capturable)
         super().__init__(params, defaults)
 
     # ---- construction checks
@@ -220,6 +242,14 @@ class AdamW(torch.optim.Optimizer):
                 self._device = p.device
             elif p.device != self._device:
                 raise ValueError(f"AdamW: all params must be on one device; got {p.device} and {self._device}")
+        if bool(merged["capturable"]) != self.capturable:
+            raise ValueError(f"AdamW: capturable is a setting of the whole optimizer ({self.capturable}); "
+                             f"a param group may not change it")
+        lr = merged["lr"]
+        if isinstance(lr, torch.Tensor):
+            if self.capturable and self._device is not None and lr.device != self._device:
+                raise ValueError(f"AdamW(capturable=True): a tensor lr must be on the params' device "
+                                 f"{self._device}; got {lr.device}")
         super().add_param_group({**param_group, "params": params})
 
     # ---- state_dict: keep the fp32 state fp32
@@ -247,6 +277,7 @@ class AdamW(torch.optim.Optimizer):
         for group in self.param_groups:  # a torch.optim.AdamW state lacks pyllmc's options
             for option, default in self.defaults.items():
                 group.setdefault(option, default)
+            group["capturable"] = self.capturable  # where the step counts live is this optimizer's choice
         for pid, p in zip(saved_ids, params):
             saved = state_dict["state"].get(pid)
             if saved is None:
@@ -258,7 +289,8 @@ class AdamW(torch.optim.Optimizer):
                                                         memory_format=torch.contiguous_format, copy=True)
             step = saved.get("step")
             if step is not None:
-                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+                state["step"] = torch.tensor(float(step), dtype=torch.float32,
+                                             device=p.device if self.capturable else "cpu")
         self._table_cache.clear()
 
     # ---- the step
@@ -269,12 +301,19 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self.capturable and graph_capture_underway():
+            raise RuntimeError("AdamW.step() is being captured in a CUDA graph, but this optimizer reads its step "
+                               "count on the host and passes lr and the bias corrections by value: every replay "
+                               "would repeat the captured step's values. Create it with capturable=True")
         items, hypers = self._gather()
         if not items:
             return loss
         backend = _backends.resolve(self.backend, self._device)
         if backend == "torch":
-            self._step_torch(items, hypers)
+            if self.capturable:
+                self._step_torch_capturable(items)
+            else:
+                self._step_torch(items, hypers)
         else:
             self._step_kernels(items, hypers, backend)
         return loss
@@ -283,6 +322,7 @@ class AdamW(torch.optim.Optimizer):
         """The params with a gradient (state initialized, step advanced) and their hyperparameter rows."""
         items: list[_Item] = []
         hypers: dict[tuple, _Hyper] = {}
+        device_steps = []  # capturable: the step counts, advanced on the device in one launch
         rng_offset = 0
         for group_index, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -304,19 +344,27 @@ class AdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state or (group["master_weights"] and p.dtype != torch.float32 and "master" not in state):
                     self._init_state(p, group, state)  # also: a loaded torch.optim state has no master copy
+                if self.capturable:
+                    # one hyperparameter row per tensor (its own step count), computed on the device
+                    device_steps.append(state["step"])
+                    items.append(_Item(p, grad, state, group, ("tensor", len(items)), offset))
+                    continue
                 state["step"] += 1
                 step = int(state["step"].item())
                 row_key = (group_index, step)
                 if row_key not in hypers:
                     hypers[row_key] = self._hyper(group, step)
                 items.append(_Item(p, grad, state, group, row_key, offset))
+        if device_steps:
+            torch._foreach_add_(device_steps, 1.0)
         return items, hypers
 
     @staticmethod
     def _init_state(p: torch.Tensor, group: dict, state: dict) -> None:
         """Fills what `state` lacks: zero moments at step 0, the master copy from the param."""
         if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            # capturable: on the device, where a captured step advances it (torch.optim's format)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if group["capturable"] else "cpu")
             state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         if p.dtype != torch.float32 and group["master_weights"] and "master" not in state:
@@ -334,6 +382,36 @@ class AdamW(torch.optim.Optimizer):
         return _Hyper(decay=1 - lr * weight_decay, weight_decay=weight_decay, beta1=beta1, beta2=beta2,
                       eps=float(group["eps"]), step_size=lr / bias_correction1,
                       bias_correction2_sqrt=bias_correction2**0.5, key=rng_key(group["seed"], step))
+
+    def _device_hyper(self, items: list) -> torch.Tensor:
+        """capturable: (len(items), 8) float32 on the params' device, row i the hyperparameters of
+        items[i], from its device step count and its group's lr (a tensor, or a float), with
+        torch.optim.AdamW(capturable=True)'s float32 tensor math, so that a CUDA graph recomputes
+        them from what the device holds at each replay. The float hyperparameters travel in a
+        cached device table (copied again only when one changes)."""
+        groups = [item.group for item in items]
+        columns = []
+        for g in groups:
+            beta1, beta2 = (float(b) for b in g["betas"])
+            lr = g["lr"]
+            columns.append((1 - beta1, beta1, beta2, 1 - beta2, float(g["weight_decay"]), float(g["eps"]),
+                            float("nan") if isinstance(lr, torch.Tensor) else float(lr)))
+        seed_keys = [hash32((g["seed"] & _MASK32) ^ hash32((g["seed"] >> 32) & _MASK32)) for g in groups]
+        key = (tuple(columns), tuple(seed_keys))
+        if self._constants_cache is None or self._constants_cache[0] != key:
+            self._constants_cache = (key, (_to_device(torch.tensor(columns, dtype=torch.float32), self._device),
+                                           _to_device(torch.tensor(seed_keys, dtype=torch.int64), self._device)))
+        constants, seed_key = self._constants_cache[1]
+        one_minus_beta1, beta1, beta2, one_minus_beta2, weight_decay, eps, float_lr = constants.unbind(1)
+        lr = torch.stack([g["lr"].reshape(()) if isinstance(g["lr"], torch.Tensor) else float_lr[i]
+                          for i, g in enumerate(groups)])
+        step = torch.stack([item.state["step"] for item in items])  # (n,) float32
+        bias_correction1 = 1 - beta1.pow(step)
+        bias_correction2 = 1 - beta2.pow(step)
+        rng = _hash32_tensor(seed_key ^ (step.to(torch.int64) & _MASK32))  # rng_key(seed, step) on the device
+        rng_bits = torch.where(rng >= 2**31, rng - 2**32, rng).to(torch.int32).view(torch.float32)
+        return torch.stack([1 - lr * weight_decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2.sqrt(),
+                            eps, lr / bias_correction1, rng_bits], dim=1)
 
     # ---- torch backend: the reference
 
@@ -360,6 +438,35 @@ class AdamW(torch.optim.Optimizer):
                     p.copy_(bf16_stochastic_round(target.reshape(-1), index, h.key).view(p.shape))
                 else:
                     p.copy_(target)  # round to nearest even
+
+    def _step_torch_capturable(self, items: list) -> None:
+        """torch.optim.AdamW(capturable=True, foreach=False)'s update, op for op: every per-step
+        value is a device tensor (the step count, lr when it is one)."""
+        for item in items:
+            p, state, group = item.param, item.state, item.group
+            exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+            lr, weight_decay, eps = group["lr"], float(group["weight_decay"]), float(group["eps"])
+            beta1, beta2 = (float(b) for b in group["betas"])
+            target = p if p.dtype == torch.float32 else (state["master"] if "master" in state else p.float())
+            grad = item.grad.float()
+            if weight_decay != 0:
+                target.mul_(1 - lr * weight_decay)
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias_correction1 = 1 - beta1**step
+            bias_correction2 = 1 - beta2**step
+            step_size_neg = (lr / bias_correction1).neg()
+            denom = (exp_avg_sq.sqrt() / (bias_correction2.sqrt() * step_size_neg)).add_(eps / step_size_neg)
+            target.addcdiv_(exp_avg, denom)
+            if target is not p:
+                if p.dtype == torch.bfloat16 and group["stochastic_rounding"]:
+                    seed = group["seed"]
+                    key = _hash32_tensor(hash32((seed & _MASK32) ^ hash32((seed >> 32) & _MASK32))
+                                         ^ (step.to(torch.int64) & _MASK32))
+                    index = torch.arange(p.numel(), dtype=torch.int64, device=p.device) + item.rng_offset
+                    p.copy_(bf16_stochastic_round(target.reshape(-1), index, key).view(p.shape))
+                else:
+                    p.copy_(target)
 
     # ---- cuda / triton backends
 
@@ -388,11 +495,20 @@ class AdamW(torch.optim.Optimizer):
             kind = () if backend == "cuda" else (p.dtype, grad.dtype, master is not None, stochastic, aligned)
             rows.append((kind, pointers, p.numel(), item.rng_offset, item.row_key, flags))
 
-        # Launches: one per kind (triton) and per _MAX_ROWS hyperparameter rows.
+        # Launches: one per kind (triton) and per _MAX_ROWS hyperparameter rows (rows passed by
+        # value; capturable: all rows in one device table, read by the kernel, any number of them).
         launches: dict = {}
         for row in rows:
             launches.setdefault(row[0], []).append(row)
         position = 0
+        if self.capturable:
+            device_hyper = self._device_hyper(items)
+            local = {item.row_key: i for i, item in enumerate(items)}
+            for kind, kind_rows in launches.items():
+                self._launch(backend, position, kind, kind_rows, None, local, chunk, device_hyper)
+                position += 1
+            del grads
+            return
         for kind, kind_rows in launches.items():
             row_keys = list(dict.fromkeys(r[4] for r in kind_rows))
             for start in range(0, len(row_keys), _MAX_ROWS):
@@ -403,8 +519,10 @@ class AdamW(torch.optim.Optimizer):
                 position += 1
         del grads
 
-    def _launch(self, backend: str, position: int, kind: tuple, batch: list, hyper_rows: list, local: dict,
-                chunk: int) -> None:
+    def _launch(self, backend: str, position: int, kind: tuple, batch: list, hyper_rows: Optional[list],
+                local: dict, chunk: int, device_hyper: Optional[torch.Tensor] = None) -> None:
+        """One kernel launch over `batch`; its hyperparameters: the host rows `hyper_rows`, or
+        (capturable) the device table `device_hyper`, whose row local[row_key] is a tensor's."""
         device = self._device
         counts = tuple(-(-numel // chunk) for _, _, numel, _, _, _ in batch)
         table_rows, first_chunk = [], 0
@@ -419,23 +537,30 @@ class AdamW(torch.optim.Optimizer):
         chunk_map = self._cached(self._chunk_map_cache, position, (backend, chunk, counts),
                                  lambda: _to_device(torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32),
                                                                             torch.tensor(counts)), device))
-        hyper = torch.tensor([h.row() for h in hyper_rows], dtype=torch.float32)
-        hyper.view(torch.int32)[:, _HYPER_COLUMNS - 1] = torch.tensor(
-            [h.key - 2**32 if h.key >= 2**31 else h.key for h in hyper_rows], dtype=torch.int32)
+        if device_hyper is None:
+            hyper = torch.tensor([h.row() for h in hyper_rows], dtype=torch.float32)
+            hyper.view(torch.int32)[:, _HYPER_COLUMNS - 1] = torch.tensor(
+                [h.key - 2**32 if h.key >= 2**31 else h.key for h in hyper_rows], dtype=torch.int32)
         if backend == "cuda":
             from .ops._common import cuda_ext, cuda_launch
 
             with cuda_launch(table) as stream:
-                # hyper stays on the host: the launcher copies its rows into the launch's parameters
-                cuda_ext().adamw_step(table.data_ptr(), len(table_rows), chunk_map.data_ptr(), num_chunks, chunk,
-                                      hyper.data_ptr(), len(hyper_rows), stream)
+                if device_hyper is not None:  # read by the kernel when it runs: what a graph replay needs
+                    cuda_ext().adamw_step_device_hyper(table.data_ptr(), len(table_rows), chunk_map.data_ptr(),
+                                                       num_chunks, chunk, device_hyper.data_ptr(),
+                                                       device_hyper.shape[0], stream)
+                else:  # hyper stays on the host: the launcher copies its rows into the launch's parameters
+                    cuda_ext().adamw_step(table.data_ptr(), len(table_rows), chunk_map.data_ptr(), num_chunks, chunk,
+                                          hyper.data_ptr(), len(hyper_rows), stream)
         else:
-            from .ops._common import triton_kernels
+            from .ops._common import triton_kernels, triton_launch
 
             param_dtype, grad_dtype, has_master, stochastic, aligned = kind
-            triton_kernels("adamw").adamw_step(
-                table, chunk_map, _to_device(hyper, device), param_dtype=param_dtype, grad_dtype=grad_dtype,
-                has_master=has_master, stochastic=stochastic, aligned=aligned, block_size=chunk)
+            with triton_launch(table):
+                triton_kernels("adamw").adamw_step(
+                    table, chunk_map, _to_device(hyper, device) if device_hyper is None else device_hyper,
+                    param_dtype=param_dtype, grad_dtype=grad_dtype, has_master=has_master, stochastic=stochastic,
+                    aligned=aligned, block_size=chunk)
 
     @staticmethod
     def _cached(cache: dict, position: int, key, build):

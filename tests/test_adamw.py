@@ -491,3 +491,149 @@ def test_backend_for_wrong_device():
         AdamW([p], backend="cuda").step()
 
     expect_cuda_backend_device_error(step_on)
+
+
+# ---- CUDA graphs: capturable ---------------------------------------------------------------------
+
+@pytest.fixture
+def torch_capturable_on_cpu(monkeypatch):
+    """torch.optim.AdamW(capturable=True) refuses CPU tensors only by a device check; its math
+    runs on any device, so the reference runs on the CPU too when there is no GPU."""
+    import torch.optim.adam as adam_module
+
+    monkeypatch.setattr(adam_module, "_get_capturable_supported_devices",
+                        lambda *args, **kwargs: ["cuda", "cpu"])
+
+
+@pytest.fixture
+def host_sync_spy(monkeypatch):
+    """Pretends the current stream is capturing a CUDA graph and records every Tensor.item() and
+    pin_memory() call (each waits for the device or allocates pinned memory: both forbidden then)."""
+    calls = []
+    item, pin_memory = torch.Tensor.item, torch.Tensor.pin_memory
+
+    def spy_item(self):
+        calls.append("item")
+        return item(self)
+
+    def spy_pin_memory(self, *args, **kwargs):
+        calls.append("pin_memory")
+        return pin_memory(self, *args, **kwargs)
+
+    def start_capture():
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        monkeypatch.setattr(torch.Tensor, "item", spy_item)
+        monkeypatch.setattr(torch.Tensor, "pin_memory", spy_pin_memory)
+
+    return start_capture, calls
+
+
+def test_step_refuses_graph_capture_unless_capturable(any_backend, host_sync_spy):
+    """A default AdamW passes lr and the bias corrections by value: captured, every replay would
+    repeat the captured step. It says so before touching the device."""
+    name, device = any_backend
+    params = make_params([77, 4096], torch.float32, device)
+    opt = AdamW(params, lr=1e-3, backend=name)
+    set_grads(params)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    start_capture, calls = host_sync_spy
+    start_capture()
+    set_grads(params)
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        opt.step()
+    assert calls == [], f"host syncs before the error: {calls}"
+    assert all(torch.equal(a, b) for a, b in zip(before, params)), "the refused step changed the params"
+
+
+def run_capturable(name, device, dtype, lrs, master_weights=True, stochastic_rounding=False):
+    """Params after each step of AdamW(capturable=True) whose device lr tensor is set to lrs[i]
+    before step i (in place, as one would between graph replays)."""
+    torch.manual_seed(11)
+    params = make_params(TINY_SIZES, dtype, device)
+    lr = torch.tensor(lrs[0], device=device)
+    opt = AdamW(two_groups(params, 0.1), lr=lr, capturable=True, master_weights=master_weights,
+                stochastic_rounding=stochastic_rounding, seed=3, backend=name)
+    history = []
+    for value in lrs:
+        lr.fill_(value)
+        set_grads(params)
+        opt.step()
+        history.append([p.detach().clone() for p in params])
+    return history, opt
+
+
+def test_capturable_follows_the_device_lr_like_torch(any_backend, torch_capturable_on_cpu):
+    """The lr read from the device tensor at each step: changing it between two steps changes the
+    update exactly as in torch.optim.AdamW(capturable=True) (bitwise on the torch backend, which is
+    its update op for op; within float32 rounding on the kernels, which fold the same values
+    differently), and the step counts live on the device."""
+    name, device = any_backend
+    lrs = [1e-2, 3e-2, 0.0, 5e-3]
+    torch.manual_seed(11)
+    params = make_params(TINY_SIZES, torch.float32, device)
+    refs = fp32_copies(params)
+    lr, ref_lr = torch.tensor(lrs[0], device=device), torch.tensor(lrs[0], device=device)
+    opt = AdamW(two_groups(params, 0.1), lr=lr, capturable=True, backend=name)
+    ref_opt = torch.optim.AdamW(two_groups(refs, 0.1), lr=ref_lr, betas=(0.9, 0.95), eps=1e-8, capturable=True,
+                                foreach=False)
+    history = []
+    for step, value in enumerate(lrs):
+        lr.fill_(value)
+        ref_lr.fill_(value)
+        set_grads(params, refs)
+        opt.step()
+        ref_opt.step()
+        history.append([p.detach().clone() for p in params])
+        for got, want in zip(params, refs):
+            if name == "torch":
+                assert torch.equal(got, want), f"step {step}"
+            else:
+                torch.testing.assert_close(got.detach(), want.detach(), **FP32_TOL, msg=f"step {step}")
+    for a, b in zip(history[1], history[2]):
+        assert torch.equal(a, b), "a step at lr = 0 changed a param: the lr tensor was not read"
+    assert not torch.equal(history[3][0], history[2][0])
+    for p in params:
+        step = opt.state[p]["step"]
+        assert step.device == p.device and step.item() == len(lrs)
+
+
+def test_capturable_steps_without_host_syncs(any_backend, host_sync_spy):
+    """After one warm-up step (which builds the device tables), a capturable step neither reads
+    the device nor copies from the host, whatever the lr tensor holds."""
+    name, device = any_backend
+    params = make_params(TINY_SIZES, torch.bfloat16, device)
+    lr = torch.tensor(1e-3, device=device)
+    opt = AdamW(two_groups(params, 0.1), lr=lr, capturable=True, stochastic_rounding=True, backend=name)
+    set_grads(params)
+    opt.step()
+    start_capture, calls = host_sync_spy
+    start_capture()
+    before = [p.detach().clone() for p in params]
+    lr.fill_(2e-3)
+    opt.step()  # the same gradient tensors: the warm-up's tables are reused
+    assert calls == [], f"host syncs during a captured step: {calls}"
+    assert any(not torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_capturable_kernels_agree_bitwise(torch_capturable_on_cpu):
+    """The cuda and triton kernels read the same device rows and do the same math: the same bits,
+    stochastic rounding included."""
+    from conftest import kernel_device
+
+    devices = {kernel_device(name) for name in ("cuda", "triton")}
+    if len(devices) != 1:
+        pytest.skip(f"the cuda and triton backends run on different devices here: {devices}")
+    device = devices.pop()
+    runs = [run_capturable(name, device, torch.bfloat16, [1e-3, 4e-3, 2e-3], stochastic_rounding=True)[0]
+            for name in ("cuda", "triton")]
+    for step, (a, b) in enumerate(zip(*runs)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), f"step {step}"
+
+
+def test_capturable_rejects_bad_settings():
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="whole optimizer"):
+        AdamW([{"params": [p], "capturable": False}], capturable=True)
+    with pytest.raises(ValueError, match="one float32 value"):
+        AdamW([p], lr=torch.tensor([1e-3, 2e-3]), capturable=True)

@@ -628,3 +628,64 @@ def test_inplace_backward_under_torch_compile(kernel_backend):
     _, dlogits = reference(logits, targets, dloss=torch.tensor(3.0))
     torch.testing.assert_close(x.grad.cpu().double(), dlogits @ w.detach().cpu().double(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w.grad.cpu().double(), dlogits.t() @ x.detach().cpu().double(), rtol=1e-4, atol=1e-5)
+
+
+# ---- CUDA-graph capture: no host sync inside the op ------------------------------------------------
+
+@pytest.fixture
+def capture(monkeypatch):
+    """A pretended CUDA-graph capture: capture["on"] switches torch.cuda.is_current_stream_capturing;
+    capture["syncs"] records every Tensor.item() and pin_memory() call (both forbidden while capturing)."""
+    state = {"on": False, "syncs": []}
+    item, pin_memory = torch.Tensor.item, torch.Tensor.pin_memory
+
+    def spy_item(self):
+        state["syncs"].append(("item", state["on"]))
+        return item(self)
+
+    def spy_pin_memory(self, *args, **kwargs):
+        state["syncs"].append(("pin_memory", state["on"]))
+        return pin_memory(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["on"])
+    monkeypatch.setattr(torch.Tensor, "item", spy_item)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", spy_pin_memory)
+    return state
+
+
+@pytest.mark.parametrize("backend_name", ["kernel", "torch"])
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_cross_entropy_refuses_to_sync_while_capturing(kernel_backend, backend_name, inplace_backward, capture):
+    """Outside deferred_target_checks the target check reads the device: during a capture the op
+    raises, before any sync, saying what to do instead."""
+    name, device = kernel_backend
+    name = name if backend_name == "kernel" else "torch"
+    logits = torch.randn(5, 11, device=device, requires_grad=True) * 1.0
+    capture["on"] = True
+    with pytest.raises(RuntimeError, match=r"deferred_target_checks\(\)"):
+        ops.cross_entropy(logits, torch.tensor([1, -1, 10, 0, 3], device=device), inplace_backward=inplace_backward,
+                          backend=name)
+    assert capture["syncs"] == [], capture["syncs"]
+
+
+@pytest.mark.parametrize("backend_name", ["kernel", "torch"])
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_deferred_target_checks_under_capture(kernel_backend, backend_name, inplace_backward, capture):
+    """Inside deferred_target_checks a captured forward and backward (an upstream gradient other
+    than 1 included) never sync; the block's end leaves its flags unread, and checks.check() after
+    the capture (after each replay) raises for a bad id, as often as it is called."""
+    name, device = kernel_backend
+    name = name if backend_name == "kernel" else "torch"
+    weight = torch.randn(5, 11, device=device, requires_grad=True)
+    capture["on"] = True
+    with ops.deferred_target_checks() as checks:
+        loss = ops.cross_entropy(weight * 1.0, torch.tensor([1, -1, 10, 11, 3], device=device),
+                                 inplace_backward=inplace_backward, backend=name)
+        loss.backward(torch.tensor(-2.0, device=device))
+    with pytest.raises(RuntimeError, match="after replaying"):
+        checks.check()
+    assert capture["syncs"] == [], capture["syncs"]
+    capture["on"] = False
+    for _ in range(2):  # every replay rewrites the flags: they stay readable
+        with pytest.raises(ValueError, match=r"targets\[3\] = 11"):
+            checks.check()

@@ -101,6 +101,28 @@ def cuda_launch(t: torch.Tensor) -> Iterator[int]:
         yield torch.cuda.current_stream(t.device).cuda_stream
 
 
+@contextlib.contextmanager
+def triton_launch(t: torch.Tensor) -> Iterator[None]:
+    """Around a triton-backend launch for tensors on t's device: makes that device current.
+    Triton launches on the current device and its current stream whatever the tensors' device,
+    so without this a model on cuda:1 (no torch.cuda.set_device) would run its kernels on
+    cuda:0 over cuda:1's addresses. CPU tensors (the interpreter): nothing to select."""
+    if t.device.type != "cuda":
+        yield
+        return
+    with torch.cuda.device(t.device):
+        yield
+
+
+def graph_capture_underway() -> bool:
+    """Whether the current CUDA stream is capturing a graph: then nothing may wait for the
+    device (.item(), a copy from pageable memory, pin_memory's allocation)."""
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except RuntimeError:  # a torch built without CUDA: nothing can capture
+        return False
+
+
 _sm_counts: dict = {}
 
 

@@ -37,6 +37,11 @@ inside `with ops.deferred_target_checks():`, with no sync at all: the check runs
 and the block's end reads its one flag (after the caller's own sync, e.g. loss.item()). A bad
 id then raises the same ValueError at the end of the block; meanwhile its row's loss is NaN
 (the kernels never read out of bounds for it).
+
+CUDA graphs: while a stream captures, nothing may wait for the device. A call outside
+deferred_target_checks() then raises a RuntimeError before its sync, saying to use the block;
+a block that ends during the capture leaves its device flags unread, and `checks.check()`
+after each replay of the graph reads them (every replay rewrites them).
 """
 
 from __future__ import annotations
@@ -48,8 +53,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from ._common import check_same_device, check_tensor, cuda_ext, cuda_launch, dtype_code, resolve_backend, \
-    triton_kernels
+from ._common import check_same_device, check_tensor, cuda_ext, cuda_launch, dtype_code, graph_capture_underway, \
+    resolve_backend, triton_kernels, triton_launch
 
 TARGET_DTYPES = (torch.int64, torch.int32)
 
@@ -104,13 +109,21 @@ class TargetChecks:
 
     def __init__(self):
         self._pending: list = []  # (targets, V, ignore_index, bad-any flag on the device)
+        self.captured = False     # recorded inside a CUDA graph capture: check() after each replay
 
     def add(self, targets: torch.Tensor, V: int, ignore_index: int) -> None:
         self._pending.append((targets, V, ignore_index, _bad_targets(targets, V, ignore_index).any()))
 
     def check(self) -> None:
-        """ValueError for the first bad target id recorded so far (one read of the device)."""
-        pending, self._pending = self._pending, []
+        """ValueError for the first bad target id recorded so far (one read of the device).
+        For a block recorded in a CUDA graph, call it after a replay, outside the capture: the
+        flags stay (each replay rewrites them)."""
+        if graph_capture_underway():
+            raise RuntimeError("TargetChecks.check() reads the device, which a CUDA graph capture forbids; "
+                               "call it after replaying the graph")
+        pending = self._pending
+        if not self.captured:
+            self._pending = []
         if pending and torch.stack([flag for *_, flag in pending]).any().item():
             for targets, V, ignore_index, _ in pending:
                 _raise_for_bad_targets(targets, V, ignore_index)
@@ -134,6 +147,9 @@ def deferred_target_checks() -> Iterator[TargetChecks]:
         yield checks
     finally:
         _deferred.reset(token)
+    if graph_capture_underway():
+        checks.captured = True  # nothing may read the device now: the caller checks after a replay
+        return
     checks.check()
 
 
@@ -155,6 +171,11 @@ def _check_target_values(targets: torch.Tensor, V: int, ignore_index: int) -> No
     checks = _deferred.get()
     if checks is not None:
         checks.add(targets, V, ignore_index)
+    elif graph_capture_underway():
+        raise RuntimeError("ops.cross_entropy checks its target ids with a device-to-host sync, which a CUDA "
+                           "graph capture forbids: make the call inside `with ops.deferred_target_checks() as "
+                           "checks:` (the check then runs on the device) and call checks.check() after each "
+                           "replay of the graph")
     else:
         _raise_for_bad_targets(targets, V, ignore_index)
 
@@ -266,7 +287,8 @@ def _forward(logits, targets, ignore_index: int, V: int, backend: str):
     if backend == "torch":
         return _torch_forward(x, targets, ignore_index)
     if backend == "triton":
-        return triton_kernels("cross_entropy").cross_entropy_forward(x, targets, ignore_index)
+        with triton_launch(x):
+            return triton_kernels("cross_entropy").cross_entropy_forward(x, targets, ignore_index)
     N = x.shape[0]
     loss, n_valid = _new_scalar(x), _new_scalar(x)
     lse = torch.empty(N, device=x.device, dtype=torch.float32)
@@ -282,7 +304,9 @@ def _backward(logits, targets, lse, n_valid, dloss, ignore_index: int, V: int, b
     """dlogits of logits' shape and row stride: the class columns written, the rest zero."""
     x = _classes(logits, V)
     if backend == "triton":
-        dx = triton_kernels("cross_entropy").cross_entropy_backward(x, targets, lse, n_valid, dloss, ignore_index)
+        with triton_launch(x):
+            dx = triton_kernels("cross_entropy").cross_entropy_backward(x, targets, lse, n_valid, dloss,
+                                                                        ignore_index)
         return dx.as_strided(logits.shape, (_row_stride(dx), 1))  # its buffer's padding is zeroed too
     dlogits = _new_grad_like(logits)
     if backend == "torch":
@@ -308,8 +332,9 @@ def _fused(logits, targets, ignore_index: int, V: int, loss_scale: float, backen
         logits[:, V:].zero_()
         return loss * loss_scale, n_valid
     if backend == "triton":
-        return triton_kernels("cross_entropy").cross_entropy_fused_forward_backward(x, targets, ignore_index,
-                                                                                    pad_end, loss_scale)
+        with triton_launch(x):
+            return triton_kernels("cross_entropy").cross_entropy_fused_forward_backward(x, targets, ignore_index,
+                                                                                        pad_end, loss_scale)
     N = x.shape[0]
     loss, n_valid = _new_scalar(x), _new_scalar(x)
     row_losses = torch.empty(N, device=x.device, dtype=torch.float32)
@@ -325,11 +350,12 @@ def _scale_grad(dlogits, dloss, V: int, backend: str) -> None:
     x = _classes(dlogits, V)
     if backend == "torch":
         # On the CPU reading dloss costs nothing, and the usual dloss = 1 then moves no bytes.
-        if x.device.type != "cpu" or dloss.item() != 1.0:
+        if x.device.type != "cpu" or graph_capture_underway() or dloss.item() != 1.0:
             x.mul_(dloss.to(x.dtype))
         return
     if backend == "triton":
-        triton_kernels("cross_entropy").cross_entropy_scale_grad(x, dloss)
+        with triton_launch(x):
+            triton_kernels("cross_entropy").cross_entropy_scale_grad(x, dloss)
         return
     N = x.shape[0]
     with cuda_launch(x) as stream:

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import aligned16, check_tensor, cuda_ext, cuda_launch, dtype_code, resolve_backend, triton_kernels
+from ._common import aligned16, check_tensor, cuda_ext, cuda_launch, dtype_code, resolve_backend, triton_kernels, \
+    triton_launch
 
 
 def gelu(x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -28,7 +29,8 @@ def gelu(x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
 
 def _forward(x: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "triton":
-        return triton_kernels("gelu").gelu_forward(x)
+        with triton_launch(x):
+            return triton_kernels("gelu").gelu_forward(x)
     x = aligned16(x)
     out = torch.empty_like(x)
     with cuda_launch(x) as stream:
@@ -38,7 +40,8 @@ def _forward(x: torch.Tensor, backend: str) -> torch.Tensor:
 
 def _backward(x: torch.Tensor, dout: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "triton":
-        return triton_kernels("gelu").gelu_backward(x, dout)
+        with triton_launch(x):
+            return triton_kernels("gelu").gelu_backward(x, dout)
     x, dout = aligned16(x), aligned16(dout)
     dinp = torch.empty_like(x)
     with cuda_launch(x) as stream:

@@ -34,6 +34,7 @@ from ._common import (
     multiprocessor_count,
     resolve_backend,
     triton_kernels,
+    triton_launch,
 )
 
 # The Triton kernels keep a row of next_power_of_2(C) elements in one program.
@@ -112,7 +113,8 @@ def cuda_num_partials(rows: int, device: torch.device) -> int:
 def _forward(x, weight, bias, eps: float, backend: str):
     """(y, mean, rstd)."""
     if backend == "triton":
-        return triton_kernels("layernorm").layernorm_forward(x, weight, bias, eps)
+        with triton_launch(x):
+            return triton_kernels("layernorm").layernorm_forward(x, weight, bias, eps)
     x, weight, bias = aligned16(x), aligned16(weight), aligned16(bias)
     rows = _rows(x)
     y = torch.empty_like(x)
@@ -127,7 +129,8 @@ def _forward(x, weight, bias, eps: float, backend: str):
 def _backward(dy, x, weight, mean, rstd, backend: str):
     """(dx, dweight, dbias)."""
     if backend == "triton":
-        return triton_kernels("layernorm").layernorm_backward(dy, x, weight, mean, rstd)
+        with triton_launch(x):
+            return triton_kernels("layernorm").layernorm_backward(dy, x, weight, mean, rstd)
     dy, x, weight = aligned16(dy), aligned16(x), aligned16(weight)
     rows, C = _rows(x), x.shape[-1]
     partials = cuda_num_partials(rows, x.device)
@@ -145,7 +148,8 @@ def _backward(dy, x, weight, mean, rstd, backend: str):
 def _fused_forward(residual, x, weight, bias, eps: float, backend: str):
     """(h, y, mean, rstd)."""
     if backend == "triton":
-        return triton_kernels("layernorm").fused_residual_layernorm_forward(residual, x, weight, bias, eps)
+        with triton_launch(x):
+            return triton_kernels("layernorm").fused_residual_layernorm_forward(residual, x, weight, bias, eps)
     residual, x, weight, bias = aligned16(residual), aligned16(x), aligned16(weight), aligned16(bias)
     rows = _rows(x)
     h = torch.empty_like(x)
@@ -162,7 +166,9 @@ def _fused_forward(residual, x, weight, bias, eps: float, backend: str):
 def _fused_backward(dh_out, dy, h, weight, mean, rstd, backend: str):
     """(dh, dweight, dbias), dh the gradient of both residual and x."""
     if backend == "triton":
-        return triton_kernels("layernorm").fused_residual_layernorm_backward(dh_out, dy, h, weight, mean, rstd)
+        with triton_launch(h):
+            return triton_kernels("layernorm").fused_residual_layernorm_backward(dh_out, dy, h, weight, mean,
+                                                                                 rstd)
     dh_out, dy, h, weight = aligned16(dh_out), aligned16(dy), aligned16(h), aligned16(weight)
     rows, C = _rows(h), h.shape[-1]
     partials = cuda_num_partials(rows, h.device)
