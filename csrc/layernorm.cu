@@ -302,10 +302,29 @@ layernorm_backward_kernel(T* __restrict__ dinp, float* __restrict__ partials, co
             for (int i = 0; i < kChunks; ++i) {
                 const int c = (i * kWarpSize + lane) * W;
                 if (c < C) {
+                    if constexpr (W % 4 == 0) {
+                        // 16-byte accesses: a lane's W floats are contiguous, so scalar accesses would put
+                        // the warp's lanes W floats apart, a W-way bank conflict (4-way fp32, 8-way 16-bit;
+                        // measured by the simulator's memory counters). As float4 the 8 lanes of a phase
+                        // read 8 * 16 bytes: fp32 conflict-free, 16-bit inputs 2-way (lanes 32 B apart).
+                        // Aligned: C % W == 0 on this path and the dynamic shared memory is 16-byte aligned.
 #pragma unroll
-                    for (int k = 0; k < W; ++k) {
-                        block_sums[c + k] = (turn == 0 ? 0.0f : block_sums[c + k]) + dweight[i][k];
-                        block_sums[C + c + k] = (turn == 0 ? 0.0f : block_sums[C + c + k]) + dbias[i][k];
+                        for (int k = 0; k < W; k += 4) {
+                            float4* w4 = reinterpret_cast<float4*>(block_sums + c + k);
+                            float4* b4 = reinterpret_cast<float4*>(block_sums + C + c + k);
+                            const float4 w = turn == 0 ? make_float4(0.0f, 0.0f, 0.0f, 0.0f) : *w4;
+                            const float4 b = turn == 0 ? make_float4(0.0f, 0.0f, 0.0f, 0.0f) : *b4;
+                            *w4 = make_float4(w.x + dweight[i][k], w.y + dweight[i][k + 1], w.z + dweight[i][k + 2],
+                                              w.w + dweight[i][k + 3]);
+                            *b4 = make_float4(b.x + dbias[i][k], b.y + dbias[i][k + 1], b.z + dbias[i][k + 2],
+                                              b.w + dbias[i][k + 3]);
+                        }
+                    } else {
+#pragma unroll
+                        for (int k = 0; k < W; ++k) {
+                            block_sums[c + k] = (turn == 0 ? 0.0f : block_sums[c + k]) + dweight[i][k];
+                            block_sums[C + c + k] = (turn == 0 ? 0.0f : block_sums[C + c + k]) + dbias[i][k];
+                        }
                     }
                 }
             }
