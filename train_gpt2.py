@@ -35,7 +35,9 @@ Decisions (see the design notes):
   * Determinism. Sampling during training draws from its own generator (and runs inside
     torch.random.fork_rng), so it never moves the training RNG; the data loaders' positions
     and every RNG state go into the checkpoints. A resumed run therefore continues the loss
-    curve exactly (bitwise on a CPU with the same backend).
+    curve exactly (bitwise on a CPU with the same backend), with the settings its checkpoint recorded:
+    --resume 1 --output_dir OUT alone continues OUT's run; a flag that shapes training given with
+    another value is refused unless --resume_override names it (RESUME_LOCAL, RESUME_FREE below).
   * Checkpoints (pyllmc.checkpoint): written atomically (temp file, fsync, rename, fsync of
     the directory), each with a checksum of all its bytes that every load verifies; the last
     --keep_checkpoints are kept; --resume 1 continues from the newest one that loads and
@@ -69,7 +71,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pyllmc  # noqa: E402
-from pyllmc import checkpoint, corpus, diagnostics, ops  # noqa: E402
+from pyllmc import checkpoint, corpus, diagnostics, ops, precision  # noqa: E402
 from pyllmc import tokenizer as tokenizers  # noqa: E402
 from pyllmc.data import DistributedDataLoader, ShardFormatError, declared_tokenizer  # noqa: E402
 from pyllmc.distributed import GradientBuckets, ShardedParameters  # noqa: E402
@@ -91,6 +93,24 @@ MAX_CONSECUTIVE_SKIPS = 20  # abort when this many updates in a row are skipped 
 DEMO_TRIM_VOCAB = 4096  # GPT-2's BPE trimmed to the corpus's commonest tokens (pyllmc.tokenizer)
 DEMO_CPU = dict(batch_size=8, sequence_length=128, num_iterations=800, learning_rate=1.2e-3, warmup_iters=60,
                 learning_rate_decay_frac=0.1, weight_decay=0.1, sample_every=200, sample_length=128)
+# --resume 1 continues a run with the settings its checkpoint recorded (pyllmc.checkpoint.resume_settings):
+# every flag not given takes the recorded value, and a flag given with another value is refused unless
+# --resume_override names it. Except:
+#   RESUME_LOCAL: this invocation's own, never taken from the record: where the run is (output_dir), that it
+#     resumes, when this invocation stops (stop_at_step: a time-limited job's, not the run's), and the machine
+#     that runs it (device; backend and compile choose kernels for it that compute the same function).
+#   RESUME_FREE: taken from the record when not given, but a new value needs no override: they shape nothing
+#     the training computes (what is logged, evaluated, sampled, checked or exported, and how often; samples
+#     draw from their own generator and evaluation reads only the validation loader).
+#   RESUME_FIXED: the saved state depends on them (the data loaders' positions count B x T tokens; the weights
+#     come from the checkpoint, whatever --model says): no override; a new run can start from the weights
+#     (--model CKPT with another --output_dir).
+# Every other flag (schedule, batch, data, tokenizer, seed, dtype, optimizer, ZeRO...) shapes the training.
+RESUME_LOCAL = ("output_dir", "resume", "resume_override", "stop_at_step", "device", "backend", "compile")
+RESUME_FREE = ("val_loss_every", "val_max_steps", "hellaswag", "hellaswag_path", "hellaswag_max_examples",
+               "sample_every", "sample_length", "sample_top_k", "checkpoint_every", "keep_checkpoints",
+               "write_llmc", "write_hf", "log_every", "diagnostics_every", "verify_shards")
+RESUME_FIXED = ("batch_size", "sequence_length", "model", "vocab_size")
 
 
 class ConfigError(Exception):
@@ -185,7 +205,13 @@ def build_parser():
                         "-1: never")
     g.add_argument("--keep_checkpoints", type=int, default=2, help="keep the newest K checkpoints (0: all)")
     g.add_argument("--resume", type=int, default=0,
-                   help="1: continue from the newest valid checkpoint in --output_dir (starts fresh when there is none)")
+                   help="1: continue from the newest valid checkpoint in --output_dir (starts fresh when there is "
+                        "none), with the settings the run recorded there: a flag that shapes training given with "
+                        "another value is refused (see --resume_override); output, logging and evaluation flags "
+                        "may change")
+    g.add_argument("--resume_override", type=str, default="",
+                   help="with --resume 1: flags (names without --, comma-separated, e.g. num_iterations,learning_rate) "
+                        "whose value on this command line replaces the one the run recorded, on purpose")
     g.add_argument("--write_llmc", type=int, default=0, help="1: with each checkpoint, also the model in llm.c's format")
     g.add_argument("--write_hf", type=int, default=0, help="1: with each checkpoint, also a Hugging Face directory")
     g.add_argument("--log_every", type=int, default=1, help="print a step line every this many steps (the log gets all)")
@@ -197,19 +223,68 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None):
-    return build_parser().parse_args(argv)
-
-
 _UNSET = object()
 
 
-def given_flags(argv=None) -> frozenset:
-    """The options the command line sets (the others keep their defaults, or the CPU demo's)."""
+def parse_command_line(argv=None):
+    """(args, given): the options, and the names of those the command line sets; the others hold their
+    defaults (which the CPU demo's, or a resumed run's recorded settings, replace later)."""
     parser = build_parser()
-    unset = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != "help"})
-    parsed = parser.parse_args(argv, namespace=unset)  # argparse fills in only attributes not already there
-    return frozenset(k for k, v in vars(parsed).items() if v is not _UNSET)
+    defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    # argparse fills in a default only where the namespace has no attribute yet: what is still _UNSET
+    # after the parse was not on the command line
+    parsed = vars(parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(defaults, _UNSET))))
+    given = frozenset(k for k, v in parsed.items() if v is not _UNSET)
+    return argparse.Namespace(**{k: v if k in given else defaults[k] for k, v in parsed.items()}), given
+
+
+def parse_args(argv=None):
+    return parse_command_line(argv)[0]
+
+
+# -----------------------------------------------------------------------------
+# the run's settings: what a checkpoint records, --resume 1 continues with, and the CPU demo changes
+
+def run_settings(args, **resolved):
+    """The flags as a checkpoint records them: `resolved` decides what "auto" left open (the model, the
+    dtype, the corpus), and paths are absolute, so that a resume from another directory reads the same files."""
+    settings = {**vars(args), **resolved}
+    for key in ("input_bin", "input_val_bin", "hellaswag_path", "corpus", "hellaswag", "model"):
+        value = settings.get(key)
+        if isinstance(value, str) and value and (key in ("input_bin", "input_val_bin", "hellaswag_path")
+                                                 or Path(value).expanduser().exists()):
+            settings[key] = os.path.abspath(os.path.expanduser(value))
+    return settings
+
+
+def continue_run(args, given, state, path, device, say):
+    """--resume 1: (args with the settings the checkpoint's run recorded, the names taken from it); see
+    RESUME_LOCAL above. ConfigError when the command line gives another value without --resume_override."""
+    override = [name.strip().lstrip("-") for name in args.resume_override.split(",") if name.strip()]
+    try:
+        current = run_settings(args, model=model_spec_for(args.model, device),
+                               dtype=precision.training_dtype(args.dtype, device)[0])
+        settings, inherited, overridden = checkpoint.resume_settings(
+            checkpoint.recorded_settings(state), current, given, local=RESUME_LOCAL, free=RESUME_FREE,
+            fixed=RESUME_FIXED, override=override, where=str(path))
+    except ValueError as err:  # a conflict, a bad --resume_override or --dtype
+        raise ConfigError(str(err)) from None
+    for name, (recorded, new) in overridden.items():
+        say(f"--resume_override: --{name} {new} (the run had {recorded})")
+    return argparse.Namespace(**settings), inherited
+
+
+def demo_settings_not_applied(args, given):
+    """With a preset --model on a CPU, the one line that says which of the CPU demo's settings (it applies
+    only with --model auto) this run does not get, for the flags left unset; None when there are none."""
+    differences = [f"{key} {getattr(args, key) if key != 'num_iterations' else 10} (the demo's {value})"
+                   for key, value in DEMO_CPU.items() if key not in given and getattr(args, key) != value]
+    if "tokenizer" not in given and not args.input_bin:
+        differences.append(f"tokenizer gpt2, 50,257 ids (the demo's gpt2-trimmed, {DEMO_TRIM_VOCAB:,} ids)")
+    if not differences:
+        return None
+    return (f"note: --model {args.model} is not the CPU demo (--model auto), so these keep their plain defaults: "
+            f"{', '.join(differences)}; pass them to change them")
 
 
 # -----------------------------------------------------------------------------
@@ -306,9 +381,12 @@ class NullLog:
 # -----------------------------------------------------------------------------
 # data
 
-def corpus_tokenizer(args, cpu_demo):
+def corpus_tokenizer(args, cpu_demo, recorded=None):
     """The vocabulary the built-in corpus is prepared with: None for GPT-2's, an int for GPT-2 trimmed
-    to that many ids (the CPU demo's, or --tokenizer gpt2-trimmed)."""
+    to that many ids (the CPU demo's, or --tokenizer gpt2-trimmed). recorded: the spec of the tokenizer
+    the weights were trained with (a resume, --model CKPT), which --tokenizer auto takes."""
+    if args.tokenizer == "auto" and recorded is not None and recorded.get("name") in ("gpt2", "gpt2-trimmed"):
+        return len(recorded["gpt2_ids"]) if recorded["name"] == "gpt2-trimmed" else None
     if args.tokenizer == "gpt2" or (args.tokenizer == "auto" and not cpu_demo):
         return None
     if args.tokenizer in ("auto", "gpt2-trimmed"):
@@ -407,9 +485,28 @@ def hellaswag_file(args):
 # -----------------------------------------------------------------------------
 # model
 
-def build_model(spec, seed, vocab_size=None):
+def model_spec_for(model, device):
+    """--model auto: gpt2 on a GPU, tiny on a CPU."""
+    return model if model != "auto" else ("gpt2" if torch.device(device).type == "cuda" else "tiny")
+
+
+def is_training_checkpoint(spec):
+    """A --model that names a checkpoint of this script (not an llm.c .bin, not a directory)."""
+    path = Path(spec)
+    return not spec.startswith("hf:") and path.is_file() and path.suffix != ".bin"
+
+
+def load_training_checkpoint(spec):
+    try:
+        return checkpoint.load_checkpoint(spec)
+    except ValueError as err:
+        raise ConfigError(f"--model {spec}: {err}") from err
+
+
+def build_model(spec, seed, vocab_size=None, state=None):
     """(model on the CPU in float32, a description of where it came from, the spec of the tokenizer
-    its weights were trained with, None when unknown or new). vocab_size: a preset's token ids."""
+    its weights were trained with, None when unknown or new). vocab_size: a preset's token ids;
+    state: the checkpoint `spec` names, when it is loaded already."""
     path = Path(spec)
 
     def gpt2_if_its_vocabulary(model):  # HF and llm.c files record no tokenizer
@@ -429,10 +526,7 @@ def build_model(spec, seed, vocab_size=None):
             raise ConfigError(f"--model {spec}: {err}") from err
         return model, f"weights from llm.c file {path}", gpt2_if_its_vocabulary(model)
     if path.is_file():  # a training checkpoint of this script
-        try:
-            state = checkpoint.load_checkpoint(path)
-        except ValueError as err:
-            raise ConfigError(f"--model {spec}: {err}") from err
+        state = state if state is not None else load_training_checkpoint(spec)
         model = GPT(GPTConfig(**state["model_config"]))
         model.load_state_dict(state["model"])
         return model, f"weights from checkpoint {path} (step {state['step']})", checkpoint.recorded_tokenizer(state)
@@ -471,7 +565,7 @@ def gradient_norm(params):
 # the run
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, given = parse_command_line(argv)
 
     # ---- processes and device ----
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
@@ -494,7 +588,7 @@ def main(argv=None):
     master = rank == 0
 
     try:
-        train(args, rank, world_size, device, device_type, ddp, master, given=given_flags(argv))
+        train(args, rank, world_size, device, device_type, ddp, master, given=given)
     except (ConfigError, ShardFormatError) as err:  # bad settings; a damaged shard met during the run
         print(f"train_gpt2.py: error: {err}", file=sys.stderr, flush=True)
         code = 2
@@ -511,12 +605,28 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
         if master:
             print(*a, **k, flush=True)
 
+    # ---- --resume 1: the run goes on with the settings its newest checkpoint recorded ----
+    if args.resume_override and not args.resume:
+        raise ConfigError("--resume_override changes a resumed run's settings: it needs --resume 1")
+    resume_state, inherited = None, set()
+    if args.resume and args.output_dir:
+        found = checkpoint.load_latest(args.output_dir)
+        if found is None:
+            print0(f"--resume 1: no checkpoint in {args.output_dir}, starting from step 0")
+        else:
+            resume_state, resume_path = found
+            args, inherited = continue_run(args, given, resume_state, resume_path, device, print0)
+
     # ---- the CPU demo (--model auto on a CPU): DEMO_CPU's settings for every flag left unset ----
     cpu_demo = args.model == "auto" and device_type == "cpu"
     if cpu_demo:
         for key, value in DEMO_CPU.items():
-            if key not in given:
+            if key not in given and key not in inherited:
                 setattr(args, key, value)
+    elif device_type == "cpu" and "model" in given and args.model in PRESETS and resume_state is None:
+        note = demo_settings_not_applied(args, given)
+        if note:
+            print0(note)
 
     # ---- settings that cannot work fail here, before anything is built ----
     B, T = args.batch_size, args.sequence_length
@@ -537,7 +647,9 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
         raise ConfigError(f"--diagnostics_every must be >= 0 (0: off); got {args.diagnostics_every}")
     if args.zero_stage == 1 and not ddp:
         print0("note: --zero_stage 1 has no effect in a single process")
-    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    dtype_name, dtype_note = precision.training_dtype(args.dtype, device)  # auto: bfloat16 where it is native
+    if dtype_note:
+        print0(dtype_note)
     ptdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
     # The ops' own resolver: the same availability and device rules every op call applies.
     try:
@@ -547,6 +659,12 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
         raise ConfigError(f"--backend {args.backend}: {err}; use another --device or --backend") from None
 
     # ---- data, and the tokenizer that says what its ids mean ----
+    model_spec = model_spec_for(args.model, device)
+    start_state = None  # a checkpoint to start from (--model CKPT): loaded once, here, for the tokenizer it records
+    if resume_state is None and is_training_checkpoint(model_spec):
+        start_state = load_training_checkpoint(model_spec)
+    weights_state = resume_state if resume_state is not None else start_state
+    weights_tokenizer = checkpoint.recorded_tokenizer(weights_state) if weights_state is not None else None
     prepared = None
     if args.input_bin:
         train_pattern, val_pattern = args.input_bin, args.input_val_bin
@@ -554,7 +672,7 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
         box = [None, None]
         if master:
             try:
-                box[0] = prepare_corpus(args, corpus_tokenizer(args, cpu_demo), print0)
+                box[0] = prepare_corpus(args, corpus_tokenizer(args, cpu_demo, weights_tokenizer), print0)
             except ConfigError as err:
                 box[1] = str(err)
         if ddp:
@@ -572,16 +690,9 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
         tokenizer, tokenizer_source = shard_tokenizer(args, glob.glob(train_pattern) +
                                                      (glob.glob(val_pattern) if val_pattern else []))
     hellaswag_path = hellaswag_file(args)
+    corpus_name = prepared.corpus if prepared is not None and args.corpus == "auto" else args.corpus
 
     # ---- model ----
-    model_spec = args.model if args.model != "auto" else ("gpt2" if device_type == "cuda" else "tiny")
-    resume_state = None
-    if args.resume:
-        found = checkpoint.load_latest(args.output_dir)
-        if found is None:
-            print0(f"--resume 1: no checkpoint in {args.output_dir}, starting from step 0")
-        else:
-            resume_state, resume_path = found
     from_scratch = resume_state is None and model_spec in PRESETS
     if resume_state is not None:
         model = GPT(GPTConfig(**resume_state["model_config"]))
@@ -590,7 +701,7 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
         recorded = checkpoint.recorded_tokenizer(resume_state)
     else:  # a new model has the tokenizer's ids unless --vocab_size says otherwise
         vocab_size = (args.vocab_size if args.vocab_size > 0 else tokenizer.vocab_size) if from_scratch else None
-        model, source, recorded = build_model(model_spec, args.seed, vocab_size)
+        model, source, recorded = build_model(model_spec, args.seed, vocab_size, state=start_state)
     config = model.config
     if args.vocab_size > 0 and config.vocab_size != args.vocab_size:
         raise ConfigError(f"--vocab_size {args.vocab_size}: the model ({source}) has {config.vocab_size} token ids "
@@ -617,6 +728,12 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
                                  verify=bool(args.verify_shards))
     # shards carry no vocabulary size: the largest id they hold must fit the model, the model's the tokenizer
     check_vocabulary([(train_loader, "--input_bin"), (val_loader, "--input_val_bin")], config, tokenizer, from_scratch)
+    if hellaswag_path is not None:  # HellaSwag is text, encoded with the run's own tokenizer
+        from pyllmc.hellaswag import check_tokenizer as check_hellaswag_tokenizer
+        try:
+            check_hellaswag_tokenizer(tokenizer, config.vocab_size)
+        except ValueError as err:
+            raise ConfigError(f"--hellaswag {args.hellaswag}: {err}") from None
     if tokenizer.modality != "text" and args.sample_every >= 0 and not args.output_dir:
         raise ConfigError(f"samples of {tokenizer.describe()} are written as files into --output_dir: give one "
                           f"(or --sample_every -1)")
@@ -672,9 +789,12 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
             saved_optimizer = resume_state["optimizer"][rank] if zero else resume_state["optimizer"]
             optimizer.load_state_dict(saved_optimizer)
         mine = resume_state["ranks"][rank]
-        train_loader.load_state_dict(mine["train_loader"])
-        if val_loader is not None and mine.get("val_loader") is not None:
-            val_loader.load_state_dict(mine["val_loader"])
+        try:
+            train_loader.load_state_dict(mine["train_loader"])
+            if val_loader is not None and mine.get("val_loader") is not None:
+                val_loader.load_state_dict(mine["val_loader"])
+        except ValueError as err:  # other shards than the run's (an overridden --input_bin, say)
+            raise ConfigError(f"--resume 1: {err}") from None
         loss_outliers.load_state_dict(resume_state["outliers"]["loss"])
         norm_outliers.load_state_dict(resume_state["outliers"]["norm"])
         checkpoint.set_rng_state(mine["rng"])
@@ -736,7 +856,8 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
             from pyllmc.hellaswag import evaluate as hellaswag_evaluate
             max_examples = None if args.hellaswag_max_examples < 0 else args.hellaswag_max_examples
             result = hellaswag_evaluate(raw_model, str(hellaswag_path), device=device, max_examples=max_examples,
-                                        rank=rank, world_size=world_size, progress=master)
+                                        rank=rank, world_size=world_size, progress=master, tokenizer=tokenizer,
+                                        vocab_size=config.vocab_size)
             results["hellaswag"] = result
             print0(f"step {step:{width}d}/{num_iterations} | HellaSwag acc_norm {result['acc_norm']:.4f} "
                    f"(acc {result['acc']:.4f}, n={result['n']})")
@@ -782,6 +903,8 @@ def train(args, rank, world_size, device, device_type, ddp, master, given=frozen
                 "ranks": [m for m, _ in gathered],
                 "outliers": {"loss": loss_outliers.state_dict(), "norm": norm_outliers.state_dict()},
                 "args": vars(args),
+                # what --resume 1 continues with: the flags, with "auto"s decided and paths absolute
+                "settings": run_settings(args, model=model_spec, dtype=dtype_name, corpus=corpus_name),
                 "world_size": world_size,
                 "zero_stage": args.zero_stage,
                 "tokens_seen": step * total_batch_size,

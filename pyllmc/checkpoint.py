@@ -35,6 +35,11 @@ Tokenizer. The trainer records the spec of the tokenizer its data declared (pyll
 GPT-2's when their model has GPT-2's vocabulary) and check_tokenizer refuses another one, so a run
 is never resumed, continued or decoded with a tokenizer whose ids mean something else.
 
+Settings. The trainer records the run's settings (its flags, with "auto"s decided and paths absolute)
+under "settings"; resume_settings gives a resumed run those, refusing a command line that asks for other
+values of the ones that shape training unless it names them in an override (SettingsConflict says both
+values and how), so that --resume 1 continues the run it names rather than another one.
+
 A checkpoint is data, not code. People share checkpoints (to resume or fine-tune), and a pickle
 can name any Python callable to run while it loads; a checksum cannot help (anyone can write a valid
 one). So everything the trainer puts in a checkpoint is plain data (tensors, ints, floats, strings,
@@ -532,6 +537,72 @@ def check_tokenizer(state: dict, tokenizer, path: str | os.PathLike = "the check
     recorded = recorded_tokenizer(state)
     if recorded is not None:
         check_same(recorded, tokenizer, f"checkpoint {path}")
+
+
+# ---- the run's settings, which a resume continues with ---------------------------------------
+
+class SettingsConflict(ValueError):
+    """A resume whose command line asks for other settings than the run it continues: the message
+    names both values and how to change them on purpose."""
+
+
+def recorded_settings(state: dict) -> dict:
+    """The settings (the trainer's flags) a checkpoint's run trained with: "settings" (resolved: paths
+    absolute, "auto"s decided), else, from checkpoints before it was recorded, "args" as parsed."""
+    settings = state.get("settings")
+    return dict(settings if isinstance(settings, dict) else state.get("args") or {})
+
+
+def resume_settings(recorded: dict, current: dict, given, *, local=(), free=(), fixed=(), override=(),
+                    where: str = "the checkpoint") -> tuple[dict, set, dict]:
+    """The settings a resumed run continues with, from those its checkpoint `recorded` and this command
+    line's (`current`, of which `given` were set on it; the rest hold defaults).
+
+    Every recorded setting comes back, but the `local` ones (this invocation's own: where to write, which
+    device, when to stop): a flag not given takes its recorded value. A flag given keeps its value when it
+    is `free` (shapes nothing the training computes: logging, evaluation, exports), when it equals the
+    recorded value, or when `override` names it; otherwise SettingsConflict (a ValueError) names both
+    values and how to drop or override it. A `fixed` setting (one the saved state depends on) cannot be
+    overridden. Returns (settings, the names taken from the record, {name: (recorded, given)} overridden)."""
+    given, override = set(given), set(override)
+    unknown = sorted(override - set(current))
+    if unknown:
+        raise SettingsConflict(f"--resume_override names {', '.join(unknown)}: not a flag of this trainer")
+    free_here = set(local) | set(free)
+    problems = [f"--{name} may differ from the run's without an override" for name in sorted(override & free_here)]
+    problems += [f"--{name} cannot change in a resumed run (the saved state depends on it): start a new run "
+                 f"from the weights instead (--model CKPT with another --output_dir)"
+                 for name in sorted(override & set(fixed))]
+    problems += [f"--{name} is not on this command line: give the new value with it" for name in
+                 sorted(override - given - free_here - set(fixed))]
+    if problems:
+        raise SettingsConflict("--resume_override: " + "; ".join(problems))
+    settings, inherited, overridden, conflicts = dict(current), set(), {}, []
+    for name, value in recorded.items():
+        if name not in current or name in local:
+            continue
+        if name not in given:
+            settings[name] = value
+            inherited.add(name)
+        elif current[name] != value and name not in free:
+            if name in override:
+                overridden[name] = (value, current[name])
+            else:
+                conflicts.append(name)
+    if conflicts:
+        lines = "\n".join(f"  --{name} {current[name]} (this command line) vs {recorded[name]} (the run)"
+                          for name in conflicts)
+        movable = [name for name in conflicts if name not in fixed]
+        how = (f"drop {'it' if len(conflicts) == 1 else 'them'} to continue the run as it was"
+               + (f", or change {'it' if len(movable) == 1 else 'them'} on purpose with --resume_override "
+                  f"{','.join(movable)}" if movable else ""))
+        fixed_named = [name for name in conflicts if name in fixed]
+        if fixed_named:
+            how += (f" ({', '.join('--' + n for n in fixed_named)} cannot change in a resumed run: start a new run "
+                    f"from the weights instead, --model CKPT with another --output_dir)")
+        raise SettingsConflict(f"--resume 1 continues the run of {where} with the settings it recorded, and this "
+                               f"command line gives others:\n{lines}\n{how}")
+    return settings, inherited, overridden
 
 
 # ---- command line -----------------------------------------------------------------------------

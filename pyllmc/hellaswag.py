@@ -11,7 +11,14 @@ The input is JSON lines with at least {"ctx": str, "endings": [4 str], "label": 
 official `hellaswag_val.jsonl` has these fields, and so does the file dev/data/hellaswag.py
 writes.
 
+The text is encoded with the tokenizer the model was trained with (a pyllmc.tokenizer Tokenizer that
+encodes text: GPT-2's by default, or GPT-2 trimmed to a corpus's commonest tokens, the CPU demo's,
+which spells the tokens it lacks in bytes), and the losses run over the model's own token ids (the
+rest of a padded vocabulary is never scored). check_tokenizer says, before a run trains, when a
+tokenizer cannot serve (audio, raw ids).
+
     result = evaluate(model, "hellaswag_val.jsonl", device="cuda")   # {"n", "acc", "acc_norm"}
+    result = evaluate(model, path, device="cpu", tokenizer=run_tokenizer, vocab_size=model.config.vocab_size)
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .tokenizer import VOCAB_SIZE, get_encoding
+from .tokenizer import VOCAB_SIZE, Tokenizer, get_encoding
 
 NUM_ENDINGS = 4
 
@@ -47,15 +54,32 @@ def iterate_examples(path):
             yield example
 
 
+def check_tokenizer(tokenizer: Tokenizer, vocab_size: int | None = None) -> None:
+    """ValueError saying why HellaSwag cannot be scored through `tokenizer` for a model of `vocab_size`
+    ids: it does not encode text (audio, raw ids), or it has ids past the model's."""
+    if tokenizer.modality != "text" or type(tokenizer).encode is Tokenizer.encode:
+        raise ValueError(f"HellaSwag is English text, and this run's tokenizer {tokenizer.describe()} does not "
+                         f"encode text: evaluate a text model, or turn it off (--hellaswag 0)")
+    if vocab_size is not None and tokenizer.vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer {tokenizer.describe()} has ids past the model's {vocab_size:,}: HellaSwag's "
+                         f"text could encode to ids the model cannot embed; turn it off (--hellaswag 0)")
+
+
+def _encoder(enc):
+    """text -> ids: a pyllmc Tokenizer's encode, or a tiktoken Encoding's encode_ordinary."""
+    return enc.encode if isinstance(enc, Tokenizer) else enc.encode_ordinary
+
+
 def render_example(example: dict, enc=None):
     """(tokens, mask, label): tokens (4, L) int64 rows of context + " " + ending, zero-padded
-    on the right to the longest row; mask (4, L) int64 is 1 on the ending's tokens."""
-    enc = enc if enc is not None else get_encoding()
-    ctx_tokens = enc.encode_ordinary(example["ctx"])
+    on the right to the longest row; mask (4, L) int64 is 1 on the ending's tokens. enc: a
+    pyllmc.tokenizer Tokenizer or a tiktoken Encoding (default: GPT-2's)."""
+    encode = _encoder(enc if enc is not None else get_encoding())
+    ctx_tokens = encode(example["ctx"])
     rows, masks = [], []
     for ending in example["endings"]:
         # the space belongs to the ending: GPT-2's BPE merges it into the ending's first word
-        end_tokens = enc.encode_ordinary(" " + ending)
+        end_tokens = encode(" " + ending)
         rows.append(ctx_tokens + end_tokens)
         masks.append([0] * len(ctx_tokens) + [1] * len(end_tokens))
     length = max(len(r) for r in rows)
@@ -68,14 +92,16 @@ def render_example(example: dict, enc=None):
 
 
 @torch.no_grad()
-def ending_losses(model, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum and mean of the per-token losses over each row's masked (ending) tokens.
+def ending_losses(model, tokens: torch.Tensor, mask: torch.Tensor,
+                  vocab_size: int = VOCAB_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and mean of the per-token losses over each row's masked (ending) tokens, over the model's
+    first vocab_size logits (the rest is padding).
 
     tokens, mask: (R, L) on the model's device; returns two (R,) float32 tensors."""
-    logits, _ = model(tokens)  # (R, L, V) with V >= 50257 (padded vocabularies allowed)
-    logits = logits[:, :-1, :VOCAB_SIZE].float()  # position t predicts token t+1
+    logits, _ = model(tokens)  # (R, L, Vp) with Vp >= vocab_size (padded vocabularies allowed)
+    logits = logits[:, :-1, :vocab_size].float()  # position t predicts token t+1
     targets = tokens[:, 1:]
-    losses = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), targets.reshape(-1), reduction="none")
+    losses = F.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1), reduction="none")
     losses = losses.view(targets.shape)  # (R, L-1)
     target_mask = mask[:, 1:].to(losses.dtype)  # the loss of predicting each ending token
     summed = (losses * target_mask).sum(dim=1)
@@ -121,7 +147,8 @@ def _progress(iterable, total, enabled):
 
 
 def evaluate(model, path, *, device, max_examples=None, rank: int = 0, world_size: int = 1,
-             batch_size: int = 8, pad_to: int | None = None, progress: bool = True) -> dict:
+             batch_size: int = 8, pad_to: int | None = None, progress: bool = True,
+             tokenizer: Tokenizer | None = None, vocab_size: int | None = None) -> dict:
     """HellaSwag accuracy of `model` (called as `logits, _ = model(tokens)`).
 
     Examples are dealt out round-robin (rank r takes examples i with i % world_size == r) and
@@ -130,13 +157,18 @@ def evaluate(model, path, *, device, max_examples=None, rank: int = 0, world_siz
     at once, right-padded to the longest (padding never influences the scored positions: the
     model is causal). pad_to fixes the padded length (e.g. the model's block size) so that a
     compiled model sees one shape. Pass the bare model, not a DDP wrapper. Run it under
-    torch.autocast for bf16 evaluation.
+    torch.autocast for bf16 evaluation. tokenizer: the one the model was trained with (default
+    GPT-2's); vocab_size: the model's token ids (default the tokenizer's), past which logits are padding.
 
     Returns {"n": examples scored, "acc": ..., "acc_norm": ...}.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    enc = get_encoding()
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, vocab_size)
+    enc = tokenizer if tokenizer is not None else get_encoding()
+    if vocab_size is None:
+        vocab_size = tokenizer.vocab_size if tokenizer is not None else VOCAB_SIZE
     examples = []
     for i, example in enumerate(iterate_examples(path)):
         if max_examples is not None and i >= max_examples:
@@ -151,7 +183,7 @@ def evaluate(model, path, *, device, max_examples=None, rank: int = 0, world_siz
     try:
         batches = _batches(examples, enc, batch_size, pad_to)
         for tokens, mask, labels in _progress(batches, num_batches, progress and rank == 0):
-            summed, mean = ending_losses(model, tokens.to(device), mask.to(device))
+            summed, mean = ending_losses(model, tokens.to(device), mask.to(device), vocab_size)
             pred = summed.view(-1, NUM_ENDINGS).argmin(dim=1).cpu()
             pred_norm = mean.view(-1, NUM_ENDINGS).argmin(dim=1).cpu()
             counts[0] += len(labels)

@@ -594,6 +594,60 @@ def test_fineweb_script_end_to_end(tmp_path, capsys):
            {k: v for k, v in before.items() if k != "fineweb_train_000002.bin"}
 
 
+def test_fineweb_local_input_runs_end_to_end_with_its_defaults(tmp_path):
+    """python dev/data/fineweb.py --input my_docs.csv (the README's line) with no other flag: shards of about a
+    tenth of the input (a val shard and several train shards), written to the user cache (never the source
+    tree), and the train_gpt2.py flags it prints read exactly the shards it wrote."""
+    import glob
+    import shlex
+
+    source = data_file("fineweb_edu_sample150_annotated.csv")
+    def source_tree():
+        return sorted(p.relative_to(REPO) for p in (REPO / "dev" / "data").rglob("*") if "__pycache__" not in p.parts)
+
+    before = source_tree()
+    env = {**os.environ, "PYLLMC_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, str(REPO / "dev" / "data" / "fineweb.py"), "--input", str(source),
+                             "--num_workers", "0"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    (out,) = (tmp_path / "cache" / "data").iterdir()
+    assert out.name.startswith("fineweb-fineweb_edu_sample150_annotated-")
+    names = sorted(p.name for p in shard_files(out))
+    assert names[-1] == "fineweb_val_000000.bin" and len(names) >= 5, names
+    assert names[:-1] == [f"fineweb_train_{i:06d}.bin" for i in range(1, len(names))]
+    shards = [read_shard(out / name) for name in [names[-1], *names[:-1]]]
+    size = json.loads((out / "fineweb_manifest.json").read_text())["config"]["shard_size"]
+    assert all(len(s) == size for s in shards[:-1]) and 1000 <= size < 20000
+    expected = np.concatenate([encode_document(d) for d in fineweb_documents()])
+    np.testing.assert_array_equal(np.concatenate(shards), expected)
+    assert source_tree() == before  # nothing written into the source tree
+
+    # the last line: the training flags, reading exactly the shards written
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("train on them: python train_gpt2.py --input_bin "), result.stdout
+    flags = shlex.split(line.split("train_gpt2.py", 1)[1])
+    assert flags[0] == "--input_bin" and flags[2] == "--input_val_bin"
+    assert sorted(Path(p).name for p in glob.glob(flags[1])) == names[:-1]
+    assert [Path(p).name for p in glob.glob(flags[3])] == ["fineweb_val_000000.bin"]
+    loader = DistributedDataLoader(flags[1], 4, 64)
+    assert len(loader.files) == len(names) - 1 and loader.next_batch()[0].shape == (4, 64)
+
+
+def test_fineweb_input_too_small_for_a_val_and_a_train_shard_is_refused(tmp_path):
+    fineweb = load_script("fineweb")
+    small = tmp_path / "small.csv"
+    with open(small, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([["text"], ["A short document."], ["Another one."]])
+    with pytest.raises(SystemExit, match=r"holds 29 characters, about 7 tokens: too little .* --shard_size"):
+        fineweb.main(["--input", str(small), "--output_dir", str(tmp_path / "a"), "--num_workers", "0"])
+    assert not (tmp_path / "a").exists()
+    # a --shard_size that leaves no training shard: said after tokenising, with the size that would do
+    with pytest.raises(SystemExit, match=r"made 9 tokens, one shard of --shard_size 100: training needs a validation "
+                                         r"shard \(shard 0\) and at least one training shard; pass --shard_size 4"):
+        fineweb.main(["--input", str(small), "--output_dir", str(tmp_path / "b"), "--shard_size", "100",
+                      "--num_workers", "0"])
+
+
 def test_fineweb_resumes_interrupted_and_damaged_runs(tmp_path):
     fineweb = load_script("fineweb")
     source = data_file("fineweb_edu_sample150_annotated.csv")

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pyllmc.hellaswag import ending_losses, evaluate, iterate_examples, render_example
-from pyllmc.tokenizer import VOCAB_SIZE, decode, encode, get_encoding
+from pyllmc.hellaswag import check_tokenizer, ending_losses, evaluate, iterate_examples, render_example
+from pyllmc.tokenizer import VOCAB_SIZE, GPT2Tokenizer, TokenIds, TrimmedGPT2Tokenizer, decode, encode, get_encoding
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -39,12 +39,12 @@ class TinyCausalLM(nn.Module):
     """Embedding, a causal running mean over positions, a head onto the padded vocabulary whose
     padded columns hold large logits (they must never be scored)."""
 
-    def __init__(self, dim=16):
+    def __init__(self, dim=16, vocab_size=VOCAB_SIZE, padded_vocab_size=PADDED_VOCAB):
         super().__init__()
-        self.embed = nn.Embedding(VOCAB_SIZE, dim)
-        self.head = nn.Linear(dim, PADDED_VOCAB)
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.head = nn.Linear(dim, padded_vocab_size)
         with torch.no_grad():
-            self.head.bias[VOCAB_SIZE:] = 50.0
+            self.head.bias[vocab_size:] = 50.0
 
     def forward(self, idx):  # (B, T) -> (B, T, Vp), None
         h = self.embed(idx).cumsum(dim=1)
@@ -223,3 +223,47 @@ def test_hellaswag_script_converts_both_formats(tmp_path, hellaswag_path):
     (example,) = list(iterate_examples(out))
     assert example == {"idx": 24, "activity_label": "Roof shingle removal", "ctx": rows[0]["ctx"],
                        "endings": rows[0]["endings"], "label": 3}
+
+
+@torch.no_grad()
+def test_evaluate_through_a_trimmed_tokenizer(hellaswag_path):
+    """A model trained on GPT-2 trimmed to a corpus's commonest tokens (the CPU demo's tokenizer, here 512 ids
+    padded to 640) is scored through that tokenizer: GPT-2's ids would be past its embedding."""
+    examples = first_examples(hellaswag_path, 6)
+    text = " ".join(e["ctx"] + " " + " ".join(e["endings"]) for e in examples)
+    trimmed = TrimmedGPT2Tokenizer.fit(encode(text), 512)
+    model = TinyCausalLM(vocab_size=512, padded_vocab_size=640)
+    # the reference: each ending alone, encoded with the trimmed tokenizer, scored over the 512 real ids
+    preds, preds_norm = [], []
+    for example in examples:
+        ctx = trimmed.encode(example["ctx"])
+        scores = []
+        for ending in example["endings"]:
+            row = torch.tensor([ctx + trimmed.encode(" " + ending)])
+            assert row.max() < 512
+            logits, _ = model(row)
+            losses = F.cross_entropy(logits[0, :-1, :512].double(), row[0, 1:], reduction="none")[len(ctx) - 1:]
+            scores.append((losses.sum().item(), losses.mean().item()))
+        preds.append(min(range(4), key=lambda i: scores[i][0]))
+        preds_norm.append(min(range(4), key=lambda i: scores[i][1]))
+    labels = [e["label"] for e in examples]
+    result = evaluate(model, hellaswag_path, device="cpu", max_examples=6, batch_size=4, progress=False,
+                      tokenizer=trimmed)
+    assert result == {"n": 6, "acc": sum(p == l for p, l in zip(preds, labels)) / 6,
+                      "acc_norm": sum(p == l for p, l in zip(preds_norm, labels)) / 6}
+    tokens, mask, _ = render_example(examples[0], trimmed)  # lossless: the ids spell the text back
+    n = int(mask[0].nonzero().max()) + 1
+    assert trimmed.decode(tokens[0, :n].tolist()) == examples[0]["ctx"] + " " + examples[0]["endings"][0]
+
+
+def test_a_tokenizer_that_cannot_serve_hellaswag_is_refused():
+    from pyllmc.audio import MuLawTokenizer
+
+    check_tokenizer(GPT2Tokenizer(), VOCAB_SIZE)  # text tokenizers that encode pass
+    check_tokenizer(TrimmedGPT2Tokenizer.fit(encode("a few words of text"), 300), 300)
+    for tokenizer in (MuLawTokenizer(8000), TokenIds()):
+        with pytest.raises(ValueError, match=r"HellaSwag is English text, and this run's tokenizer .* does not encode "
+                                             r"text: .*--hellaswag 0"):
+            check_tokenizer(tokenizer)
+    with pytest.raises(ValueError, match=r"tokenizer gpt2 \(50,257 ids\) has ids past the model's 300"):
+        check_tokenizer(GPT2Tokenizer(), 300)

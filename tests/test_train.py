@@ -212,6 +212,43 @@ def test_interrupted_run_resumes_bitwise(shards, baseline, tmp_path):
     assert final(read_log(out)) == final(records)
 
 
+def test_resume_continues_the_run_with_its_recorded_settings(shards, baseline, tmp_path):
+    """--resume 1 --output_dir OUT alone continues the run OUT holds with the settings it recorded (schedule,
+    batch, data, model, seed...), bit for bit; a flag that shapes training given with another value is refused
+    before training, naming both values and the override; --resume_override changes one on purpose."""
+    _, _, records = baseline
+    out = tmp_path / "run"
+    first = run_train([*COMMON, *_data_args(shards), *RESUME_ARGS, "--output_dir", str(out), "--stop_at_step", "3"])
+    # a preset on a CPU is not the demo: one line says which demo settings it does not get (those not given)
+    assert re.search(r"^note: --model tiny is not the CPU demo \(--model auto\), so these keep their plain defaults: "
+                     r"weight_decay 0\.0 \(the demo's 0\.1\); pass them to change them$", first.stdout, re.M), \
+        first.stdout
+
+    conflict = run_train(["--resume", "1", "--output_dir", str(out), "--learning_rate", "0.01", "--batch_size", "4"],
+                         expect_ok=False)
+    assert conflict.returncode == 2, conflict.stdout + conflict.stderr
+    assert re.search(r"--resume 1 continues the run of \S*ckpt_00000003\.pt with the settings it recorded, and this "
+                     r"command line gives others:\n  --batch_size 4 \(this command line\) vs 2 \(the run\)\n"
+                     r"  --learning_rate 0\.01 \(this command line\) vs 0\.003 \(the run\)\n"
+                     r".*--resume_override learning_rate\b",
+                     conflict.stderr), conflict.stderr
+    assert "--batch_size cannot change in a resumed run" in conflict.stderr
+    assert "step 4/" not in conflict.stdout
+
+    second = run_train(["--resume", "1", "--output_dir", str(out)])  # nothing else: the run's own settings
+    assert "resumed from" in second.stdout and "step 6/6" in second.stdout and "note:" not in second.stdout
+    assert train_losses(read_log(out)) == train_losses(records)  # bit for bit, as if never interrupted
+    assert [r["step"] for r in read_log(out) if r["type"] == "sample"] == [3, 6]  # its --sample_every too
+
+    third = run_train(["--resume", "1", "--output_dir", str(out), "--num_iterations", "8",
+                       "--resume_override", "num_iterations"])
+    assert "--resume_override: --num_iterations 8 (the run had 6)" in third.stdout and "step 8/8" in third.stdout
+    assert sorted(train_losses(read_log(out))) == [1, 2, 3, 4, 5, 6, 7, 8]
+    bad = run_train(["--resume", "1", "--output_dir", str(out), "--resume_override", "learning_rate,batch_size,nope"],
+                    expect_ok=False)
+    assert bad.returncode == 2 and "--resume_override names nope: not a flag of this trainer" in bad.stderr, bad.stderr
+
+
 def _flip_inside_largest_tensor(path):
     """Flip one bit in the middle of the checkpoint's largest tensor: torch.load alone would not notice."""
     import zipfile
@@ -437,8 +474,10 @@ def test_the_cpu_demo_takes_its_defaults_and_a_trimmed_vocabulary(tmp_path):
         sys.path.pop(0)
     out = tmp_path / "out"
     before = source_tree_files()
+    hellaswag = SHARED_DATA / "hellaswag_val_preprocessed.jsonl"  # scored through the trimmed tokenizer
+    extra = ["--hellaswag", str(hellaswag), "--hellaswag_max_examples", "4"] if hellaswag.exists() else []
     command = [sys.executable, str(TRAIN), "--corpus", str(text), "--num_iterations", "2", "--sample_every", "1",
-               "--sample_length", "12", "--val_max_steps", "1", "--output_dir", str(out)]
+               "--sample_length", "12", "--val_max_steps", "1", "--output_dir", str(out), *extra]
     result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO, env=corpus_env(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     demo = train_gpt2.DEMO_CPU
@@ -454,8 +493,19 @@ def test_the_cpu_demo_takes_its_defaults_and_a_trimmed_vocabulary(tmp_path):
     assert f"tokenizer gpt2-trimmed-{trim}-" in result.stdout
     samples = [r for r in records if r["type"] == "sample"]
     assert [r["step"] for r in samples] == [1, 2] and all(isinstance(r["text"], str) for r in samples)
-    state, _ = checkpoint.load_latest(out)
+    state, ckpt = checkpoint.load_latest(out)
     assert state["tokenizer"] == config["tokenizer"]
+    if extra:
+        scores = [r for r in records if r["type"] == "hellaswag"]
+        assert len(scores) == 1 and scores[0]["n"] == 4 and 0 <= scores[0]["acc_norm"] <= 1
+
+    # continuing the demo's checkpoint on its corpus: the tokenizer comes from the checkpoint, no flag names it
+    command = [sys.executable, str(TRAIN), "--model", str(ckpt), "--corpus", str(text), "--num_iterations", "1",
+               "--val_max_steps", "1", "--sample_every", "-1", "--output_dir", str(tmp_path / "more")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO, env=corpus_env(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "weights from checkpoint" in result.stdout and "step 1/1" in result.stdout
+    assert read_log(tmp_path / "more")[0]["tokenizer"] == state["tokenizer"]
     assert source_tree_files() == before
 
 
@@ -540,7 +590,17 @@ def test_the_tokenizer_is_recorded_and_another_is_refused(shards, tmp_path):
     assert state["tokenizer"] == {"name": "mulaw", "sample_rate": 8000}
 
     gpt2 = ["--input_bin", str(shards / "train.bin"), "--input_val_bin", str(shards / "val.bin")]
-    for how in (["--output_dir", str(out), "--resume", "1", "--num_iterations", "4"],
+    result = run_train([*COMMON, *gpt2, "--output_dir", str(out), "--resume", "1", "--num_iterations", "4"],
+                       expect_ok=False)  # other shards than the run's: refused as a change of its settings ...
+    assert result.returncode == 2 and re.search(r"--input_bin \S*train\.bin \(this command line\) vs "
+                                                r"\S*audio_train\.bin \(the run\)", result.stderr), result.stderr
+    override = ["--resume_override", "input_bin,input_val_bin,num_iterations,vocab_size"]
+    result = run_train([*COMMON, *gpt2, "--output_dir", str(out), "--resume", "1", "--num_iterations", "4", *override],
+                       expect_ok=False)  # the vocabulary is fixed for a resumed run
+    assert result.returncode == 2 and "--vocab_size is not on this command line" not in result.stderr
+    assert "--resume_override: --vocab_size cannot change in a resumed run" in result.stderr, result.stderr
+    for how in (["--output_dir", str(out), "--resume", "1", "--num_iterations", "4", *override[:1],
+                 "input_bin,input_val_bin,num_iterations"],  # ... and with the override, by the tokenizer check
                 ["--model", str(ckpt), "--num_iterations", "1"]):
         result = run_train([*COMMON, *gpt2, *how], expect_ok=False)  # the last --model wins
         assert result.returncode == 2, result.stdout + result.stderr
@@ -548,6 +608,14 @@ def test_the_tokenizer_is_recorded_and_another_is_refused(shards, tmp_path):
                          r"tokenizer mulaw-8000hz \(256 8-bit mu-law codes of 8,000 Hz mono audio\), not gpt2 "
                          r"\(50,257 ids\)", result.stderr), result.stderr
         assert "step 3/" not in result.stdout and "step 1/" not in result.stdout
+    # HellaSwag is text: a run whose tokenizer does not encode text refuses it before training
+    hellaswag = SHARED_DATA / "hellaswag_val_preprocessed.jsonl"
+    if hellaswag.exists():
+        result = run_train([*args, "--hellaswag", str(hellaswag), "--num_iterations", "1",
+                            "--output_dir", str(tmp_path / "o3")], expect_ok=False)
+        assert result.returncode == 2 and re.search(r"--hellaswag \S+: HellaSwag is English text, and this run's "
+                                                    r"tokenizer mulaw-8000hz .* does not encode text", result.stderr)
+        assert "step 1/" not in result.stdout
     # --tokenizer against what the manifest declares
     result = run_train([*args, "--tokenizer", "gpt2", "--num_iterations", "1", "--output_dir", str(tmp_path / "o2")],
                        expect_ok=False)
@@ -565,6 +633,31 @@ def test_help_explains_every_flag():
                  "--backend", "--checkpoint_every", "--resume", "--keep_checkpoints", "--zero_stage", "--write_llmc",
                  "--write_hf", "--verify_shards", "--corpus", "--tokenizer", "--vocab_size"):
         assert re.search(rf"^\s+{flag}\b", result.stdout, re.M), flag
+
+
+def test_auto_dtype_is_float32_where_bfloat16_is_not_native(monkeypatch):
+    import torch
+
+    from pyllmc.precision import training_dtype
+
+    capability = {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["now"])
+    capability["now"] = (9, 0)  # H100
+    assert training_dtype("auto", "cuda") == ("bfloat16", None)
+    capability["now"] = (8, 0)  # A100
+    assert training_dtype("auto", "cuda:0") == ("bfloat16", None)
+    for old in [(7, 5), (7, 0)]:  # T4, V100
+        capability["now"] = old
+        name, note = training_dtype("auto", "cuda")
+        assert name == "float32" and note.startswith(f"--dtype auto: float32, because this GPU (compute capability "
+                                                     f"{old[0]}.{old[1]}) has no native bfloat16")
+        name, note = training_dtype("bfloat16", "cuda")  # asked for: kept, with a note
+        assert name == "bfloat16" and "--dtype float32 avoids it" in note
+        assert training_dtype("float32", "cuda") == ("float32", None)
+    assert training_dtype("auto", "cpu") == ("float32", None)
+    assert training_dtype("bfloat16", "cpu") == ("bfloat16", None)
+    with pytest.raises(ValueError, match="dtype 'fp8'"):
+        training_dtype("fp8", "cpu")
 
 
 def test_learning_rate_schedule():

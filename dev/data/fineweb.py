@@ -5,6 +5,21 @@ order and cut into shards of exactly --shard_size tokens (the last one may be sh
 document running on into the next shard where a cut falls inside it. Shard 0 is the
 validation split, the rest training:
     <output_dir>/fineweb_val_000000.bin, fineweb_train_000001.bin, fineweb_train_000002.bin ...
+A run needs a validation shard and at least one training shard: input that makes fewer is an error
+that says which --shard_size would do. At the end the script prints the train_gpt2.py flags that read
+exactly the shards it wrote.
+
+Shard size: 100M tokens (llm.c's) for FineWeb; for --input files, by default about a tenth of the
+input, so that small inputs make a validation shard and several training shards: the documents'
+characters are counted first (reading is cheap next to tokenising), the tokens estimated at 4
+characters per token (GPT-2 on English prose: 4.2-4.5), and a tenth of that rounded down to two
+significant digits (at most 100M; input too small for shards of 1,000 tokens is refused).
+
+Where: FineWeb goes to dev/data/edu_fineweb10B (llm.c's place; dev/run_gpt2_124M.sh reads it there);
+--input files by default to pyllmc's user cache, never the source tree ($PYLLMC_CACHE_DIR, else
+$XDG_CACHE_HOME/pyllmc, else ~/.cache/pyllmc; pyllmc.corpus.cache_dir):
+    <cache>/data/fineweb-<first input's name>-<12 hex digits of the input's names and sizes>/
+--output_dir chooses another place.
 Tokenisation runs in --num_workers processes (documents are handed out in chunks of
 --chunksize, results come back in order, so the output does not depend on the worker count).
 
@@ -30,26 +45,35 @@ use another --output_dir) to start over. The training loader (pyllmc.data) check
 against the manifest's sha256 once per run.
 
     python dev/data/fineweb.py                                  # FineWeb-Edu 10B, 100M-token shards
-    python dev/data/fineweb.py --input docs.csv --shard_size 1000000 --output_dir data/docs
+    python dev/data/fineweb.py --input docs.csv --output_dir data/docs     # prints the training flags:
+    python train_gpt2.py --input_bin 'data/docs/fineweb_train_*.bin' --input_val_bin 'data/docs/fineweb_val_*.bin'
 """
 
 import argparse
 import csv
+import hashlib
 import itertools
 import json
 import multiprocessing as mp
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from pyllmc.corpus import data_cache_dir
 from pyllmc.data import ShardFormatError, file_sha256, read_shard_header, write_shard
 from pyllmc.tokenizer import encode_document, get_encoding
 
 MANIFEST_FORMAT = 1
 INPUT_SUFFIXES = (".parquet", ".jsonl", ".csv", ".txt")
 HF_DATASETS = {"edu": "HuggingFaceFW/fineweb-edu", "classic": "HuggingFaceFW/fineweb"}
+FINEWEB_SHARD_SIZE = 10**8  # llm.c's 100M tokens per shard
+LOCAL_SHARDS = 10  # --input without --shard_size: shards of about a tenth of the input ...
+CHARS_PER_TOKEN = 4  # ... its tokens estimated from its characters (GPT-2 on English prose: 4.2-4.5)
+MIN_LOCAL_SHARD = 1000  # ... and refused when that is less than this many tokens
 
 
 # ----------------------------------------------------------------------------------------
@@ -133,6 +157,38 @@ def open_documents(args, start_doc: int):
             yield from batch[args.text_column]
 
     return texts()
+
+
+def local_shard_size(args) -> int:
+    """--input without --shard_size: about a tenth of the input's tokens (estimated from its characters),
+    rounded down to two significant digits, at most FINEWEB_SHARD_SIZE; SystemExit when the input is too
+    small for shards of MIN_LOCAL_SHARD tokens."""
+    enough = LOCAL_SHARDS * FINEWEB_SHARD_SIZE * CHARS_PER_TOKEN  # past this the size is the cap: stop counting
+    chars = 0
+    for text in itertools.chain.from_iterable(iter_file_texts(p, args.text_column) for p in args.input_files):
+        chars += len(text)
+        if chars >= enough:
+            break
+    estimate = chars // CHARS_PER_TOKEN
+    size = min(FINEWEB_SHARD_SIZE, estimate // LOCAL_SHARDS)
+    size -= size % 10 ** max(0, len(str(size)) - 2)
+    if size < MIN_LOCAL_SHARD:
+        need = MIN_LOCAL_SHARD * LOCAL_SHARDS * CHARS_PER_TOKEN
+        sys.exit(f"the input holds {chars:,} characters, about {estimate:,} tokens: too little for a validation shard "
+                 f"and training shards of {MIN_LOCAL_SHARD:,} tokens or more (about {need:,} characters); give more "
+                 f"documents, or choose the tokens per shard with --shard_size (shard 0 is validation, the rest "
+                 f"training: at least two shards)")
+    return size
+
+
+def default_output_dir(args) -> Path:
+    """FineWeb: dev/data/<edu_fineweb|fineweb><version> (llm.c's place); --input files: the user cache,
+    a folder named after the first input and a hash of the inputs' names and sizes."""
+    if not args.input:
+        return Path(__file__).parent / f"{'edu_fineweb' if args.type == 'edu' else 'fineweb'}{args.version}"
+    digest = hashlib.sha256(json.dumps(source_description(args)).encode()).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", args.input_files[0].stem)[:40] or "input"
+    return data_cache_dir() / f"{args.prefix}-{stem}-{digest}"
 
 
 def source_description(args) -> dict:
@@ -309,7 +365,13 @@ def run(args) -> None:
     if unrecorded:  # shards skipped as valid got the sha256 an older manifest lacked
         save_manifest(manifest_path, manifest)
     total = sum(s["tokens"] for s in shards)
+    if len(shards) < 2:
+        sys.exit(f"the input made {total:,} tokens, one shard of --shard_size {args.shard_size:,}: training needs a "
+                 f"validation shard (shard 0) and at least one training shard; pass --shard_size {total // 2:,} or "
+                 f"less (with --overwrite), or more input")
     print(f"{len(shards)} shards, {total:,} tokens in {out} (shard 0 = val)")
+    train, val = (shlex.quote(str(out / f"{args.prefix}_{split}_*.bin")) for split in ("train", "val"))
+    print(f"train on them: python train_gpt2.py --input_bin {train} --input_val_bin {val}")
 
 
 def main(argv=None):
@@ -318,20 +380,24 @@ def main(argv=None):
     parser.add_argument("--version", choices=["10B", "100B"], default="10B", help="sample-10BT or sample-100BT")
     parser.add_argument("--input", nargs="+", help="local files or folders to read instead of downloading")
     parser.add_argument("--text_column", default="text", help="column / field holding the text (default: text)")
-    parser.add_argument("--output_dir", type=Path, help="where the shards go (default: dev/data/edu_fineweb10B etc.)")
+    parser.add_argument("--output_dir", type=Path,
+                        help="where the shards go (default: dev/data/edu_fineweb10B etc.; with --input, pyllmc's "
+                             "user cache: <cache>/data/fineweb-<name>-<hash>)")
     parser.add_argument("--prefix", default="fineweb", help="shard file name prefix (default: fineweb)")
-    parser.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard (default: 100M)")
+    parser.add_argument("--shard_size", type=int, default=None,
+                        help="tokens per shard (default: 100M; with --input, about a tenth of the input)")
     parser.add_argument("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="tokenising processes (0: tokenise in this process)")
     parser.add_argument("--chunksize", type=int, default=16, help="documents handed to a worker at a time")
     parser.add_argument("--overwrite", action="store_true", help="discard shards made with other settings")
     args = parser.parse_args(argv)
-    if args.shard_size < 1 or args.chunksize < 1 or args.num_workers < 0:
+    if (args.shard_size is not None and args.shard_size < 1) or args.chunksize < 1 or args.num_workers < 0:
         parser.error("--shard_size and --chunksize must be positive, --num_workers >= 0")
     args.input_files = list_input_files(args.input) if args.input else []
+    if args.shard_size is None:
+        args.shard_size = local_shard_size(args) if args.input else FINEWEB_SHARD_SIZE
     if args.output_dir is None:
-        base = "edu_fineweb" if args.type == "edu" else "fineweb"
-        args.output_dir = Path(__file__).parent / (f"{base}_local" if args.input else f"{base}{args.version}")
+        args.output_dir = default_output_dir(args)
     run(args)
 
 
