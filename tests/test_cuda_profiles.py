@@ -21,6 +21,7 @@ import torch
 
 from pyllmc import cuda_sim, ops
 from test_attention import check_against_reference, random_qkv
+from test_cuda_sim import sim
 from test_layernorm import check_against_torch, run_layernorm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,15 +34,6 @@ ATTR = {"max_threads_per_block": 1, "smem_per_block": 8, "regs_per_block": 12, "
 DQ_SMEM_64_KEYS = (2 * 64 + 4 * 64) * 136 * 2  # 104,448: the fast tiles
 DQ_SMEM_32_KEYS = (2 * 64 + 4 * 32) * 136 * 2  # 69,632: on the 99 KB GPUs
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def sim():
-    if not cuda_sim.enabled():
-        pytest.skip("the CUDA simulator is off (PYLLMC_CUDA_SIM is not 1: a GPU is here or it was turned off)")
-    try:
-        return cuda_sim.load()
-    except cuda_sim.BuildError as err:
-        pytest.skip(f"the CUDA simulator cannot be built here: {err}")
 
 
 def launches_of(name):
