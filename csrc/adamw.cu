@@ -26,20 +26,21 @@
 //   be frozen into the graph at capture, so the rows are read from device memory instead
 //   (adamw_step_device_hyper), where the optimizer computes them on the device from the
 //   device-side step counts and lr each step; one row per tensor, no kMaxRows limit.
-// - Each thread updates 8 consecutive elements with 128-bit loads/stores (one vector of
-//   bf16, two of fp32); tensors whose pointers are not 16-byte aligned, and the last
-//   partial vector of a tensor, take a scalar path. Streaming cache hints: each byte is
+// - Each thread updates 8 elements as two groups of 4, 1024 elements apart (group j of thread t:
+//   elements j * 1024 + 4t + [0, 4) of the block's chunk), each group one vector access per
+//   stream: 16 bytes of fp32, 8 of bf16/fp16. A warp's lanes so touch one contiguous span per
+//   access (512 / 256 bytes: the least sectors). Tensors whose pointers are not 16-byte aligned,
+//   and the last partial group of a tensor, take a scalar path. Streaming cache hints: each byte is
 //   touched once per step.
 // - Stochastic rounding: a counter-based hash of (seed, step, element index), so a run is
 //   reproducible bit for bit and the Triton kernel and the torch reference draw the same bits.
 // No atomics, no reductions: deterministic.
-// Memory access, measured by the simulator's counters (python dev/sim_counters.py): the fp32 streams
-// (m, v, master, fp32 gradients) take 30.9 sectors per warp request where 15.5 would do: a thread's
-// two 16-byte packets are 16 bytes apart, so one request's lanes are 32 bytes apart (50%). Kept for
-// now: the fix (packet j of thread t at element (j * kThreads + t) * 4, with 8-byte accesses for 16-bit
-// parameters) changes which thread owns which element, and its gain is a GPU timing no one has made
-// yet; every byte is still read once (unique bytes = ideal), so DRAM traffic is already minimal.
+// Memory access, measured by the simulator's counters (python dev/sim_counters.py): every stream's
+// requests are at the ideal. (With 8 consecutive elements per thread, the fp32 streams took 30.9
+// sectors per request where 15.5 would do: a thread's two 16-byte packets made the lanes 32 bytes apart.)
 #include "common.cuh"
+
+#include <type_traits>
 
 namespace pyllmc {
 namespace {
@@ -47,6 +48,12 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kPerThread = 8;                              // elements per thread
 constexpr long long kChunk = kThreads * kPerThread;        // elements per block: 2048
+// A thread's 8 elements are two groups of 4, kGroupStride apart (its group j: elements
+// j * kGroupStride + 4 * threadIdx.x + [0, 4) of the chunk), so the lanes of a warp touch one
+// contiguous span per access: 512 bytes of fp32 (16 sectors) or 256 of bf16 (8), never more.
+constexpr int kGroup = 4;
+constexpr int kGroups = kPerThread / kGroup;
+constexpr long long kGroupStride = kThreads * kGroup;      // 1024 elements
 constexpr int kMaxRows = 32;                               // hyperparameter rows per launch
 
 // One row of the tensor table (int64 columns); must match pyllmc/optim.py (_TABLE_COLUMNS).
@@ -124,40 +131,37 @@ __device__ __forceinline__ __nv_bfloat16 round_param<__nv_bfloat16>(float x, boo
 }
 
 // ----------------------------------------------------------------------------
-// 8 elements at a time
+// 4 elements at a time
 
-// out[k] = src[k] as float for k < count (0 past it); one or two 128-bit loads when `vector`.
+// One access of 4 elements: 16 bytes of float, 8 of bf16 / fp16.
 template <typename T>
-__device__ __forceinline__ void load8(float (&out)[kPerThread], const T* src, int count, bool vector) {
-    constexpr int V = Packed128<T>::size;
-    static_assert(kPerThread % V == 0, "8 elements are whole vectors");
+using Vector4 = std::conditional_t<sizeof(T) == 4, int4, int2>;
+
+// out[k] = src[k] as float for k < count (0 past it); one vector load (streaming) when `vector`.
+template <typename T>
+__device__ __forceinline__ void load4(float (&out)[kGroup], const T* src, int count, bool vector) {
     if (vector) {
+        const Vector4<T> raw = __ldcs(reinterpret_cast<const Vector4<T>*>(src));
+        const T* values = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-        for (int j = 0; j < kPerThread / V; ++j) {
-            const Packed128<T> packet = load128cs(src + j * V);
-#pragma unroll
-            for (int k = 0; k < V; ++k) out[j * V + k] = to_float(packet[k]);
-        }
+        for (int k = 0; k < kGroup; ++k) out[k] = to_float(values[k]);
     } else {
 #pragma unroll
-        for (int k = 0; k < kPerThread; ++k) out[k] = k < count ? to_float(src[k]) : 0.0f;
+        for (int k = 0; k < kGroup; ++k) out[k] = k < count ? to_float(src[k]) : 0.0f;
     }
 }
 
 template <typename T>
-__device__ __forceinline__ void store8(T* dst, const T (&values)[kPerThread], int count, bool vector) {
-    constexpr int V = Packed128<T>::size;
+__device__ __forceinline__ void store4(T* dst, const T (&values)[kGroup], int count, bool vector) {
     if (vector) {
+        Vector4<T> raw;
+        T* packed = reinterpret_cast<T*>(&raw);
 #pragma unroll
-        for (int j = 0; j < kPerThread / V; ++j) {
-            Packed128<T> packet;
-#pragma unroll
-            for (int k = 0; k < V; ++k) packet[k] = values[j * V + k];
-            store128cs(dst + j * V, packet);
-        }
+        for (int k = 0; k < kGroup; ++k) packed[k] = values[k];
+        __stcs(reinterpret_cast<Vector4<T>*>(dst), raw);
     } else {
 #pragma unroll
-        for (int k = 0; k < kPerThread; ++k) {
+        for (int k = 0; k < kGroup; ++k) {
             if (k < count) dst[k] = values[k];
         }
     }
@@ -166,7 +170,7 @@ __device__ __forceinline__ void store8(T* dst, const T (&values)[kPerThread], in
 // Updates elements [begin, begin + count) of tensor `t`.
 template <typename ParamT, typename GradT>
 __device__ __forceinline__ void adamw_update(const AdamWTensor& t, const AdamWHyper& h, long long begin, int count) {
-    const bool vector = count == kPerThread && (t.flags & kFlagVector);
+    const bool vector = count == kGroup && (t.flags & kFlagVector);
     const bool stochastic = (t.flags & kFlagStochastic) != 0;
     ParamT* param = reinterpret_cast<ParamT*>(t.param) + begin;            // (count,)
     const GradT* grad = reinterpret_cast<const GradT*>(t.grad) + begin;    // (count,)
@@ -174,19 +178,19 @@ __device__ __forceinline__ void adamw_update(const AdamWTensor& t, const AdamWHy
     float* exp_avg = reinterpret_cast<float*>(t.exp_avg) + begin;          // (count,)
     float* exp_avg_sq = reinterpret_cast<float*>(t.exp_avg_sq) + begin;    // (count,)
 
-    float p[kPerThread], g[kPerThread], m[kPerThread], v[kPerThread];
+    float p[kGroup], g[kGroup], m[kGroup], v[kGroup];
     if (master) {
-        load8(p, master, count, vector);
+        load4(p, master, count, vector);
     } else {
-        load8(p, param, count, vector);
+        load4(p, param, count, vector);
     }
-    load8(g, grad, count, vector);
-    load8(m, exp_avg, count, vector);
-    load8(v, exp_avg_sq, count, vector);
+    load4(g, grad, count, vector);
+    load4(m, exp_avg, count, vector);
+    load4(v, exp_avg_sq, count, vector);
 
-    ParamT out[kPerThread];
+    ParamT out[kGroup];
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k) {
+    for (int k = 0; k < kGroup; ++k) {
         // Explicit fmaf and IEEE sqrt / division, nothing left for the compiler to contract:
         // the Triton kernel (compiled without fp fusion) computes the same bits.
         m[k] = fmaf(h.one_minus_beta1, __fsub_rn(g[k], m[k]), m[k]);
@@ -195,19 +199,14 @@ __device__ __forceinline__ void adamw_update(const AdamWTensor& t, const AdamWHy
         p[k] = fmaf(-h.step_size, __fdiv_rn(m[k], denom), __fmul_rn(p[k], h.decay));
         out[k] = round_param<ParamT>(p[k], stochastic, t.rng_offset + begin + k, h.rng_key);
     }
-    store8(exp_avg, m, count, vector);
-    store8(exp_avg_sq, v, count, vector);
-    if (master) store8(master, p, count, vector);
-    store8(param, out, count, vector);
+    store4(exp_avg, m, count, vector);
+    store4(exp_avg_sq, v, count, vector);
+    if (master) store4(master, p, count, vector);
+    store4(param, out, count, vector);
 }
 
-// This thread's 8 elements of chunk `chunk` (this block's) of tensor t, with hyperparameters h.
-__device__ __forceinline__ void adamw_chunk(const AdamWTensor& t, const AdamWHyper& h, long long chunk) {
-    const long long begin = (chunk - t.first_chunk) * kChunk + static_cast<long long>(threadIdx.x) * kPerThread;
-    if (begin >= t.numel) return;
-    const long long left = t.numel - begin;
-    const int count = left < kPerThread ? static_cast<int>(left) : kPerThread;
-
+// Elements [begin, begin + count) of tensor t (count <= 4), in the tensor's dtypes.
+__device__ __forceinline__ void adamw_group(const AdamWTensor& t, const AdamWHyper& h, long long begin, int count) {
     // The dtypes are uniform over the block (a chunk lies in one tensor): no divergence.
     const DType param_dtype = static_cast<DType>(t.flags & 0xf);
     const DType grad_dtype = static_cast<DType>((t.flags >> 4) & 0xf);
@@ -224,6 +223,18 @@ __device__ __forceinline__ void adamw_chunk(const AdamWTensor& t, const AdamWHyp
             if (fp32_grad) adamw_update<__half, float>(t, h, begin, count);
             else adamw_update<__half, __half>(t, h, begin, count);
             break;
+    }
+}
+
+// This thread's 8 elements of chunk `chunk` (this block's) of tensor t, with hyperparameters h:
+// two groups of 4, kGroupStride apart.
+__device__ __forceinline__ void adamw_chunk(const AdamWTensor& t, const AdamWHyper& h, long long chunk) {
+    const long long first = (chunk - t.first_chunk) * kChunk + static_cast<long long>(threadIdx.x) * kGroup;
+    for (int j = 0; j < kGroups; ++j) {
+        const long long begin = first + j * kGroupStride;
+        if (begin >= t.numel) return;
+        const long long left = t.numel - begin;
+        adamw_group(t, h, begin, left < kGroup ? static_cast<int>(left) : kGroup);
     }
 }
 
