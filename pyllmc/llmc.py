@@ -284,7 +284,7 @@ def read_model(path: str, *, dtype: torch.dtype = torch.float32, device="cpu") -
     values = torch.from_numpy(np.frombuffer(data, dtype=np_dtype, count=count, offset=HEADER_BYTES))
     if file_dtype == torch.bfloat16:
         values = values.view(torch.bfloat16)
-    model = GPT._empty(config, device=device)
+    model = GPT.empty(config, device=device)
     model.to(dtype)
     tensors, offset = {}, 0
     for name, shape in tensor_shapes(config).items():

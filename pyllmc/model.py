@@ -12,7 +12,9 @@ which LayerNorm comes after it.
 
 Module and parameter names match Hugging Face's GPT2LMHeadModel (transformer.wte,
 transformer.h.0.attn.c_attn, ...), but the projections are nn.Linear, whose weight is
-(out, in); HF's Conv1D stores (in, out), so from_pretrained / save_pretrained transpose.
+(out, in); HF's Conv1D stores (in, out). Reading and writing HF's files (and the transposes)
+is pyllmc.hf's work, llm.c's files pyllmc.llmc's; GPT.from_pretrained / save_pretrained
+hand over to pyllmc.hf.
 
 Vocabulary padding: wte (and the tied lm_head) has padded_vocab_size rows (50304 for GPT-2,
 a multiple of 128 that the kernels and the matmuls like). Only the first vocab_size columns
@@ -27,11 +29,7 @@ smoke runs; all others are GPT-2's sizes (and llm.c's dNN names for them).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import pickle
-import re
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -154,13 +152,15 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.layernorm(x, self.weight, self.bias, eps=self.eps)
+        # F.layer_norm(x, (C,), self.weight, self.bias, self.eps)
+        return ops.layernorm(x, self.weight, self.bias, eps=self.eps)  # x's shape
 
     def add_and_norm(self, residual: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + x, LayerNorm(residual + x)) in one op."""
         # Under autocast the matmul branch comes back in bf16 while the residual stream stays
         # float32: the fused op takes one dtype. (A no-op when the model runs in one dtype.)
         x = x.to(residual.dtype)
+        # h = residual + x;  return h, F.layer_norm(h, (C,), self.weight, self.bias, self.eps)
         return ops.fused_residual_layernorm(residual, x, self.weight, self.bias, eps=self.eps)
 
 
@@ -185,8 +185,10 @@ class CausalSelfAttention(nn.Module):
         H = self.n_head
         qkv = self.c_attn(x)  # (B, T, 3C)
         if cache is None:
-            # the kernels read q, k, v in place and write y with the heads side by side: no copies,
-            # and the backward's dq, dk, dv land in one (B, T, 3C) buffer, qkv's gradient
+            # q, k, v = qkv.split(C, dim=2), each .view(B, T, H, D).transpose(1, 2)  (B, H, T, D)
+            # y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+            # The kernels read q, k, v in place and write y with the heads side by side: no copies,
+            # and the backward's dq, dk, dv land in one (B, T, 3C) buffer, qkv's gradient.
             y = ops.qkv_attention(qkv, H)  # (B, T, C)
         else:
             # (B, T, 3, H, D) -> three (B, H, T, D) strided views (row stride 3C), no copy
@@ -208,7 +210,7 @@ class CausalSelfAttention(nn.Module):
         cache.v[:, :, start:end] = v
         cache.length = end
         if start == 0:
-            return ops.attention(q, k, v)
+            return ops.attention(q, k, v)  # F.scaled_dot_product_attention(q, k, v, is_causal=True)
         keys, values = cache.k[:, :, :end], cache.v[:, :, :end]  # (B, H, S, D)
         scale = 1.0 / math.sqrt(q.size(-1))
         scores = (q.float() @ keys.float().transpose(-2, -1)) * scale  # (B, H, T, S)
@@ -226,7 +228,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(ops.gelu(self.c_fc(x)))
+        h = ops.gelu(self.c_fc(x))  # (B, T, 4C): F.gelu(c_fc(x), approximate="tanh")
+        return self.c_proj(h)  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -243,16 +246,13 @@ class Block(nn.Module):
 
         Returns (x', next_ln(x')) with x' the block's output stream.
         """
-        residual, normed = self.ln_2.add_and_norm(residual, self.attn(normed, cache))
+        # x = x + attn(ln_1(x));  normed = ln_2(x)
+        residual, normed = self.ln_2.add_and_norm(residual, self.attn(normed, cache))  # (B, T, C) each
+        # x = x + mlp(ln_2(x));  return x, next_ln(x)
         return next_ln.add_and_norm(residual, self.mlp(normed))
 
 
 # ---- the model --------------------------------------------------------------------------------
-
-# HF GPT-2's Conv1D layers store (in, out): their weights are transposed on load and save.
-_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_HF_HUB_NAMES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
-
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, *, seed: Optional[int] = None):
@@ -267,6 +267,16 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.tie_weights()
         self.init_weights(seed)
+
+    @classmethod
+    def empty(cls, config: GPTConfig, device="cpu") -> "GPT":
+        """A model with uninitialised parameters, for loaders that overwrite every weight
+        (pyllmc.hf, pyllmc.llmc): skips the random init, which costs seconds for the large sizes."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.tie_weights()
+        return model
 
     def tie_weights(self) -> None:
         """lm_head shares wte's (padded_vocab_size, C) matrix, as in GPT-2."""
@@ -319,6 +329,8 @@ class GPT(nn.Module):
 
     def _trunk(self, x: torch.Tensor, caches: Optional[list] = None) -> torch.Tensor:
         """Embeddings (B, T, C) -> ln_f of the last block's output (B, T, C)."""
+        # for block in h: x = block(x);  return ln_f(x)
+        # Each block ends in the add that the next LayerNorm (ln_f after the last) is fused with.
         blocks = self.transformer.h
         residual, normed = x, blocks[0].ln_1(x)
         for i, block in enumerate(blocks):
@@ -350,7 +362,12 @@ class GPT(nn.Module):
         V, Vp = self.config.vocab_size, self.config.padded_vocab_size
         loss = None
         if targets is not None:
-            # the padded logits whole (num_classes=V): their gradient is one (B*T, Vp) buffer, no slice backward
+            # loss = F.cross_entropy(logits.reshape(-1, V), targets.view(-1), ignore_index=-1) * loss_scale
+            # with logits = logits_padded[..., :V] (but 0, not NaN, when every target is -1).
+            # inplace_backward=True: when a gradient is needed, the kernel overwrites logits_padded with
+            # d(loss)/d(logits_padded), loss_scale included and zero in the padded columns, so backward()
+            # only hands that buffer on. The padded logits go in whole (num_classes=V): their gradient is
+            # one (B*T, Vp) buffer, no slice backward.
             loss = ops.cross_entropy(logits_padded.view(B * T, Vp), targets.reshape(B * T), ignore_index=-1,
                                      num_classes=V, inplace_backward=inplace_backward, loss_scale=loss_scale)
         if inplace_backward or not return_logits:
@@ -478,203 +495,17 @@ class GPT(nn.Module):
             return None
         return self.estimate_flops_per_token(seq_len) * tokens_per_second / peak
 
-    # ---- Hugging Face interoperability -----------------------------------------------------------
+    # ---- Hugging Face files (pyllmc.hf) ------------------------------------------------------------
 
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str) -> "GPT":
-        """GPT-2 weights from a local Hugging Face directory (config.json + model.safetensors or
-        pytorch_model.bin, also sharded with an index) or a Hub name ("gpt2", "gpt2-medium",
-        "gpt2-large", "gpt2-xl", or "owner/repo"), downloaded with huggingface_hub."""
-        directory = name_or_dir if os.path.isdir(name_or_dir) else _download_from_hub(name_or_dir)
-        with open(os.path.join(directory, "config.json")) as f:
-            hf_config = json.load(f)
-        config = _config_from_hf(hf_config, directory)
-        state = _load_hf_weights(directory)
-        model = cls._empty(config)
-        model.load_hf_state_dict(state, source=directory)
-        return model
+    @staticmethod
+    def from_pretrained(name_or_dir: str) -> "GPT":
+        """GPT-2 from a Hugging Face model directory or Hub name ("gpt2", ...): pyllmc.hf.from_pretrained."""
+        from pyllmc import hf  # imported here: pyllmc.hf builds on this module
 
-    @classmethod
-    def _empty(cls, config: GPTConfig, device="cpu") -> "GPT":
-        """A model with uninitialised parameters (skips the random init when weights are loaded)."""
-        with torch.device("meta"):
-            model = cls(config)
-        model.to_empty(device=device)
-        model.tie_weights()
-        return model
-
-    @torch.no_grad()
-    def load_hf_state_dict(self, state: dict, source: str = "state dict") -> None:
-        """Copy a GPT2LMHeadModel / GPT2Model state dict (Conv1D layout) into this model."""
-        ours = dict(self.named_parameters())
-        seen = set()
-        wte_rows = None
-        for key, tensor in state.items():
-            name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
-            if name.endswith((".attn.bias", ".attn.masked_bias")):
-                continue  # old checkpoints store the causal mask as a buffer
-            if name == "lm_head.weight":
-                wte = state.get("transformer.wte.weight", state.get("wte.weight"))
-                if wte is not None and not torch.equal(tensor, wte):
-                    raise ValueError(f"{source}: lm_head.weight differs from wte.weight; pyllmc's GPT ties them")
-                continue
-            if name not in ours:
-                raise ValueError(f"{source}: unexpected parameter {key!r} for GPT-2")
-            target = ours[name]
-            if name.endswith(_CONV1D_WEIGHTS):
-                tensor = tensor.t()
-            if name == "transformer.wte.weight":
-                wte_rows = tensor.size(0)
-                if tensor.size(0) > target.size(0) or tensor.size(1) != target.size(1):
-                    raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, expected at most "
-                                     f"{tuple(target.shape)}")
-                target.zero_()  # padded rows stay zero
-                target[: tensor.size(0)].copy_(tensor)
-            else:
-                if tuple(tensor.shape) != tuple(target.shape):
-                    raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)} "
-                                     f"(after transposing Conv1D weights), expected {tuple(target.shape)}")
-                target.copy_(tensor)
-            seen.add(name)
-        missing = sorted(set(ours) - seen)
-        if missing:
-            raise ValueError(f"{source}: missing parameters {missing}")
-        if wte_rows is not None and wte_rows != self.config.vocab_size:
-            raise ValueError(f"{source}: wte has {wte_rows} rows but vocab_size is {self.config.vocab_size}")
-
-    def hf_state_dict(self) -> dict:
-        """This model's weights in GPT2LMHeadModel's layout (Conv1D weights (in, out), wte
-        without the padded rows, lm_head left out: HF ties it to wte on load)."""
-        state = {}
-        for name, param in self.named_parameters():
-            tensor = param.detach()
-            if name.endswith(_CONV1D_WEIGHTS):
-                tensor = tensor.t()
-            if name == "transformer.wte.weight":
-                tensor = tensor[: self.config.vocab_size]
-            state[name] = tensor.contiguous().cpu()
-        return state
+        return hf.from_pretrained(name_or_dir)
 
     def save_pretrained(self, directory: str) -> None:
-        """Write config.json and model.safetensors (pytorch_model.bin without safetensors) that
-        transformers.GPT2LMHeadModel.from_pretrained(directory) loads."""
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(self.hf_config(), f, indent=2)
-            f.write("\n")
-        state = self.hf_state_dict()
-        try:
-            from safetensors.torch import save_file
-        except ImportError:
-            torch.save(state, os.path.join(directory, "pytorch_model.bin"))
-        else:
-            save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        """A directory transformers.GPT2LMHeadModel.from_pretrained loads: pyllmc.hf.save_pretrained."""
+        from pyllmc import hf
 
-    def hf_config(self) -> dict:
-        """GPT2Config fields describing this model. Dropouts are 0: pyllmc's GPT has none."""
-        c = self.config
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": c.vocab_size,
-            "n_positions": c.block_size,
-            "n_ctx": c.block_size,
-            "n_embd": c.n_embd,
-            "n_layer": c.n_layer,
-            "n_head": c.n_head,
-            "n_inner": None,
-            "activation_function": "gelu_new",
-            "layer_norm_epsilon": 1e-5,
-            "initializer_range": 0.02,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
-            "scale_attn_weights": True,
-            "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False,
-            "tie_word_embeddings": True,
-            "bos_token_id": EOT_TOKEN,
-            "eos_token_id": EOT_TOKEN,
-            "use_cache": True,
-            "torch_dtype": str(self.transformer.wte.weight.dtype).replace("torch.", ""),
-        }
-
-
-# ---- Hugging Face helpers ---------------------------------------------------------------------
-
-def _config_from_hf(hf: dict, source: str) -> GPTConfig:
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{source}: model_type is {hf.get('model_type')!r}; only 'gpt2' is supported")
-    unsupported = []
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        unsupported.append(f"activation_function={hf['activation_function']!r} (pyllmc uses tanh GELU)")
-    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
-        unsupported.append(f"layer_norm_epsilon={hf['layer_norm_epsilon']}")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        unsupported.append(f"n_inner={hf['n_inner']}")
-    for flag, expected in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                           ("tie_word_embeddings", True), ("add_cross_attention", False)):
-        if hf.get(flag, expected) != expected:
-            unsupported.append(f"{flag}={hf[flag]}")
-    if unsupported:
-        raise ValueError(f"{source}: GPT-2 variant not supported by pyllmc: {', '.join(unsupported)}")
-    vocab = hf.get("vocab_size", GPT2_VOCAB_SIZE)
-    return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=vocab,
-                     padded_vocab_size=pad_vocab_size(vocab), n_layer=hf["n_layer"], n_head=hf["n_head"],
-                     n_embd=hf["n_embd"])
-
-
-def _load_hf_weights(directory: str) -> dict:
-    def load_file(filename):
-        path = os.path.join(directory, filename)
-        if filename.endswith(".safetensors"):
-            try:
-                from safetensors.torch import load_file as load_safetensors
-            except ImportError as err:
-                raise ImportError(f"{path} needs the safetensors package (pip install safetensors)") from err
-            return load_safetensors(path)
-        try:  # weights_only: a pickle that names anything but tensors and plain data is refused, never run
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            blocked = re.search(r"GLOBAL (\S+)", str(err))
-            raise ValueError(f"{path}: refused: a model file holds tensors only, and this one asks the unpickler "
-                             f"for more ({blocked.group(1) if blocked else err}); loading it could run code") from None
-
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if os.path.isfile(os.path.join(directory, single)):
-            return load_file(single)
-        if os.path.isfile(os.path.join(directory, index)):
-            with open(os.path.join(directory, index)) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            outside = [s for s in shards if not isinstance(s, str) or os.path.basename(s) != s or s in ("", ".", "..")]
-            if outside:  # an index names files of its own directory, never a path to elsewhere
-                raise ValueError(f"{os.path.join(directory, index)}: weight_map names {outside[:3]}, not files of "
-                                 f"{directory}")
-            state = {}
-            for shard in shards:
-                state.update(load_file(shard))
-            return state
-    raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin (nor a sharded index) found")
-
-
-def _download_from_hub(name: str) -> str:
-    """The local snapshot directory of Hub repo `name`; a clear error when offline."""
-    if os.path.exists(name):
-        raise ValueError(f"{name!r} exists but is not a directory; pass a Hugging Face model directory")
-    repo_id = _HF_HUB_NAMES.get(name, name)
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as err:
-        raise ImportError(f"{name!r} is not a local directory, and downloading it from the Hugging Face Hub "
-                          f"needs huggingface_hub (pip install huggingface_hub)") from err
-    try:
-        directory = snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors",
-                                                               "model.safetensors.index.json"])
-        if not any(f.endswith(".safetensors") for f in os.listdir(directory)):  # an older repo
-            directory = snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model*.bin",
-                                                                   "pytorch_model.bin.index.json"])
-        return directory
-    except Exception as err:
-        raise OSError(f"could not get {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-                      f"Offline? Pass a local directory with config.json and model.safetensors instead.") from err
+        hf.save_pretrained(self, directory)
