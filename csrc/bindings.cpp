@@ -5,6 +5,9 @@
 // (torch.cuda.current_stream().cuda_stream). Memory is always allocated on the Python
 // side. The Python ops layer validates shapes, dtypes and devices before calling here;
 // the launchers re-check what would make a kernel read or write out of bounds.
+// Every launcher is keyword-only (py::kw_only()): its arguments are a row of bare integers, so a
+// swapped pair of pointers would still run; a call by name cannot swap them, and a positional call
+// raises TypeError. Call them as ext.gelu_forward(out=..., inp=..., n=..., dtype=..., stream=...).
 // Nothing else lives in this file. The same file also builds pyllmc._C_sim, the kernels
 // compiled for the CPU simulator (pyllmc/cuda_sim.py, csrc/sim/), which adds its controls.
 #include <pybind11/pybind11.h>
@@ -133,25 +136,26 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
     // ---- gelu
     m.def("gelu_forward", [](ptr_t out, ptr_t inp, long long n, int dtype, ptr_t stream) {
         pyllmc::gelu_forward(as_ptr(out), as_ptr(inp), n, dtype, as_stream(stream));
-    }, py::arg("out"), py::arg("inp"), py::arg("n"), py::arg("dtype"), py::arg("stream"));
+    }, py::kw_only(), py::arg("out"), py::arg("inp"), py::arg("n"), py::arg("dtype"), py::arg("stream"));
     m.def("gelu_backward", [](ptr_t dinp, ptr_t inp, ptr_t dout, long long n, int dtype, ptr_t stream) {
         pyllmc::gelu_backward(as_ptr(dinp), as_ptr(inp), as_ptr(dout), n, dtype, as_stream(stream));
-    }, py::arg("dinp"), py::arg("inp"), py::arg("dout"), py::arg("n"), py::arg("dtype"), py::arg("stream"));
+    }, py::kw_only(), py::arg("dinp"), py::arg("inp"), py::arg("dout"), py::arg("n"), py::arg("dtype"),
+       py::arg("stream"));
 
     // ---- adamw (hyper is a HOST pointer: its rows are copied into the launch's parameters)
     m.def("adamw_step", [](ptr_t tensors, int num_tensors, ptr_t chunk_to_tensor, long long num_chunks,
-                           long long chunk_size, ptr_t hyper, int num_rows, ptr_t stream) {
+                           long long chunk_size, ptr_t hyper, int num_hyper_rows, ptr_t stream) {
         pyllmc::adamw_step(as_ptr(tensors), num_tensors, as_ptr(chunk_to_tensor), num_chunks, chunk_size,
-                           as_ptr(hyper), num_rows, as_stream(stream));
-    }, py::arg("tensors"), py::arg("num_tensors"), py::arg("chunk_to_tensor"), py::arg("num_chunks"),
-       py::arg("chunk_size"), py::arg("hyper"), py::arg("num_rows"), py::arg("stream"));
+                           as_ptr(hyper), num_hyper_rows, as_stream(stream));
+    }, py::kw_only(), py::arg("tensors"), py::arg("num_tensors"), py::arg("chunk_to_tensor"), py::arg("num_chunks"),
+       py::arg("chunk_size"), py::arg("hyper"), py::arg("num_hyper_rows"), py::arg("stream"));
     // capturable mode: hyper is a DEVICE pointer, read by the kernel when it runs
     m.def("adamw_step_device_hyper", [](ptr_t tensors, int num_tensors, ptr_t chunk_to_tensor, long long num_chunks,
-                                        long long chunk_size, ptr_t hyper, int num_rows, ptr_t stream) {
+                                        long long chunk_size, ptr_t hyper, int num_hyper_rows, ptr_t stream) {
         pyllmc::adamw_step_device_hyper(as_ptr(tensors), num_tensors, as_ptr(chunk_to_tensor), num_chunks, chunk_size,
-                                        as_ptr(hyper), num_rows, as_stream(stream));
-    }, py::arg("tensors"), py::arg("num_tensors"), py::arg("chunk_to_tensor"), py::arg("num_chunks"),
-       py::arg("chunk_size"), py::arg("hyper"), py::arg("num_rows"), py::arg("stream"));
+                                        as_ptr(hyper), num_hyper_rows, as_stream(stream));
+    }, py::kw_only(), py::arg("tensors"), py::arg("num_tensors"), py::arg("chunk_to_tensor"), py::arg("num_chunks"),
+       py::arg("chunk_size"), py::arg("hyper"), py::arg("num_hyper_rows"), py::arg("stream"));
     m.def("adamw_chunk_size", &pyllmc::adamw_chunk_size, "Elements per block of adamw_step.");
     m.def("adamw_max_rows", &pyllmc::adamw_max_rows, "Hyperparameter rows one adamw_step launch takes.");
 
@@ -162,8 +166,8 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
         if (strides.size() != 12) throw std::invalid_argument("pyllmc: attention_forward: strides must hold 12 values");
         pyllmc::attention_forward(as_ptr(out), as_ptr<float>(lse), as_ptr(q), as_ptr(k), as_ptr(v), strides.data(), B,
                                   H, T, D, dtype, as_stream(stream));
-    }, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("strides"), py::arg("B"),
-       py::arg("H"), py::arg("T"), py::arg("D"), py::arg("dtype"), py::arg("stream"));
+    }, py::kw_only(), py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("strides"),
+       py::arg("B"), py::arg("H"), py::arg("T"), py::arg("D"), py::arg("dtype"), py::arg("stream"));
     m.def("attention_backward", [](ptr_t dq, ptr_t dk, ptr_t dv, ptr_t delta, ptr_t dout, ptr_t out, ptr_t lse,
                                    ptr_t q, ptr_t k, ptr_t v, const std::vector<long long>& strides, int B, int H,
                                    int T, int D, int dtype, ptr_t stream) {
@@ -171,7 +175,7 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
         pyllmc::attention_backward(as_ptr(dq), as_ptr(dk), as_ptr(dv), as_ptr<float>(delta), as_ptr(dout),
                                    as_ptr(out), as_ptr<const float>(lse), as_ptr(q), as_ptr(k), as_ptr(v),
                                    strides.data(), B, H, T, D, dtype, as_stream(stream));
-    }, py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("dout"), py::arg("out"),
+    }, py::kw_only(), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("dout"), py::arg("out"),
        py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("strides"), py::arg("B"), py::arg("H"),
        py::arg("T"), py::arg("D"), py::arg("dtype"), py::arg("stream"));
 
@@ -180,26 +184,26 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
                                   long long rows, int C, float eps, int dtype, ptr_t stream) {
         pyllmc::layernorm_forward(as_ptr(out), as_ptr(mean), as_ptr(rstd), as_ptr(inp), as_ptr(weight), as_ptr(bias),
                                   rows, C, eps, dtype, as_stream(stream));
-    }, py::arg("out"), py::arg("mean"), py::arg("rstd"), py::arg("inp"), py::arg("weight"), py::arg("bias"),
-       py::arg("rows"), py::arg("C"), py::arg("eps"), py::arg("dtype"), py::arg("stream"));
+    }, py::kw_only(), py::arg("out"), py::arg("mean"), py::arg("rstd"), py::arg("inp"), py::arg("weight"),
+       py::arg("bias"), py::arg("rows"), py::arg("C"), py::arg("eps"), py::arg("dtype"), py::arg("stream"));
     m.def("layernorm_backward", [](ptr_t dinp, ptr_t dweight, ptr_t dbias, ptr_t scratch, ptr_t dout, ptr_t inp,
                                    ptr_t weight, ptr_t mean, ptr_t rstd, long long rows, int C, int num_partials,
                                    int dtype, ptr_t stream) {
         pyllmc::layernorm_backward(as_ptr(dinp), as_ptr(dweight), as_ptr(dbias), as_ptr(scratch), as_ptr(dout),
                                    as_ptr(inp), as_ptr(weight), as_ptr(mean), as_ptr(rstd), rows, C, num_partials,
                                    dtype, as_stream(stream));
-    }, py::arg("dinp"), py::arg("dweight"), py::arg("dbias"), py::arg("scratch"), py::arg("dout"), py::arg("inp"),
-       py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("rows"), py::arg("C"), py::arg("num_partials"),
-       py::arg("dtype"), py::arg("stream"));
+    }, py::kw_only(), py::arg("dinp"), py::arg("dweight"), py::arg("dbias"), py::arg("scratch"), py::arg("dout"),
+       py::arg("inp"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("rows"), py::arg("C"),
+       py::arg("num_partials"), py::arg("dtype"), py::arg("stream"));
     m.def("fused_residual_layernorm_forward", [](ptr_t h_out, ptr_t out, ptr_t mean, ptr_t rstd, ptr_t residual,
                                                  ptr_t inp, ptr_t weight, ptr_t bias, long long rows, int C,
                                                  float eps, int dtype, ptr_t stream) {
         pyllmc::fused_residual_layernorm_forward(as_ptr(h_out), as_ptr(out), as_ptr(mean), as_ptr(rstd),
                                                  as_ptr(residual), as_ptr(inp), as_ptr(weight), as_ptr(bias), rows, C,
                                                  eps, dtype, as_stream(stream));
-    }, py::arg("h_out"), py::arg("out"), py::arg("mean"), py::arg("rstd"), py::arg("residual"), py::arg("inp"),
-       py::arg("weight"), py::arg("bias"), py::arg("rows"), py::arg("C"), py::arg("eps"), py::arg("dtype"),
-       py::arg("stream"));
+    }, py::kw_only(), py::arg("h_out"), py::arg("out"), py::arg("mean"), py::arg("rstd"), py::arg("residual"),
+       py::arg("inp"), py::arg("weight"), py::arg("bias"), py::arg("rows"), py::arg("C"), py::arg("eps"),
+       py::arg("dtype"), py::arg("stream"));
     m.def("fused_residual_layernorm_backward", [](ptr_t dh, ptr_t dweight, ptr_t dbias, ptr_t scratch, ptr_t dh_out,
                                                   ptr_t dout, ptr_t h, ptr_t weight, ptr_t mean, ptr_t rstd,
                                                   long long rows, int C, int num_partials, int dtype, ptr_t stream) {
@@ -207,9 +211,9 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
                                                   as_ptr(dh_out), as_ptr(dout), as_ptr(h), as_ptr(weight),
                                                   as_ptr(mean), as_ptr(rstd), rows, C, num_partials, dtype,
                                                   as_stream(stream));
-    }, py::arg("dh"), py::arg("dweight"), py::arg("dbias"), py::arg("scratch"), py::arg("dh_out"), py::arg("dout"),
-       py::arg("h"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("rows"), py::arg("C"),
-       py::arg("num_partials"), py::arg("dtype"), py::arg("stream"));
+    }, py::kw_only(), py::arg("dh"), py::arg("dweight"), py::arg("dbias"), py::arg("scratch"), py::arg("dh_out"),
+       py::arg("dout"), py::arg("h"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("rows"),
+       py::arg("C"), py::arg("num_partials"), py::arg("dtype"), py::arg("stream"));
 
     // ---- cross_entropy
     m.def("cross_entropy_forward", [](ptr_t loss, ptr_t lse, ptr_t n_valid, ptr_t row_losses, ptr_t logits,
@@ -218,9 +222,9 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
         pyllmc::cross_entropy_forward(as_ptr<float>(loss), as_ptr<float>(lse), as_ptr<float>(n_valid),
                                       as_ptr<float>(row_losses), as_ptr(logits), as_ptr<const long long>(targets), N,
                                       V, row_stride, ignore_index, dtype, as_stream(stream));
-    }, py::arg("loss"), py::arg("lse"), py::arg("n_valid"), py::arg("row_losses"), py::arg("logits"),
-       py::arg("targets"), py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("ignore_index"),
-       py::arg("dtype"), py::arg("stream"));
+    }, py::kw_only(), py::arg("loss"), py::arg("lse"), py::arg("n_valid"), py::arg("row_losses"), py::arg("logits"),
+       py::arg("targets"), py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("ignore_index"), py::arg("dtype"),
+       py::arg("stream"));
     m.def("cross_entropy_backward", [](ptr_t dlogits, ptr_t logits, ptr_t targets, ptr_t lse, ptr_t n_valid,
                                        ptr_t dloss, long long N, long long V, long long row_stride,
                                        long long ignore_index, int dtype, ptr_t stream) {
@@ -228,9 +232,9 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
                                        as_ptr<const float>(lse), as_ptr<const float>(n_valid),
                                        as_ptr<const float>(dloss), N, V, row_stride, ignore_index, dtype,
                                        as_stream(stream));
-    }, py::arg("dlogits"), py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("n_valid"),
-       py::arg("dloss"), py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("ignore_index"),
-       py::arg("dtype"), py::arg("stream"));
+    }, py::kw_only(), py::arg("dlogits"), py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("n_valid"),
+       py::arg("dloss"), py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("ignore_index"), py::arg("dtype"),
+       py::arg("stream"));
     m.def("cross_entropy_fused_forward_backward", [](ptr_t loss, ptr_t n_valid, ptr_t row_losses, ptr_t logits,
                                                      ptr_t targets, long long N, long long V, long long row_stride,
                                                      long long pad_end, long long ignore_index, float loss_scale,
@@ -239,13 +243,13 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
                                                      as_ptr<float>(row_losses), as_ptr(logits),
                                                      as_ptr<const long long>(targets), N, V, row_stride, pad_end,
                                                      ignore_index, loss_scale, dtype, as_stream(stream));
-    }, py::arg("loss"), py::arg("n_valid"), py::arg("row_losses"), py::arg("logits"), py::arg("targets"),
+    }, py::kw_only(), py::arg("loss"), py::arg("n_valid"), py::arg("row_losses"), py::arg("logits"), py::arg("targets"),
        py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("pad_end"), py::arg("ignore_index"),
        py::arg("loss_scale"), py::arg("dtype"), py::arg("stream"));
     m.def("cross_entropy_scale_grad", [](ptr_t dlogits, ptr_t dloss, long long N, long long V, long long row_stride,
                                          int dtype, ptr_t stream) {
         pyllmc::cross_entropy_scale_grad(as_ptr(dlogits), as_ptr<const float>(dloss), N, V, row_stride, dtype,
                                          as_stream(stream));
-    }, py::arg("dlogits"), py::arg("dloss"), py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("dtype"),
-       py::arg("stream"));
+    }, py::kw_only(), py::arg("dlogits"), py::arg("dloss"), py::arg("N"), py::arg("V"), py::arg("row_stride"),
+       py::arg("dtype"), py::arg("stream"));
 }

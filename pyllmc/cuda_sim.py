@@ -593,7 +593,7 @@ def set_schedule(name: str, seed: int = 0, greedy: bool = False) -> None:
     warp runs as far as it can before the next one (else warps move in step)."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
-    load().sim_set_schedule(SCHEDULES.index(name), int(seed), bool(greedy))
+    load().sim_set_schedule(schedule=SCHEDULES.index(name), seed=int(seed), greedy=bool(greedy))
 
 
 def set_cp_async(mode: str) -> None:
@@ -613,7 +613,7 @@ def schedule(name: str = "forward", seed: int = 0, cp_async: str = "at_wait", gr
     try:
         yield
     finally:
-        module.sim_set_schedule(previous["schedule"], previous["seed"], previous["greedy"])
+        module.sim_set_schedule(schedule=previous["schedule"], seed=previous["seed"], greedy=previous["greedy"])
         module.sim_set_cp_async(previous["cp_async"])
 
 

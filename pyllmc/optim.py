@@ -546,12 +546,15 @@ class AdamW(torch.optim.Optimizer):
 
             with cuda_launch(table) as stream:
                 if device_hyper is not None:  # read by the kernel when it runs: what a graph replay needs
-                    cuda_ext().adamw_step_device_hyper(table.data_ptr(), len(table_rows), chunk_map.data_ptr(),
-                                                       num_chunks, chunk, device_hyper.data_ptr(),
-                                                       device_hyper.shape[0], stream)
+                    cuda_ext().adamw_step_device_hyper(tensors=table.data_ptr(), num_tensors=len(table_rows),
+                                                       chunk_to_tensor=chunk_map.data_ptr(), num_chunks=num_chunks,
+                                                       chunk_size=chunk, hyper=device_hyper.data_ptr(),
+                                                       num_hyper_rows=device_hyper.shape[0], stream=stream)
                 else:  # hyper stays on the host: the launcher copies its rows into the launch's parameters
-                    cuda_ext().adamw_step(table.data_ptr(), len(table_rows), chunk_map.data_ptr(), num_chunks, chunk,
-                                          hyper.data_ptr(), len(hyper_rows), stream)
+                    cuda_ext().adamw_step(tensors=table.data_ptr(), num_tensors=len(table_rows),
+                                          chunk_to_tensor=chunk_map.data_ptr(), num_chunks=num_chunks,
+                                          chunk_size=chunk, hyper=hyper.data_ptr(), num_hyper_rows=len(hyper_rows),
+                                          stream=stream)
         else:
             from .ops._common import triton_kernels, triton_launch
 

@@ -1,5 +1,7 @@
 // module.cpp: the simulator's controls and self-tests, added to pyllmc._C_sim (bindings.cpp
 // calls pyllmc_sim::bind when built with PYLLMC_CUDA_SIM). Pointers are CPU addresses.
+// As in bindings.cpp, every function of more than one argument is keyword-only (py::kw_only()),
+// so that swapped pointers or sizes raise TypeError instead of running.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -35,7 +37,7 @@ void bind(py::module_& m) {
         options().schedule = static_cast<cuda_sim::Schedule>(schedule);
         options().seed = seed;
         options().greedy = greedy;
-    }, py::arg("schedule"), py::arg("seed"), py::arg("greedy"));
+    }, py::kw_only(), py::arg("schedule"), py::arg("seed"), py::arg("greedy"));
     m.def("sim_set_cp_async", [](int mode) {
         if (mode < 0 || mode > 1) throw std::invalid_argument("cp_async mode must be 0 or 1");
         options().cp_async = static_cast<cuda_sim::CpAsyncMode>(mode);
@@ -130,31 +132,34 @@ void bind(py::module_& m) {
     namespace st = cuda_sim_selftest;
     m.def("selftest_mma", [](ptr_t d, ptr_t a, ptr_t b, ptr_t c, bool bf16) {
         st::mma(as_ptr<float>(d), as_ptr<const uint32_t>(a), as_ptr<const uint32_t>(b), as_ptr<const float>(c), bf16);
-    });
+    }, py::kw_only(), py::arg("d"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("bf16"));
     m.def("selftest_ldmatrix", [](ptr_t out, ptr_t image, int image_elems, ptr_t offsets, int matrices, bool trans) {
         st::ldmatrix(as_ptr<uint32_t>(out), as_ptr<const uint16_t>(image), image_elems, as_ptr<const int>(offsets),
                      matrices, trans);
-    });
+    }, py::kw_only(), py::arg("out"), py::arg("image"), py::arg("image_elems"), py::arg("offsets"), py::arg("matrices"),
+       py::arg("trans"));
     m.def("selftest_cp_async", [](ptr_t after_first, ptr_t after_all, ptr_t src) {
         st::cp_async(as_ptr<unsigned char>(after_first), as_ptr<unsigned char>(after_all),
                      as_ptr<const unsigned char>(src));
-    });
-    m.def("selftest_shfl", [](ptr_t out, ptr_t in, int mode, int b, int width, unsigned mask) {
-        st::shfl(as_ptr<int>(out), as_ptr<const int>(in), mode, b, width, mask);
-    });
+    }, py::kw_only(), py::arg("after_first"), py::arg("after_all"), py::arg("src"));
+    // b is the shuffle's second operand: srcLane (mode 0, __shfl_sync), delta (1 up, 2 down) or laneMask (3 xor)
+    m.def("selftest_shfl", [](ptr_t out, ptr_t values, int mode, int b, int width, unsigned mask) {
+        st::shfl(as_ptr<int>(out), as_ptr<const int>(values), mode, b, width, mask);
+    }, py::kw_only(), py::arg("out"), py::arg("values"), py::arg("mode"), py::arg("b"), py::arg("width"),
+       py::arg("mask"));
     m.def("selftest_vote", [](ptr_t out, ptr_t predicates, unsigned mask) {
         st::vote(as_ptr<unsigned>(out), as_ptr<const int>(predicates), mask);
-    });
+    }, py::kw_only(), py::arg("out"), py::arg("predicates"), py::arg("mask"));
     m.def("selftest_syncthreads_count", [](ptr_t out, ptr_t predicates, int threads) {
         st::syncthreads_count(as_ptr<int>(out), as_ptr<const int>(predicates), threads);
-    });
+    }, py::kw_only(), py::arg("out"), py::arg("predicates"), py::arg("threads"));
     m.def("selftest_order", [](ptr_t order, ptr_t counter, int blocks, int threads) {
         st::order(as_ptr<int>(order), as_ptr<int>(counter), blocks, threads);
-    });
-    m.def("selftest_static_shared", [](ptr_t out) { st::static_shared(as_ptr<float>(out)); });
+    }, py::kw_only(), py::arg("order"), py::arg("counter"), py::arg("blocks"), py::arg("threads"));
+    m.def("selftest_static_shared", [](ptr_t out) { st::static_shared(as_ptr<float>(out)); }, py::arg("out"));
     m.def("selftest_misuse", [](const std::string& which, ptr_t out, long long arg) {
         st::misuse(which.c_str(), as_ptr(out), arg);
-    }, py::arg("which"), py::arg("out"), py::arg("arg") = 0);
+    }, py::kw_only(), py::arg("which"), py::arg("out"), py::arg("arg") = 0);
 }
 
 }  // namespace pyllmc_sim

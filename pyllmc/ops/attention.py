@@ -209,9 +209,10 @@ def _forward_into(out, q, k, v, backend: str) -> torch.Tensor:
     q, k, v = (_cuda_input(t) for t in (q, k, v))
     if out.numel():
         with cuda_launch(q) as stream:
-            cuda_ext().attention_forward(target.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                         sum((_head_strides(t) for t in (target, q, k, v)), []),
-                                         B, H, T, D, dtype_code(q), stream)
+            cuda_ext().attention_forward(out=target.data_ptr(), lse=lse.data_ptr(),
+                                         q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
+                                         strides=sum((_head_strides(t) for t in (target, q, k, v)), []),
+                                         B=B, H=H, T=T, D=D, dtype=dtype_code(q), stream=stream)
     if target is not out:
         out.copy_(target)
     return lse
@@ -233,11 +234,13 @@ def _backward_into(dq, dk, dv, dout, q, k, v, out, lse, backend: str) -> None:
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)  # the kernel's rowsum(dout * out)
     if q.numel():
         with cuda_launch(q) as stream:
-            cuda_ext().attention_backward(*(t.data_ptr() for t in targets), delta.data_ptr(), dout.data_ptr(),
-                                          out.data_ptr(), lse.contiguous().data_ptr(), q.data_ptr(), k.data_ptr(),
-                                          v.data_ptr(),
-                                          sum((_head_strides(t) for t in (*targets, dout, out, q, k, v)), []),
-                                          B, H, T, D, dtype_code(q), stream)
+            dq_target, dk_target, dv_target = targets
+            cuda_ext().attention_backward(dq=dq_target.data_ptr(), dk=dk_target.data_ptr(), dv=dv_target.data_ptr(),
+                                          delta=delta.data_ptr(), dout=dout.data_ptr(), out=out.data_ptr(),
+                                          lse=lse.contiguous().data_ptr(),
+                                          q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
+                                          strides=sum((_head_strides(t) for t in (*targets, dout, out, q, k, v)), []),
+                                          B=B, H=H, T=T, D=D, dtype=dtype_code(q), stream=stream)
     for g, target in zip((dq, dk, dv), targets):
         if target is not g:
             g.copy_(target)

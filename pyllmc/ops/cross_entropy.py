@@ -294,9 +294,10 @@ def _forward(logits, targets, ignore_index: int, V: int, backend: str):
     lse = torch.empty(N, device=x.device, dtype=torch.float32)
     row_losses = torch.empty_like(lse)  # workspace: per-row losses, summed in a fixed order
     with cuda_launch(x) as stream:
-        cuda_ext().cross_entropy_forward(loss.data_ptr(), lse.data_ptr(), n_valid.data_ptr(), row_losses.data_ptr(),
-                                         x.data_ptr(), targets.data_ptr(), N, V, _row_stride(x), ignore_index,
-                                         dtype_code(x), stream)
+        cuda_ext().cross_entropy_forward(loss=loss.data_ptr(), lse=lse.data_ptr(), n_valid=n_valid.data_ptr(),
+                                         row_losses=row_losses.data_ptr(), logits=x.data_ptr(),
+                                         targets=targets.data_ptr(), N=N, V=V, row_stride=_row_stride(x),
+                                         ignore_index=ignore_index, dtype=dtype_code(x), stream=stream)
     return loss, lse, n_valid
 
 
@@ -315,9 +316,11 @@ def _backward(logits, targets, lse, n_valid, dloss, ignore_index: int, V: int, b
         return dlogits
     N = x.shape[0]
     with cuda_launch(x) as stream:  # the kernel zeroes each row's columns [V, row_stride) too
-        cuda_ext().cross_entropy_backward(dlogits.data_ptr(), x.data_ptr(), targets.data_ptr(), lse.data_ptr(),
-                                          n_valid.data_ptr(), dloss.data_ptr(), N, V, _row_stride(x), ignore_index,
-                                          dtype_code(x), stream)
+        cuda_ext().cross_entropy_backward(dlogits=dlogits.data_ptr(), logits=x.data_ptr(),
+                                          targets=targets.data_ptr(), lse=lse.data_ptr(),
+                                          n_valid=n_valid.data_ptr(), dloss=dloss.data_ptr(),
+                                          N=N, V=V, row_stride=_row_stride(x), ignore_index=ignore_index,
+                                          dtype=dtype_code(x), stream=stream)
     return dlogits
 
 
@@ -339,9 +342,12 @@ def _fused(logits, targets, ignore_index: int, V: int, loss_scale: float, backen
     loss, n_valid = _new_scalar(x), _new_scalar(x)
     row_losses = torch.empty(N, device=x.device, dtype=torch.float32)
     with cuda_launch(x) as stream:
-        cuda_ext().cross_entropy_fused_forward_backward(loss.data_ptr(), n_valid.data_ptr(), row_losses.data_ptr(),
-                                                        x.data_ptr(), targets.data_ptr(), N, V, _row_stride(x),
-                                                        pad_end, ignore_index, loss_scale, dtype_code(x), stream)
+        cuda_ext().cross_entropy_fused_forward_backward(loss=loss.data_ptr(), n_valid=n_valid.data_ptr(),
+                                                        row_losses=row_losses.data_ptr(), logits=x.data_ptr(),
+                                                        targets=targets.data_ptr(),
+                                                        N=N, V=V, row_stride=_row_stride(x), pad_end=pad_end,
+                                                        ignore_index=ignore_index, loss_scale=loss_scale,
+                                                        dtype=dtype_code(x), stream=stream)
     return loss, n_valid
 
 
@@ -359,8 +365,8 @@ def _scale_grad(dlogits, dloss, V: int, backend: str) -> None:
         return
     N = x.shape[0]
     with cuda_launch(x) as stream:
-        cuda_ext().cross_entropy_scale_grad(x.data_ptr(), dloss.data_ptr(), N, V, _row_stride(x), dtype_code(x),
-                                            stream)
+        cuda_ext().cross_entropy_scale_grad(dlogits=x.data_ptr(), dloss=dloss.data_ptr(), N=N, V=V,
+                                            row_stride=_row_stride(x), dtype=dtype_code(x), stream=stream)
 
 
 # ---- custom ops and autograd ----------------------------------------------------------------------

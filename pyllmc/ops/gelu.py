@@ -34,7 +34,7 @@ def _forward(x: torch.Tensor, backend: str) -> torch.Tensor:
     x = aligned16(x)
     out = torch.empty_like(x)
     with cuda_launch(x) as stream:
-        cuda_ext().gelu_forward(out.data_ptr(), x.data_ptr(), x.numel(), dtype_code(x), stream)
+        cuda_ext().gelu_forward(out=out.data_ptr(), inp=x.data_ptr(), n=x.numel(), dtype=dtype_code(x), stream=stream)
     return out
 
 
@@ -45,8 +45,8 @@ def _backward(x: torch.Tensor, dout: torch.Tensor, backend: str) -> torch.Tensor
     x, dout = aligned16(x), aligned16(dout)
     dinp = torch.empty_like(x)
     with cuda_launch(x) as stream:
-        cuda_ext().gelu_backward(dinp.data_ptr(), x.data_ptr(), dout.data_ptr(), x.numel(), dtype_code(x),
-                                 stream)
+        cuda_ext().gelu_backward(dinp=dinp.data_ptr(), inp=x.data_ptr(), dout=dout.data_ptr(), n=x.numel(),
+                                 dtype=dtype_code(x), stream=stream)
     return dinp
 
 

@@ -120,9 +120,9 @@ def _forward(x, weight, bias, eps: float, backend: str):
     y = torch.empty_like(x)
     mean, rstd = _stats_like(x), _stats_like(x)
     with cuda_launch(x) as stream:
-        cuda_ext().layernorm_forward(y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), x.data_ptr(),
-                                     weight.data_ptr(), bias.data_ptr(), rows, x.shape[-1], eps, dtype_code(x),
-                                     stream)
+        cuda_ext().layernorm_forward(out=y.data_ptr(), mean=mean.data_ptr(), rstd=rstd.data_ptr(),
+                                     inp=x.data_ptr(), weight=weight.data_ptr(), bias=bias.data_ptr(),
+                                     rows=rows, C=x.shape[-1], eps=eps, dtype=dtype_code(x), stream=stream)
     return y, mean, rstd
 
 
@@ -139,9 +139,10 @@ def _backward(dy, x, weight, mean, rstd, backend: str):
     dbias = torch.empty_like(weight)
     scratch = torch.empty((2, partials, C), device=x.device, dtype=torch.float32)
     with cuda_launch(x) as stream:
-        cuda_ext().layernorm_backward(dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), scratch.data_ptr(),
-                                      dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(),
-                                      rstd.data_ptr(), rows, C, partials, dtype_code(x), stream)
+        cuda_ext().layernorm_backward(dinp=dx.data_ptr(), dweight=dweight.data_ptr(), dbias=dbias.data_ptr(),
+                                      scratch=scratch.data_ptr(), dout=dy.data_ptr(), inp=x.data_ptr(),
+                                      weight=weight.data_ptr(), mean=mean.data_ptr(), rstd=rstd.data_ptr(),
+                                      rows=rows, C=C, num_partials=partials, dtype=dtype_code(x), stream=stream)
     return dx, dweight, dbias
 
 
@@ -156,10 +157,12 @@ def _fused_forward(residual, x, weight, bias, eps: float, backend: str):
     y = torch.empty_like(x)
     mean, rstd = _stats_like(x), _stats_like(x)
     with cuda_launch(x) as stream:
-        cuda_ext().fused_residual_layernorm_forward(h.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                                                    residual.data_ptr(), x.data_ptr(), weight.data_ptr(),
-                                                    bias.data_ptr(), rows, x.shape[-1], eps, dtype_code(x),
-                                                    stream)
+        cuda_ext().fused_residual_layernorm_forward(h_out=h.data_ptr(), out=y.data_ptr(),
+                                                    mean=mean.data_ptr(), rstd=rstd.data_ptr(),
+                                                    residual=residual.data_ptr(), inp=x.data_ptr(),
+                                                    weight=weight.data_ptr(), bias=bias.data_ptr(),
+                                                    rows=rows, C=x.shape[-1], eps=eps, dtype=dtype_code(x),
+                                                    stream=stream)
     return h, y, mean, rstd
 
 
@@ -177,11 +180,12 @@ def _fused_backward(dh_out, dy, h, weight, mean, rstd, backend: str):
     dbias = torch.empty_like(weight)
     scratch = torch.empty((2, partials, C), device=h.device, dtype=torch.float32)
     with cuda_launch(h) as stream:
-        cuda_ext().fused_residual_layernorm_backward(dh.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
-                                                     scratch.data_ptr(), dh_out.data_ptr(), dy.data_ptr(),
-                                                     h.data_ptr(), weight.data_ptr(), mean.data_ptr(),
-                                                     rstd.data_ptr(), rows, C, partials, dtype_code(h),
-                                                     stream)
+        cuda_ext().fused_residual_layernorm_backward(dh=dh.data_ptr(), dweight=dweight.data_ptr(),
+                                                     dbias=dbias.data_ptr(), scratch=scratch.data_ptr(),
+                                                     dh_out=dh_out.data_ptr(), dout=dy.data_ptr(), h=h.data_ptr(),
+                                                     weight=weight.data_ptr(), mean=mean.data_ptr(),
+                                                     rstd=rstd.data_ptr(), rows=rows, C=C, num_partials=partials,
+                                                     dtype=dtype_code(h), stream=stream)
     return dh, dweight, dbias
 
 
