@@ -28,7 +28,7 @@ PYTHON="${PYTHON:-python}"
 if ! ls "$DATA_DIR"/fineweb_train_*.bin >/dev/null 2>&1 || [ -n "${PREPARE_DATA:-}" ]; then
     "$PYTHON" dev/data/fineweb.py --version 10B --output_dir "$DATA_DIR"
 fi
-[ -f dev/data/hellaswag/hellaswag_val.jsonl ] || "$PYTHON" dev/data/hellaswag.py
+"$PYTHON" dev/data/hellaswag.py  # into pyllmc's user cache, where the trainer looks; downloads only once
 
 # 2. train
 LAUNCH=("$PYTHON")

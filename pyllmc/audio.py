@@ -16,17 +16,40 @@ Reading WAV files and resampling need SciPy (the `audio` extra: pip install "pyl
 scipy.io.wavfile reads PCM (8/16/24/32-bit) and float WAV files, and scipy.signal.resample_poly
 resamples with a polyphase anti-aliasing filter. Writing needs only the standard library's `wave`,
 so a trainer writes its audio samples without the extra.
+
+WAV files as shards, and back (the code of dev/data/audio.py; `python -m pyllmc.audio` from an
+installed copy):
+    write_shards(["wavs/"], "data/audio")   # audio_val_000000.bin, audio_train_000001.bin, ..., audio_manifest.json
+    decode_shard("data/audio/audio_val_000000.bin", "val.wav")
+Every .wav file given (folders are searched recursively, in sorted path order) is read (read_wav:
+mono, resampled to sample_rate) and mu-law encoded. The last val_fraction of each file goes to the
+validation shard, the rest, files concatenated in order, to training shards of about shard_size
+tokens. The manifest records each shard's token count, sha256 and largest id (pyllmc.data), the files
+and their lengths, and the tokenizer {"name": "mulaw", "sample_rate": ...}, so train_gpt2.py writes
+its samples as .wav files. dtype "uint32" writes llm.c's version-7 shards instead of version 1
+(uint16); both hold the codes. Without an output folder the shards go to pyllmc's user cache, never
+the source tree (pyllmc.corpus.cache_dir: $PYLLMC_CACHE_DIR, else $XDG_CACHE_HOME/pyllmc, else
+~/.cache/pyllmc):
+    <cache>/data/audio-<first file's name>-<12 hex digits of the files' names and sizes>/
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import math
+import re
+import sys
 import wave
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from pyllmc import tokenizer as _tokenizer
+from pyllmc.corpus import data_cache_dir
+from pyllmc.data import MANIFEST_SUFFIX, declared_tokenizer, read_shard, write_shard_entry
 
 MU = 255
 LEVELS = MU + 1  # 256 tokens
@@ -157,3 +180,155 @@ class MuLawTokenizer(_tokenizer.Tokenizer):
 
 
 _tokenizer.register("mulaw", lambda spec: MuLawTokenizer(int(spec.get("sample_rate", SAMPLE_RATE))))
+
+
+# ---------------------------------------------------------------------------------------------
+# WAV files as shards, and back (dev/data/audio.py)
+
+PREFIX = "audio"  # audio_val_000000.bin, audio_train_000001.bin, ..., audio_manifest.json
+SHARD_SIZE = 10_000_000  # tokens (samples) per train shard, about
+VAL_FRACTION = 0.1
+
+
+def list_wavs(paths) -> list[Path]:
+    """The .wav files among `paths`, folders searched recursively in sorted path order; ValueError for a
+    path that does not exist or a folder without any."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() == ".wav"),
+                           key=lambda p: p.as_posix())
+            if not found:
+                raise ValueError(f"no .wav files in folder {path}")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"input {path} does not exist")
+    return files
+
+
+def encode_files(files, sample_rate: int = SAMPLE_RATE, val_fraction: float = VAL_FRACTION,
+                 say: Callable[[str], None] = print):
+    """(val codes, train codes, per-file records): each file's last val_fraction goes to val."""
+    val, train, records = [], [], []
+    for f in files:
+        codes = mulaw_encode(read_wav(f, sample_rate))
+        n_val = int(round(len(codes) * val_fraction))
+        val.append(codes[len(codes) - n_val:])
+        train.append(codes[: len(codes) - n_val])
+        records.append({"file": str(f), "samples": int(len(codes)), "seconds": round(len(codes) / sample_rate, 3),
+                        "val_samples": n_val})
+        say(f"{f}: {len(codes) / sample_rate:.2f} s at {sample_rate} Hz, {n_val} samples to val")
+    return np.concatenate(val), np.concatenate(train), records
+
+
+def default_output_dir(files) -> Path:
+    """<cache>/data/audio-<first file's name>-<12 hex digits of the files' names and sizes> (like
+    pyllmc.fineweb's folders for local input)."""
+    files = [Path(f) for f in files]
+    described = json.dumps({"files": [[f.name, f.stat().st_size] for f in files]})
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", files[0].stem)[:40] or "input"
+    return data_cache_dir() / f"{PREFIX}-{stem}-{hashlib.sha256(described.encode()).hexdigest()[:12]}"
+
+
+def write_shards(inputs, output_dir=None, sample_rate: int = SAMPLE_RATE, val_fraction: float = VAL_FRACTION,
+                 shard_size: int = SHARD_SIZE, dtype: str = "uint16", say: Callable[[str], None] = print) -> Path:
+    """WAV files (and folders of them) as mu-law shards with a manifest, in output_dir (None: the user
+    cache, default_output_dir); returns the folder. Earlier audio_* shards there are replaced. ValueError
+    on bad arguments, unreadable files or too little audio; ImportError without SciPy."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if sample_rate <= 0 or shard_size <= 0:
+        raise ValueError(f"sample_rate and shard_size must be positive, got {sample_rate} and {shard_size}")
+    files = list_wavs(inputs)
+    val, train, records = encode_files(files, sample_rate, val_fraction, say)
+    if val.size == 0 or train.size == 0:
+        raise ValueError(f"too little audio ({val.size + train.size} samples) for a validation and a training split")
+    out = default_output_dir(files) if output_dir is None else Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / f"{PREFIX}{MANIFEST_SUFFIX}"
+    manifest_path.unlink(missing_ok=True)  # no stale records beside new shards, even after a crash
+    for old in out.glob(f"{PREFIX}_*.bin"):  # no stale shards from an earlier run beside the new ones
+        old.unlink()
+    parts = [("val", val)] + [("train", part) for part in
+                              np.array_split(train, max(1, -(-train.size // shard_size)))]
+    shards = []
+    for index, (split, codes) in enumerate(parts):
+        path = out / f"{PREFIX}_{split}_{index:06d}.bin"
+        shards.append(write_shard_entry(path, codes, dtype=dtype))
+        say(f"wrote {codes.size:,} tokens ({codes.size / sample_rate:.2f} s) to {path}")
+    manifest = {"config": {"source": "wav", "sample_rate": sample_rate, "val_fraction": val_fraction,
+                           "dtype": dtype, "files": records},
+                "tokenizer": MuLawTokenizer(sample_rate).spec(), "complete": True, "shards": shards}
+    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(manifest_path)
+    return out
+
+
+def decode_shard(shard, output, start: int = 0, length: int = -1, sample_rate: int = 0) -> tuple[Path, int, int]:
+    """The codes of a shard (or `length` of them from `start`; -1: to the end) as a 16-bit mono WAV file at
+    sample_rate (0: the rate the shard's manifest records); returns (the file, samples, rate). ValueError
+    when the shard is not mu-law audio."""
+    codes = read_shard(shard)
+    spec, _ = declared_tokenizer([shard])
+    if spec is not None and spec["name"] != "mulaw":
+        raise ValueError(f"{shard} holds tokens of tokenizer {spec['name']!r}, not mu-law audio")
+    tokenizer = _tokenizer.from_spec(spec) if spec is not None else MuLawTokenizer()
+    rate = sample_rate or tokenizer.sample_rate
+    end = len(codes) if length < 0 else start + length
+    try:
+        samples = tokenizer.decode(np.asarray(codes[start:end]))
+    except ValueError as e:  # an id past 255: not mu-law codes
+        raise ValueError(f"{shard}: {e}") from e
+    return write_wav(output, samples, rate), len(samples), rate
+
+
+def _encode_main(argv) -> None:
+    parser = argparse.ArgumentParser(prog="audio.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, help="WAV files and/or folders of them")
+    parser.add_argument("--output_dir", type=Path, default=None,
+                        help="where the shards go (default: pyllmc's user cache, <cache>/data/audio-<name>-<hash>)")
+    parser.add_argument("--sample_rate", type=int, default=SAMPLE_RATE, help="resample to this rate (Hz)")
+    parser.add_argument("--val_fraction", type=float, default=VAL_FRACTION,
+                        help="the end of each file that goes to val")
+    parser.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="tokens (samples) per train shard, about")
+    parser.add_argument("--dtype", choices=["uint16", "uint32"], default="uint16",
+                        help="uint16: llm.c's version-1 shards; uint32: its version-7 shards")
+    args = parser.parse_args(argv)
+    try:
+        out = write_shards(args.input, args.output_dir, args.sample_rate, args.val_fraction, args.shard_size,
+                           args.dtype)
+    except (ValueError, ImportError) as e:
+        sys.exit(str(e))
+    print(f"train: python train_gpt2.py --input_bin '{out}/{PREFIX}_train_*.bin' --input_val_bin "
+          f"'{out}/{PREFIX}_val_*.bin' --vocab_size 256 --output_dir out_audio")
+
+
+def _decode_main(argv) -> None:
+    parser = argparse.ArgumentParser(prog="audio.py decode", description="mu-law codes of a shard -> a WAV file")
+    parser.add_argument("shard", type=Path)
+    parser.add_argument("--output", type=Path, required=True, help="the .wav file to write")
+    parser.add_argument("--start", type=int, default=0, help="first code to decode")
+    parser.add_argument("--length", type=int, default=-1, help="codes to decode (-1: to the end)")
+    parser.add_argument("--sample_rate", type=int, default=0, help="0: the rate the shard's manifest records")
+    args = parser.parse_args(argv)
+    try:
+        path, n, rate = decode_shard(args.shard, args.output, args.start, args.length, args.sample_rate)
+    except ValueError as e:
+        sys.exit(str(e))
+    print(f"wrote {n:,} samples ({n / rate:.2f} s at {rate} Hz) to {path}")
+
+
+def main(argv=None) -> None:
+    """The command line of dev/data/audio.py (python -m pyllmc.audio): encode by default, `decode SHARD`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "decode":
+        return _decode_main(argv[1:])
+    return _encode_main(argv)
+
+
+if __name__ == "__main__":
+    main()

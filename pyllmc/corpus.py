@@ -33,11 +33,14 @@ the source tree or site-packages:
     <cache>/data/tinyshakespeare-<sha256 of the text, 12>/gpt2/    tiny_shakespeare_{val,train}.bin + manifest
     <cache>/data/tinyshakespeare-<...>/gpt2-trimmed-4096/          the same text in the trimmed tokenizer
     <cache>/data/stdlib-cpython-3.11.7-<recipe hash, 12>/gpt2/     stdlib_{val,train}.bin + manifest
+    <cache>/data/hellaswag/hellaswag_val.jsonl                     dev/data/hellaswag.py's download (hellaswag_path())
 The stdlib key is the Python implementation and version plus a hash of the extraction recipe (its
 source code and parameters), so 3.11 and 3.12, or an old and a new recipe, never share shards. Each
 folder is written whole under a temporary name and renamed into place, so a run killed mid-way leaves
-no half-made cache; its manifest records the shards' sha256 (checked by the loader), the tokenizer,
-and where the text came from.
+no half-made cache; its manifest records the shards' sha256 and largest token id (checked, and taken
+instead of a scan, by the loader: pyllmc.data), the tokenizer, and where the text came from.
+write_tinyshakespeare(folder) writes the same shards into a folder of your choice (dev/data/tinyshakespeare.py
+--output_dir).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from typing import Callable
 
 import numpy as np
 
-from pyllmc.data import MANIFEST_SUFFIX, read_shard, shard_info, write_shard
+from pyllmc.data import MANIFEST_SUFFIX, read_shard, shard_info, write_shard_entry
 from pyllmc.tokenizer import EOT_TOKEN, GPT2Tokenizer, Tokenizer, TrimmedGPT2Tokenizer, get_encoding
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -93,6 +96,11 @@ def cache_dir() -> Path:
 
 def data_cache_dir() -> Path:
     return cache_dir() / "data"
+
+
+def hellaswag_path() -> Path:
+    """Where dev/data/hellaswag.py puts the HellaSwag validation set by default (and the trainer looks)."""
+    return data_cache_dir() / "hellaswag" / "hellaswag_val.jsonl"
 
 
 @dataclasses.dataclass
@@ -271,18 +279,16 @@ def _stdlib_tokens(documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def write_split(directory: Path, prefix: str, val, train, tokenizer: Tokenizer, config: dict,
                 dtype: str = "uint16") -> tuple[Path, Path]:
-    """<prefix>_val.bin, <prefix>_train.bin and <prefix>_manifest.json (each shard's tokens and sha256,
-    the tokenizer's spec, `config`) into `directory`, which is created; returns (train, val)."""
+    """<prefix>_val.bin, <prefix>_train.bin and <prefix>_manifest.json (each shard's token count, sha256
+    and largest id (pyllmc.data.write_shard_entry), the tokenizer's spec, `config`) into `directory`,
+    which is created; returns (train, val)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     manifest_path = directory / f"{prefix}{MANIFEST_SUFFIX}"
     manifest_path.unlink(missing_ok=True)  # no stale checksums beside new shards, even after a crash
     shards = []
     for split, part in (("val", val), ("train", train)):
-        path = directory / f"{prefix}_{split}.bin"
-        part = np.asarray(part)
-        shards.append({"file": path.name, "tokens": int(part.size), "sha256": write_shard(path, part, dtype=dtype),
-                       "max_token": int(part.max()) if part.size else -1})
+        shards.append(write_shard_entry(directory / f"{prefix}_{split}.bin", part, dtype=dtype))
     manifest = {"config": config, "tokenizer": tokenizer.spec(), "complete": True, "shards": shards}
     tmp = manifest_path.with_name(manifest_path.name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
@@ -420,6 +426,29 @@ def prepare_tinyshakespeare(trim_vocab: int | None = None) -> Prepared:
     return prepared
 
 
+def write_tinyshakespeare(directory, source=None, trim_vocab: int | None = None) -> tuple[Path, Path]:
+    """Tiny Shakespeare as tiny_shakespeare_{val,train}.bin + manifest in `directory` (a folder of your
+    choice; prepare_tinyshakespeare keeps them in the cache): the text file `source`, or the download;
+    val is llm.c's first 32,768 tokens; trim_vocab as in prepare(). Returns (train, val)."""
+    source = Path(source) if source is not None else download_tinyshakespeare()
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorpusUnavailable(f"cannot read the text file {source} ({type(e).__name__}: {e})") from e
+    tokens = tokenize_sections(text)
+    if len(tokens) <= VAL_TOKENS:
+        raise CorpusUnavailable(f"the text {source} has only {len(tokens)} tokens; the validation split alone "
+                                f"takes {VAL_TOKENS}")
+    val, train = tokens[:VAL_TOKENS], tokens[VAL_TOKENS:]
+    tokenizer: Tokenizer = GPT2Tokenizer()
+    config = {"source": str(source), "text_sha256": sha256_text(text), "val_tokens": VAL_TOKENS}
+    if trim_vocab is not None:
+        tokenizer = TrimmedGPT2Tokenizer.fit(train, trim_vocab)
+        val, train = tokenizer.from_gpt2(val), tokenizer.from_gpt2(train)
+        config["trim_vocab"] = trim_vocab
+    return write_split(directory, "tiny_shakespeare", np.asarray(val), np.asarray(train), tokenizer, config)
+
+
 def prepare_stdlib(trim_vocab: int | None = None) -> Prepared:
     """The docstrings and comments of this Python's standard library as shards (cached per Python
     version and recipe)."""
@@ -469,6 +498,6 @@ def prepare(corpus: str = "auto", trim_vocab: int | None = None, say: Callable[[
     return prepare_text(path, trim_vocab)
 
 
-__all__ = ["CorpusUnavailable", "Offline", "Prepared", "cache_dir", "data_cache_dir", "prepare", "prepare_stdlib",
-           "prepare_text", "prepare_tinyshakespeare", "stdlib_documents", "stdlib_key", "extract_english",
-           "tokenize_sections", "write_split"]
+__all__ = ["CorpusUnavailable", "Offline", "Prepared", "cache_dir", "data_cache_dir", "hellaswag_path", "prepare",
+           "prepare_stdlib", "prepare_text", "prepare_tinyshakespeare", "stdlib_documents", "stdlib_key", "extract_english",
+           "tokenize_sections", "write_split", "write_tinyshakespeare"]

@@ -9,7 +9,8 @@ Both are read and written here with the same validation (read_shard, write_shard
 Files are named like `fineweb_val_000000.bin`, `fineweb_train_000001.bin`; shard 0 is the
 validation split. A shard carries no vocabulary size: max_token_id() / the loader's
 check_token_ids(vocab_size) find an id the model cannot embed (ValueError naming the shard and
-the position), and the manifest a data script writes may declare the tokenizer (below).
+the position); the manifest a data script writes records each shard's largest id, so that the
+loader need not read the shard for it, and may declare the tokenizer (below).
 
 The loader walks a list of shards in windows of world_size*B*T+1 tokens (one "global batch"
 plus the one extra token that the last target needs). Rank r takes tokens
@@ -21,12 +22,27 @@ stretch of text, as in llm.c. A shard's tail that cannot fill a whole window is 
     state = loader.state_dict()         # save with the checkpoint ...
     loader.load_state_dict(state)       # ... and resume exactly where it was
 
-Checksums. The data scripts (dev/data/fineweb.py, tinyshakespeare.py) record each shard's sha256
-in a manifest beside the shards, `<prefix>_manifest.json` ({"shards": [{"file", "tokens",
-"sha256", ...}, ...]}). The loader reads the manifests in its shards' folders and checks a shard
-that one lists the first time it opens it in a run (about 0.8 s per GB with hashlib's sha256),
-before any of its tokens are used; a mismatch is a ShardFormatError naming the shard. Shards no
-manifest lists (llm.c's own, hand-made ones) are used as they are. verify=False skips the check.
+Manifests. The data scripts (dev/data/*.py, pyllmc.corpus) keep a manifest beside their shards,
+`<prefix>_manifest.json`, with one entry per shard (write_shard_entry makes it as it writes the shard):
+    {"shards": [{"file": "fineweb_train_000001.bin", "tokens": 100000000,
+                 "sha256": "<hex digest of the whole file>", "max_token_id": 50256, ...}, ...], ...}
+The loader reads the manifests in its shards' folders (recorded_shards):
+  * sha256: a listed shard is checked the first time the loader opens it in a run (about 0.8 s per GB
+    with hashlib's sha256), before any of its tokens are used; a mismatch is a ShardFormatError naming
+    the shard. verify=False (train_gpt2.py --verify_shards 0) skips the check.
+  * max_token_id: the shard's largest id (-1 when empty). The loader's max_token_id() and
+    check_token_ids() take it from the manifest instead of reading the shard, so start-up reads no
+    listed shard twice (the first one is read once, by its sha256 check). It is trusted because the
+    check that verifies the sha256 also recomputes the largest id in the same pass: a shard whose bytes
+    or whose recorded max id disagree with the manifest is refused when it is opened, before its tokens
+    are used (ShardFormatError). With verify=False the recorded value is used unchecked, like the
+    shard itself: it is the data script's own, computed from the tokens it wrote. The loader does not
+    check the ids of its batches; downstream, ops.cross_entropy refuses a target id outside the model's
+    vocabulary (ValueError naming it) and the embedding an input id past the padded vocabulary.
+    Entries without the field (manifests from before it existed) or without a sha256 stay valid: such
+    shards are scanned once at start-up, as shards no manifest lists are.
+Shards no manifest lists (llm.c's own, hand-made ones) are used as they are, and scanned for their
+largest id when asked.
 
 Tokenizer. A manifest may declare what its shards' ids mean: {"tokenizer": {"name": ..., ...}},
 the spec of a pyllmc.tokenizer tokenizer (pyllmc.tokenizer.from_spec rebuilds it), so that samples
@@ -41,6 +57,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -56,6 +73,8 @@ SHARD_VERSION_U32 = 7
 SHARD_KINDS = {(SHARD_MAGIC, SHARD_VERSION): np.dtype("<u2"), (SHARD_MAGIC_U32, SHARD_VERSION_U32): np.dtype("<u4")}
 _KIND_OF_DTYPE = {"uint16": (SHARD_MAGIC, SHARD_VERSION), "uint32": (SHARD_MAGIC_U32, SHARD_VERSION_U32)}
 MANIFEST_SUFFIX = "_manifest.json"  # <prefix>_manifest.json beside the shards records their sha256
+MAX_TOKEN_ID = "max_token_id"  # a manifest entry's field: the shard's largest token id (-1 when empty)
+_HASH_CHUNK = 8 << 20  # bytes per read when a file is hashed: a multiple of HEADER_BYTES and of every token size
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when a shard is scanned for its largest id
 
 
@@ -111,6 +130,16 @@ def write_shard(path, tokens, dtype: str = "uint16") -> str:
         if tmp.exists():
             tmp.unlink()
     return digest.hexdigest()
+
+
+def write_shard_entry(path, tokens, dtype: str = "uint16") -> dict:
+    """Write `tokens` as a shard (write_shard) and return its manifest entry: {"file": the file's name,
+    "tokens": count, "sha256": of the bytes written, "max_token_id": the largest id, -1 when empty}.
+    Every script that writes a manifest makes its entries here, so they all record the same fields."""
+    arr = np.asarray(tokens)
+    digest = write_shard(path, arr, dtype=dtype)
+    return {"file": Path(path).name, "tokens": int(arr.size), "sha256": digest,
+            MAX_TOKEN_ID: int(arr.max()) if arr.size else -1}
 
 
 def read_shard_header(path) -> int:
@@ -202,43 +231,109 @@ def check_token_ids(path, vocab_size: int) -> None:
 # checksums
 
 
-def file_sha256(path, chunk_bytes: int = 8 << 20) -> str:
-    """The sha256 (hex) of a file, read in chunks (hashlib.file_digest needs Python 3.11)."""
-    digest = hashlib.sha256()
+def _read_chunks(path, chunk_bytes: int = _HASH_CHUNK):
+    """A file's bytes as successive memoryviews of one reused buffer, each chunk_bytes long but the
+    last (the loop tops a short read up, so chunk boundaries never split a token)."""
     buf = bytearray(chunk_bytes)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
+        while True:
+            n = 0
+            while n < chunk_bytes and (got := f.readinto(view[n:])):
+                n += got
+            if n == 0:
+                return
+            yield view[:n]
+            if n < chunk_bytes:
+                return
+
+
+def file_sha256(path, chunk_bytes: int = _HASH_CHUNK) -> str:
+    """The sha256 (hex) of a file, read in chunks (hashlib.file_digest needs Python 3.11)."""
+    digest = hashlib.sha256()
+    for chunk in _read_chunks(path, chunk_bytes):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
-def recorded_checksums(files) -> dict[str, tuple[str, Path]]:
-    """{file: (sha256, manifest)} for each of `files` that a manifest (*_manifest.json) in its folder
-    lists with a sha256; files no manifest lists are left out."""
+def shard_digest(path) -> tuple[str, int]:
+    """(sha256 of the file, largest token id or -1 when empty) of a shard, from one read of it: the
+    max rides along with the hash at memory speed (about 0.1 s per GB against sha256's 0.8)."""
+    _, token_dtype = shard_info(path)
+    digest = hashlib.sha256()
+    best, offset = -1, 0
+    for chunk in _read_chunks(path, _HASH_CHUNK):
+        digest.update(chunk)
+        body = chunk[max(0, HEADER_BYTES - offset):]  # the tokens in this chunk (the first holds the header)
+        if len(body):
+            best = max(best, int(np.frombuffer(body, dtype=token_dtype).max()))
+        offset += len(chunk)
+    return digest.hexdigest(), best
+
+
+class ShardRecord(NamedTuple):
+    """What a manifest records of one shard."""
+    sha256: str
+    max_token_id: int | None  # None: the entry does not record it (manifests from before the field)
+    manifest: Path
+
+
+def _manifest_error(manifest, e: Exception) -> ShardFormatError:
+    return ShardFormatError(f"shard manifest {manifest} is unreadable ({type(e).__name__}: {e}): "
+                            f"make the shards again, or move the manifest away")
+
+
+def _recorded_max(manifest: Path, name: str, entry: dict) -> int | None:
+    value = entry.get(MAX_TOKEN_ID)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value < 1 << 32:
+        raise ShardFormatError(f"shard manifest {manifest} records {MAX_TOKEN_ID} {value!r} for {name}: expected "
+                               f"an integer in [-1, 2**32) (the shard's largest token id, -1 when it is empty)")
+    return value
+
+
+def recorded_shards(files) -> dict[str, ShardRecord]:
+    """{file: ShardRecord} for each of `files` that a manifest (*_manifest.json) in its folder lists
+    with a sha256; files no manifest lists are left out. A max_token_id counts only beside a sha256,
+    which is what vouches for it. ShardFormatError on an unreadable manifest, a malformed
+    max_token_id, or two manifests that record different values for one file."""
     folders: dict[Path, list[str]] = {}
     for f in files:
         folders.setdefault(Path(f).resolve().parent, []).append(f)
     found = {}
     for folder, members in folders.items():
-        listed: dict[str, tuple[str, Path]] = {}
+        listed: dict[str, ShardRecord] = {}
         for manifest in sorted(folder.glob(f"*{MANIFEST_SUFFIX}")):
             try:
-                entries = json.loads(manifest.read_text())["shards"]
-                records = [(e["file"], str(e["sha256"]).lower()) for e in entries
+                entries = [e for e in json.loads(manifest.read_text())["shards"]
                            if isinstance(e, dict) and "sha256" in e]
+                records = [(e["file"], str(e["sha256"]).lower(), e) for e in entries]
             except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ShardFormatError(f"shard manifest {manifest} is unreadable ({type(e).__name__}: {e}): "
-                                       f"make the shards again, or move the manifest away") from e
-            for name, sha in records:
-                if name in listed and listed[name][0] != sha:
-                    raise ShardFormatError(f"shard manifests {listed[name][1]} and {manifest} record different "
-                                           f"sha256 for {name}")
-                listed[name] = (sha, manifest)
+                raise _manifest_error(manifest, e) from e
+            for name, sha, entry in records:
+                top = _recorded_max(manifest, name, entry)
+                if name in listed:
+                    earlier = listed[name]
+                    if earlier.sha256 != sha:
+                        raise ShardFormatError(f"shard manifests {earlier.manifest} and {manifest} record different "
+                                               f"sha256 for {name}")
+                    if None not in (earlier.max_token_id, top) and earlier.max_token_id != top:
+                        raise ShardFormatError(f"shard manifests {earlier.manifest} and {manifest} record different "
+                                               f"{MAX_TOKEN_ID} for {name}")
+                    if top is None:
+                        continue  # keep the record that has the max id
+                listed[name] = ShardRecord(sha, top, manifest)
         for f in members:
             if Path(f).name in listed:
                 found[f] = listed[Path(f).name]
     return found
+
+
+def recorded_checksums(files) -> dict[str, tuple[str, Path]]:
+    """{file: (sha256, manifest)} for each of `files` that a manifest in its folder lists with a sha256
+    (recorded_shards without the max ids)."""
+    return {f: (r.sha256, r.manifest) for f, r in recorded_shards(files).items()}
 
 
 def declared_tokenizer(files) -> tuple[dict | None, Path | None]:
@@ -260,8 +355,7 @@ def declared_tokenizer(files) -> tuple[dict | None, Path | None]:
                     name = content["config"].get("tokenizer")
                     spec = {"name": name} if isinstance(name, str) else None
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ShardFormatError(f"shard manifest {manifest} is unreadable ({type(e).__name__}: {e}): "
-                                       f"make the shards again, or move the manifest away") from e
+                raise _manifest_error(manifest, e) from e
             if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("name"), str)):
                 raise ShardFormatError(f"shard manifest {manifest} declares a malformed tokenizer {spec!r} "
                                        f"(expected an object with a \"name\")")
@@ -278,15 +372,26 @@ def declared_tokenizer(files) -> tuple[dict | None, Path | None]:
     return next(iter(declared.values())) if declared else (None, None)
 
 
-def verify_shard(path, expected: str, manifest) -> None:
-    """ShardFormatError unless the file's sha256 is `expected` (as `manifest` records it)."""
-    actual = file_sha256(path)
+def verify_shard(path, expected: str, manifest, max_token_id: int | None = None) -> None:
+    """ShardFormatError unless the file's sha256 is `expected` (as `manifest` records it) and, when
+    max_token_id is given, its largest token id is that (both from one read of the file)."""
+    if max_token_id is None:
+        actual, actual_max = file_sha256(path), None
+    else:
+        actual, actual_max = shard_digest(path)
     if actual != expected:
         raise ShardFormatError(
             f"token shard {path} is damaged: its sha256 is {actual}, but {manifest} records {expected}. "
             f"Make it again (rerun the data script with the same arguments: dev/data/fineweb.py remakes "
             f"damaged shards), or skip the check (DistributedDataLoader(verify=False), train_gpt2.py "
             f"--verify_shards 0)"
+        )
+    if actual_max != max_token_id:
+        raise ShardFormatError(
+            f"token shard {path} matches the sha256 that {manifest} records, but its largest token id is "
+            f"{actual_max}, not the {MAX_TOKEN_ID} {max_token_id} recorded there: the manifest was edited. "
+            f"Make the shards again (rerun the data script), or skip the check (DistributedDataLoader("
+            f"verify=False), train_gpt2.py --verify_shards 0)"
         )
 
 
@@ -319,8 +424,9 @@ class DistributedDataLoader:
         every rank.
     pin_memory: batches in pinned host memory, so that x.to("cuda", non_blocking=True) copies
         without making the CPU wait for the GPU (from pageable memory the copy is synchronous).
-    verify: check each shard that a manifest in its folder lists against the sha256 recorded
-        there, once, the first time this loader opens it (ShardFormatError on a mismatch).
+    verify: check each shard that a manifest in its folder lists against the sha256 (and the
+        max_token_id) recorded there, once, the first time this loader opens it (ShardFormatError on
+        a mismatch). The recorded max ids are used either way (the module's docstring says why).
     """
 
     def __init__(self, files_or_pattern, B: int, T: int, rank: int = 0, world_size: int = 1, seed=None,
@@ -346,23 +452,43 @@ class DistributedDataLoader:
                     f"use a smaller B or T (or fewer ranks), or bigger shards"
                 )
         self.num_tokens = sum(self.shard_tokens)
-        self.checksums = recorded_checksums(self.files) if verify else {}
+        records = recorded_shards(self.files)  # read with verify off too: the max ids spare a scan
+        self.checksums = {f: (r.sha256, r.manifest) for f, r in records.items()} if verify else {}
+        # each shard's largest id as its manifest records it (checked with its sha256 when opened) ...
+        self._recorded_max: dict[str, int] = {}
+        dtypes = {f: dtype for f, (_, dtype) in zip(self.files, infos)}
+        for f, record in records.items():
+            if record.max_token_id is None:
+                continue
+            dtype = dtypes[f]
+            if record.max_token_id >= 1 << (8 * dtype.itemsize):
+                raise ShardFormatError(f"shard manifest {record.manifest} records {MAX_TOKEN_ID} "
+                                       f"{record.max_token_id} for {f}, which holds {dtype.name} ids: the manifest "
+                                       f"does not describe this shard; make the shards again")
+            self._recorded_max[f] = record.max_token_id
+        # ... and every largest id known so far, recorded or scanned (max_token_id() fills in the rest)
+        self._max_ids: dict[str, int] = dict(self._recorded_max)
         self._verified: set[str] = set()
         self.reset()
 
     def max_token_id(self) -> tuple[int, str]:
-        """(the largest token id in this loader's shards, the shard that holds it): one read of every
-        shard (numpy at memory speed)."""
+        """(the largest token id in this loader's shards, the shard that holds it). A shard's max id comes
+        from its manifest when one records it (no read; checked with the sha256 when the shard is opened),
+        else from one scan of the shard (numpy at memory speed), remembered for this loader."""
         best, where = -1, self.files[0]
         for f in self.files:
-            m = max_token_id(f)
-            if m > best:
-                best, where = m, f
+            if f not in self._max_ids:
+                self._max_ids[f] = max_token_id(f)
+            if self._max_ids[f] > best:
+                best, where = self._max_ids[f], f
         return best, where
 
     def check_token_ids(self, vocab_size: int) -> None:
-        """ShardFormatError naming the first shard and position whose id is >= vocab_size."""
+        """ShardFormatError naming the first shard and position whose id is >= vocab_size; shards whose
+        max id is known to fit are not read."""
         for f in self.files:
+            if self._max_ids.get(f, vocab_size) < vocab_size:
+                continue
             check_token_ids(f, vocab_size)
 
     # the shard order of one epoch: name order, or a (seed, epoch)-determined permutation
@@ -376,7 +502,8 @@ class DistributedDataLoader:
         self._file_index = int(self._order(self.epoch)[self.shard_index])
         path = self.files[self._file_index]
         if path in self.checksums and path not in self._verified:  # once per shard and run
-            verify_shard(path, *self.checksums[path])
+            sha256, manifest = self.checksums[path]
+            verify_shard(path, sha256, manifest, self._recorded_max.get(path))
             self._verified.add(path)
         self._tokens = read_shard(path)
 

@@ -7,7 +7,6 @@ a periodic signal (loss well below log(256) = 5.55) and writes its samples as WA
 requested length, recording where in its log.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -43,13 +42,6 @@ def chirp(seconds, rate=RATE, f0=100.0, f1=4000.0, amplitude=0.9):
 
 def to_int16(x):
     return np.round(np.clip(x, -1, 1) * 32767).astype(np.int16)
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("_audio_script", REPO / "dev" / "data" / "audio.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------
@@ -132,9 +124,8 @@ def make_wavs(folder: Path):
 def test_audio_script_writes_shards_with_a_val_split_and_a_manifest(tmp_path, dtype, capsys):
     files = make_wavs(tmp_path / "wavs")
     out = tmp_path / "shards"
-    script = load_script()
-    script.main(["--input", str(tmp_path / "wavs"), "--output_dir", str(out), "--shard_size", "20000",
-                 "--dtype", dtype])
+    audio.main(["--input", str(tmp_path / "wavs"), "--output_dir", str(out), "--shard_size", "20000",
+                "--dtype", dtype])
     names = sorted(p.name for p in out.glob("*.bin"))
     assert names == ["audio_train_000001.bin", "audio_train_000002.bin", "audio_train_000003.bin",
                      "audio_val_000000.bin"]
@@ -151,31 +142,57 @@ def test_audio_script_writes_shards_with_a_val_split_and_a_manifest(tmp_path, dt
     train = np.concatenate([read_shard(out / n) for n in names[:3]])
     np.testing.assert_array_equal(val, np.concatenate([codes[0][-3200:], codes[1][-2400:]]))
     np.testing.assert_array_equal(train, np.concatenate([codes[0][:-3200], codes[1][:-2400]]))
+    assert {e["file"]: e["max_token_id"] for e in manifest["shards"]} == \
+        {n: int(read_shard(out / n).max()) for n in names}  # the loader takes them instead of a scan
     assert "--vocab_size 256" in capsys.readouterr().out  # it says how to train on them
 
     # decode: back to a WAV at the manifest's rate
-    script.main(["decode", str(out / "audio_val_000000.bin"), "--output", str(tmp_path / "val.wav"),
-                 "--start", "100", "--length", "1000"])
+    audio.main(["decode", str(out / "audio_val_000000.bin"), "--output", str(tmp_path / "val.wav"),
+                "--start", "100", "--length", "1000"])
     rate, data = wavfile.read(tmp_path / "val.wav")
     assert rate == RATE and data.shape == (1000,) and data.dtype == np.int16
     np.testing.assert_allclose(data / 32767, audio.mulaw_decode(val[100:1100]), atol=1 / 32767)
 
 
 def test_audio_script_errors(tmp_path):
-    script = load_script()
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no .wav files in folder"):
-        script.main(["--input", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o")])
+        audio.main(["--input", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="does not exist"):
-        script.main(["--input", str(tmp_path / "nope.wav"), "--output_dir", str(tmp_path / "o")])
+        audio.main(["--input", str(tmp_path / "nope.wav"), "--output_dir", str(tmp_path / "o")])
     (tmp_path / "bad.wav").write_text("text")
     with pytest.raises(SystemExit, match=r"bad\.wav: not a readable WAV file"):
-        script.main(["--input", str(tmp_path / "bad.wav"), "--output_dir", str(tmp_path / "o")])
+        audio.main(["--input", str(tmp_path / "bad.wav"), "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.0"):
+        audio.write_shards([tmp_path / "bad.wav"], tmp_path / "o", val_fraction=1.0)
     from pyllmc.data import write_shard
 
     write_shard(tmp_path / "text.bin", [300, 5])  # not mu-law codes
     with pytest.raises(SystemExit, match="token id 300 at position 0"):
-        script.main(["decode", str(tmp_path / "text.bin"), "--output", str(tmp_path / "x.wav")])
+        audio.main(["decode", str(tmp_path / "text.bin"), "--output", str(tmp_path / "x.wav")])
+
+
+def test_audio_script_writes_into_the_user_cache_by_default(tmp_path):
+    """python dev/data/audio.py --input WAVS, as a user runs it: the shards go to
+    <cache>/data/audio-<first file>-<hash>/, nothing into the source tree or the working folder."""
+    make_wavs(tmp_path / "wavs")
+    cache = tmp_path / "cache"
+
+    def source_tree():
+        return sorted(p.relative_to(REPO) for p in (REPO / "dev" / "data").rglob("*")
+                      if "__pycache__" not in p.parts)
+
+    before = source_tree()
+    result = subprocess.run([sys.executable, str(REPO / "dev" / "data" / "audio.py"), "--input",
+                             str(tmp_path / "wavs")], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "PYLLMC_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stderr
+    (out,) = (cache / "data").iterdir()
+    assert out.name.startswith("audio-a_chord-") and len(out.name) == len("audio-a_chord-") + 12
+    assert sorted(p.name for p in out.iterdir()) == ["audio_manifest.json", "audio_train_000001.bin",
+                                                     "audio_val_000000.bin"]
+    assert f"--input_bin '{out}/audio_train_*.bin'" in result.stdout
+    assert source_tree() == before and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "wavs"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,7 +205,7 @@ def test_a_gpt_learns_a_periodic_signal_and_writes_wav_samples(tmp_path):
     wavs.mkdir()
     wavfile.write(wavs / "chord.wav", RATE, to_int16(chord(3.0)))  # period 64 samples
     shards = tmp_path / "shards"
-    load_script().main(["--input", str(wavs), "--output_dir", str(shards)])
+    audio.write_shards([wavs], shards)
     out = tmp_path / "out"
     command = [sys.executable, str(REPO / "train_gpt2.py"), "--input_bin", str(shards / "audio_train_*.bin"),
                "--input_val_bin", str(shards / "audio_val_*.bin"), "--vocab_size", "256", "--model", "tiny",

@@ -165,6 +165,8 @@ def test_stdlib_corpus_is_deterministic_and_cached(tmp_path, monkeypatch, cache)
     assert decode(val[1:np.flatnonzero(val == EOT_TOKEN)[1]].tolist()) == documents[0]
     manifest = json.loads((first.directory / "stdlib_manifest.json").read_text())
     assert manifest["tokenizer"] == {"name": "gpt2"} and manifest["config"]["modules"] == len(documents)
+    assert [(e["file"], e["max_token_id"]) for e in manifest["shards"]] == [("stdlib_val.bin", int(val.max())),
+                                                                          ("stdlib_train.bin", int(train.max()))]
 
     # cached: a second prepare reads nothing of the library
     def must_not_run(*a, **k):
@@ -327,7 +329,6 @@ def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
 
 
 def test_the_data_script_writes_into_the_cache_by_default(tmp_path, cache):
-    import importlib.util
     import os
 
     env = {**os.environ, "PYLLMC_CACHE_DIR": str(cache)}
@@ -337,12 +338,10 @@ def test_the_data_script_writes_into_the_cache_by_default(tmp_path, cache):
     assert result.returncode == 0, result.stderr
     assert f"train: {cache}" in result.stdout and "gpt2-trimmed-1024" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing beside it
-    # --output_dir (in this process): the same tokens there
-    spec = importlib.util.spec_from_file_location("_tinyshakespeare_script", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # --output_dir is corpus.write_tinyshakespeare (in this process): the same tokens there
     out = tmp_path / "out"
-    module.main(["--input", str(shakespeare()), "--trim_vocab", "1024", "--output_dir", str(out)])
+    assert corpus.write_tinyshakespeare(out, shakespeare(), 1024) == (out / "tiny_shakespeare_train.bin",
+                                                                     out / "tiny_shakespeare_val.bin")
     cached = next((cache / "data").glob("tinyshakespeare-*/gpt2-trimmed-1024"))
     for name in ("tiny_shakespeare_val.bin", "tiny_shakespeare_train.bin"):
         assert (out / name).read_bytes() == (cached / name).read_bytes()

@@ -2,7 +2,6 @@
 
 import csv
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -28,9 +27,13 @@ from pyllmc.data import (
     max_token_id,
     read_shard,
     read_shard_header,
+    recorded_shards,
+    shard_digest,
     shard_info,
     write_shard,
+    write_shard_entry,
 )
+from pyllmc import fineweb
 from pyllmc.tokenizer import EOT_TOKEN, decode, encode, encode_document
 
 REPO = Path(__file__).resolve().parents[1]
@@ -485,6 +488,172 @@ def test_shards_without_a_manifest_are_not_checked(tmp_path):
         DistributedDataLoader(str(tmp_path / "*.bin"), 2, 8)
 
 
+def write_manifest_with_max_ids(folder: Path, names, prefix="data", **overrides):
+    """A manifest as the data scripts write it (pyllmc.data.write_shard_entry's fields); overrides:
+    file_stem={field: value} for entries edited by hand."""
+    entries = []
+    for n in names:
+        sha, top = file_sha256(folder / n), int(read_shard(folder / n).max())
+        entries.append({"file": n, "tokens": read_shard_header(folder / n), "sha256": sha, "max_token_id": top,
+                        **overrides.get(Path(n).stem, {})})
+    (folder / f"{prefix}{MANIFEST_SUFFIX}").write_text(json.dumps({"shards": entries}))
+
+
+@pytest.fixture
+def shard_reads(monkeypatch):
+    """{"scanned": [...], "hashed": [...], "searched": [...]}: the shards read whole, by name, through the
+    loader's ways of reading a whole shard (the max-id scan; the sha256 check, alone or with the max id in
+    the same pass; the search for an id past the vocabulary)."""
+    import pyllmc.data as data
+
+    reads = {"scanned": [], "hashed": [], "searched": []}
+
+    def counted(kind, real):
+        return lambda path, *a: reads[kind].append(Path(path).name) or real(path, *a)
+
+    monkeypatch.setattr(data, "max_token_id", counted("scanned", data.max_token_id))
+    monkeypatch.setattr(data, "file_sha256", counted("hashed", data.file_sha256))
+    monkeypatch.setattr(data, "shard_digest", counted("hashed", data.shard_digest))
+    monkeypatch.setattr(data, "check_token_ids", counted("searched", data.check_token_ids))
+    return reads
+
+
+def test_write_shard_entry_records_what_the_loader_trusts(tmp_path):
+    entry = write_shard_entry(tmp_path / "x_train_000001.bin", [5, 70000, 3], dtype="uint32")
+    assert entry == {"file": "x_train_000001.bin", "tokens": 3,
+                     "sha256": file_sha256(tmp_path / "x_train_000001.bin"), "max_token_id": 70000}
+    assert write_shard_entry(tmp_path / "empty.bin", [])["max_token_id"] == -1
+    assert shard_digest(tmp_path / "x_train_000001.bin") == (entry["sha256"], 70000)
+    assert shard_digest(tmp_path / "empty.bin") == (file_sha256(tmp_path / "empty.bin"), -1)
+
+
+@pytest.mark.parametrize("chunk", [1024, 2048, 3072])  # the header alone, header + tokens, chunks of odd counts
+def test_the_one_pass_digest_crosses_chunks(tmp_path, monkeypatch, chunk):
+    import pyllmc.data as data
+
+    monkeypatch.setattr(data, "_HASH_CHUNK", chunk)
+    for dtype, top_at in (("uint16", 0), ("uint16", 1499), ("uint32", 700)):
+        tokens = np.arange(1500) % 1000
+        tokens[top_at] = 60000
+        path = tmp_path / f"{dtype}_{top_at}.bin"
+        write_shard(path, tokens, dtype=dtype)
+        assert shard_digest(path) == (hashlib.sha256(path.read_bytes()).hexdigest(), 60000)
+
+
+def test_start_up_reads_each_listed_shard_once(tmp_path, shard_reads):
+    """The trainer's start-up (train_gpt2.py's check_vocabulary: loader.max_token_id(), then
+    check_token_ids only when an id is too large) takes the max ids of listed shards from the
+    manifest: the first shard is read once (its sha256 check, which recomputes its max id in the same
+    pass), the other listed shards not at all until the walk opens them; an unlisted one is scanned."""
+    shards = make_shards(tmp_path, [40, 40, 40])  # largest ids 39, 79, 119
+    write_manifest_with_max_ids(tmp_path, ["data_train_000000.bin", "data_train_000002.bin"])  # 1 is not listed
+    loader = DistributedDataLoader(str(tmp_path / "data_train_*.bin"), 1, 8)
+    assert loader.max_token_id() == (119, str(tmp_path / "data_train_000002.bin"))
+    loader.check_token_ids(120)
+    assert shard_reads == {"scanned": ["data_train_000001.bin"], "hashed": ["data_train_000000.bin"], "searched": []}
+    assert loader.max_token_id() == (119, str(tmp_path / "data_train_000002.bin"))  # remembered: no second scan
+    assert shard_reads["scanned"] == ["data_train_000001.bin"]
+    # a vocabulary too small: only the shards whose max id does not fit are searched for the offending id
+    with pytest.raises(ShardFormatError, match=r"000002\.bin holds token id 100 at position 20 "):
+        loader.check_token_ids(100)
+    assert shard_reads["searched"] == ["data_train_000002.bin"]
+    # the walk checks the other listed shard when it gets there, once
+    assert_batches_equal(loader, expected_batches(shards, 1, 8, 0, 1, [[0, 1, 2]] * 2))
+    assert shard_reads["hashed"] == ["data_train_000000.bin", "data_train_000002.bin"]
+
+    # with the check off, the recorded max ids are used all the same: nothing listed is read at start-up
+    shard_reads["scanned"].clear(), shard_reads["hashed"].clear()
+    unverified = DistributedDataLoader(str(tmp_path / "data_train_*.bin"), 1, 8, verify=False)
+    assert unverified.max_token_id() == (119, str(tmp_path / "data_train_000002.bin"))
+    assert shard_reads["scanned"] == ["data_train_000001.bin"] and shard_reads["hashed"] == []
+
+
+def test_a_manifest_without_max_ids_still_works(tmp_path, shard_reads):
+    """Manifests from before max_token_id (sha256 only): their shards are checked as before and scanned
+    for their max id, like shards no manifest lists."""
+    make_shards(tmp_path, [40, 40])
+    write_manifest(tmp_path, ["data_train_000000.bin", "data_train_000001.bin"])
+    loader = DistributedDataLoader(str(tmp_path / "data_train_*.bin"), 1, 8)
+    assert loader.max_token_id() == (79, str(tmp_path / "data_train_000001.bin"))
+    assert shard_reads["scanned"] == ["data_train_000000.bin", "data_train_000001.bin"]
+    assert shard_reads["hashed"] == ["data_train_000000.bin"]
+    # a manifest that records the field for one shard only: that one is spared the scan
+    write_manifest_with_max_ids(tmp_path, ["data_train_000000.bin", "data_train_000001.bin"])
+    manifest = json.loads((tmp_path / "data_manifest.json").read_text())
+    del manifest["shards"][0]["max_token_id"]
+    (tmp_path / "data_manifest.json").write_text(json.dumps(manifest))
+    shard_reads["scanned"].clear()
+    assert DistributedDataLoader(str(tmp_path / "data_train_*.bin"), 1, 8).max_token_id()[0] == 79
+    assert shard_reads["scanned"] == ["data_train_000000.bin"]
+
+
+def test_a_recorded_max_id_that_disagrees_with_the_shard_is_refused_when_opened(tmp_path):
+    shards = make_shards(tmp_path, [40, 40])
+    names = ["data_train_000000.bin", "data_train_000001.bin"]
+    pattern = str(tmp_path / "data_train_*.bin")
+
+    # the shard changed (an id past the recorded max): its sha256 no longer matches
+    raw = bytearray((tmp_path / names[1]).read_bytes())
+    write_manifest_with_max_ids(tmp_path, names)
+    raw[4 * HEADER_INTS + 2 * 7: 4 * HEADER_INTS + 2 * 8] = (50000).to_bytes(2, "little")
+    (tmp_path / names[1]).write_bytes(bytes(raw))
+    loader = DistributedDataLoader(pattern, 1, 8)
+    assert loader.max_token_id() == (79, str(tmp_path / names[1]))  # the manifest's word, until the shard opens
+    for _ in range(3):  # shard 0 holds 4 windows of 9 tokens; taking the 4th moves the loader to shard 1
+        loader.next_batch()
+    with pytest.raises(ShardFormatError, match=r"data_train_000001\.bin is damaged: its sha256 is"):
+        loader.next_batch()
+
+    # the manifest edited (a max id too small), the shard intact: the same pass that checks the sha256 tells
+    make_shards(tmp_path, [40, 40])
+    write_manifest_with_max_ids(tmp_path, names, data_train_000001={"max_token_id": 50})
+    loader = DistributedDataLoader(pattern, 1, 8)
+    assert loader.max_token_id() == (50, str(tmp_path / names[1]))
+    for _ in range(3):
+        loader.next_batch()
+    with pytest.raises(ShardFormatError, match=r"data_train_000001\.bin matches the sha256 that .*data_manifest"
+                                               r"\.json records, but its largest token id is 79, not the "
+                                               r"max_token_id 50"):
+        loader.next_batch()
+    write_manifest_with_max_ids(tmp_path, names, data_train_000000={"max_token_id": 38})
+    with pytest.raises(ShardFormatError, match=r"000000\.bin .* largest token id is 39, not the max_token_id 38"):
+        DistributedDataLoader(pattern, 1, 8)  # the first shard: refused before the loader is made
+    # with the check off the recorded value stands, as the shard itself does
+    unverified = DistributedDataLoader(pattern, 1, 8, verify=False)
+    assert unverified.max_token_id() == (79, str(tmp_path / names[1]))
+    assert_batches_equal(unverified, expected_batches(shards, 1, 8, 0, 1, [[0, 1]]))
+
+
+@pytest.mark.parametrize("value, message", [
+    ("79", r"records max_token_id '79' for data_train_000001\.bin: expected an integer in \[-1, 2\*\*32\)"),
+    (True, r"records max_token_id True for"),
+    (-2, r"records max_token_id -2 for"),
+    (2**32, r"records max_token_id 4294967296 for"),
+    (70000, r"records max_token_id 70000 for .*data_train_000001\.bin, which holds uint16 ids"),
+])
+def test_a_malformed_max_id_is_refused(tmp_path, value, message):
+    make_shards(tmp_path, [40, 40])
+    write_manifest_with_max_ids(tmp_path, ["data_train_000000.bin", "data_train_000001.bin"],
+                                data_train_000001={"max_token_id": value})
+    with pytest.raises(ShardFormatError, match=message):
+        DistributedDataLoader(str(tmp_path / "data_train_*.bin"), 1, 8, verify=False)
+
+
+def test_two_manifests_must_agree_on_a_max_id(tmp_path):
+    make_shards(tmp_path, [40])
+    write_manifest_with_max_ids(tmp_path, ["data_train_000000.bin"], prefix="a")
+    write_manifest_with_max_ids(tmp_path, ["data_train_000000.bin"], prefix="b")
+    assert DistributedDataLoader(str(tmp_path / "*.bin"), 1, 8).max_token_id()[0] == 39
+    write_manifest(tmp_path, ["data_train_000000.bin"], prefix="c")  # one without the field does not disagree
+    assert recorded_shards([str(tmp_path / "data_train_000000.bin")])[str(tmp_path / "data_train_000000.bin")] \
+        .max_token_id == 39
+    write_manifest_with_max_ids(tmp_path, ["data_train_000000.bin"], prefix="b",
+                                data_train_000000={"max_token_id": 40})
+    with pytest.raises(ShardFormatError, match=r"a_manifest\.json and .*b_manifest\.json record different "
+                                               r"max_token_id for data_train_000000\.bin"):
+        DistributedDataLoader(str(tmp_path / "*.bin"), 1, 8)
+
+
 def test_bad_arguments(tmp_path):
     make_shards(tmp_path, [100])
     with pytest.raises(ValueError, match="rank"):
@@ -497,17 +666,12 @@ def test_bad_arguments(tmp_path):
 # data preparation scripts
 
 
-def run_script(name, *args):
+# The scripts are thin command lines over the package (pyllmc.fineweb, pyllmc.corpus, pyllmc.audio): a
+# test runs each once as a user does, in a subprocess; the rest call the package in this process.
+def run_script(name, *args, **kwargs):
     result = subprocess.run([sys.executable, str(REPO / "dev" / "data" / name), *map(str, args)],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, **kwargs)
     return result
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_data_script_{name}", REPO / "dev" / "data" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_tinyshakespeare_script(tmp_path):
@@ -532,6 +696,7 @@ def test_tinyshakespeare_script(tmp_path):
     assert [(s["file"], s["tokens"]) for s in manifest["shards"]] == [("tiny_shakespeare_val.bin", 32768),
                                                                      ("tiny_shakespeare_train.bin", 305260)]
     assert all(s["sha256"] == file_sha256(tmp_path / s["file"]) for s in manifest["shards"])
+    assert [s["max_token_id"] for s in manifest["shards"]] == [int(val.max()), int(train.max())]
     loader = DistributedDataLoader(str(tmp_path / "tiny_shakespeare_*.bin"), 4, 64)
     assert sorted(Path(f).name for f in loader.checksums) == ["tiny_shakespeare_train.bin", "tiny_shakespeare_val.bin"]
 
@@ -574,10 +739,10 @@ def test_fineweb_script_end_to_end(tmp_path, capsys):
     assert len(files) == 5
     recorded = json.loads((out / "fineweb_manifest.json").read_text())["shards"]
     assert {e["file"]: e["sha256"] for e in recorded} == {p.name: file_sha256(p) for p in files}
+    assert {e["file"]: e["max_token_id"] for e in recorded} == {p.name: int(read_shard(p).max()) for p in files}
 
     # the reruns run in this process (a fresh interpreter per run costs seconds of imports)
-    fineweb = load_script("fineweb")
-    args = [str(a) for a in args[:-4]] + ["--num_workers", "0"]  # workers need an importable script
+    args = [str(a) for a in args[:-4]] + ["--num_workers", "0"]
     # a second run finds everything done and touches nothing
     before = snapshot(out)
     fineweb.main(args)
@@ -634,7 +799,6 @@ def test_fineweb_local_input_runs_end_to_end_with_its_defaults(tmp_path):
 
 
 def test_fineweb_input_too_small_for_a_val_and_a_train_shard_is_refused(tmp_path):
-    fineweb = load_script("fineweb")
     small = tmp_path / "small.csv"
     with open(small, "w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows([["text"], ["A short document."], ["Another one."]])
@@ -649,7 +813,6 @@ def test_fineweb_input_too_small_for_a_val_and_a_train_shard_is_refused(tmp_path
 
 
 def test_fineweb_resumes_interrupted_and_damaged_runs(tmp_path):
-    fineweb = load_script("fineweb")
     source = data_file("fineweb_edu_sample150_annotated.csv")
     out = tmp_path / "out"
     args = ["--input", str(source), "--output_dir", str(out), "--shard_size", str(FINEWEB_SHARD), "--num_workers", "0"]
@@ -678,9 +841,11 @@ def test_fineweb_resumes_interrupted_and_damaged_runs(tmp_path):
     fineweb.main(args)
     assert {name: data for name, (data, _) in snapshot(out).items()} == reference
 
-    # a manifest from before sha256 was recorded gets it on the next run, shards untouched
+    # a manifest from before sha256 and max_token_id were recorded gets them on the next run, shards untouched
     full = json.loads(manifest_path.read_text())
-    manifest_path.write_text(json.dumps({**full, "shards": [{k: v for k, v in e.items() if k != "sha256"}
+    assert all(e["max_token_id"] == int(read_shard(out / e["file"]).max()) for e in full["shards"])
+    manifest_path.write_text(json.dumps({**full, "shards": [{k: v for k, v in e.items()
+                                                             if k not in ("sha256", "max_token_id")}
                                                             for e in full["shards"]]}))
     before = snapshot(out)
     fineweb.main(args)
@@ -694,7 +859,6 @@ def test_fineweb_resumes_interrupted_and_damaged_runs(tmp_path):
 
 
 def test_fineweb_local_formats(tmp_path):
-    fineweb = load_script("fineweb")
     docs = ["First document.\nWith two lines.", "Second, \"quoted\", document", "Third ünïcode 🦙", "4th"]
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)
@@ -742,7 +906,6 @@ class _FakeHFDataset:
 def test_fineweb_download_path_with_a_stand_in_datasets_module(tmp_path, monkeypatch):
     import types
 
-    fineweb = load_script("fineweb")
     docs = [f"Document number {i}. " * (i % 7 + 1) for i in range(60)]
     calls = []
 
@@ -774,7 +937,6 @@ def test_fineweb_parquet_input(tmp_path):
     pa = pytest.importorskip("pyarrow", reason="reading parquet needs pyarrow")
     import pyarrow.parquet as pq
 
-    fineweb = load_script("fineweb")
     docs = [f"parquet row {i}" for i in range(30)]
     pq.write_table(pa.table({"id": list(range(30)), "text": docs}), tmp_path / "part.parquet", row_group_size=7)
     out = tmp_path / "out"
@@ -782,3 +944,28 @@ def test_fineweb_parquet_input(tmp_path):
                   "--num_workers", "0"])
     tokens = np.concatenate([read_shard(p) for p in sorted(shard_files(out), key=lambda p: p.name[-10:])])
     np.testing.assert_array_equal(tokens, np.concatenate([encode_document(d) for d in docs]))
+
+
+def test_hellaswag_script_writes_into_the_user_cache_and_keeps_what_is_there(tmp_path):
+    """python dev/data/hellaswag.py without --output writes pyllmc.corpus.hellaswag_path() (the user cache,
+    not the source tree); run again without --input, it keeps that file instead of downloading."""
+    from pyllmc import corpus
+
+    source = tmp_path / "official.jsonl"  # the official file's fields
+    rows = [{"ind": i, "activity_label": "Baking", "ctx": f"Context {i}.", "label": i % 4,
+             "endings": ["a.", "b.", "c.", "d."], "split": "val"} for i in range(3)]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    env = {**os.environ, "PYLLMC_CACHE_DIR": str(tmp_path / "cache")}
+    result = run_script("hellaswag.py", "--input", source, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    target = tmp_path / "cache" / "data" / "hellaswag" / "hellaswag_val.jsonl"
+    assert f"wrote 3 examples to {target}" in result.stdout
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("PYLLMC_CACHE_DIR", str(tmp_path / "cache"))
+        assert corpus.hellaswag_path() == target
+    written = target.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "official.jsonl"]
+    # no --input: the file is there, so nothing is downloaded (this machine may be offline)
+    result = run_script("hellaswag.py", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"{target} already holds 3 examples" in result.stdout and target.read_bytes() == written

@@ -13,7 +13,12 @@ Inputs (the format is recognised from the content):
     offline mirrors ("activity_label: ctx", label, then the four endings); idx is then the
     0-based position.
 
-    python dev/data/hellaswag.py                       # -> dev/data/hellaswag/hellaswag_val.jsonl
+By default the output goes to pyllmc's user cache, never the source tree, where train_gpt2.py
+--hellaswag 1 looks for it (pyllmc.corpus.hellaswag_path(): $PYLLMC_CACHE_DIR, else
+$XDG_CACHE_HOME/pyllmc, else ~/.cache/pyllmc, then data/hellaswag/hellaswag_val.jsonl). Without
+--input, an output file that is already there and reads as HellaSwag is kept: nothing is downloaded.
+
+    python dev/data/hellaswag.py                       # -> <cache>/data/hellaswag/hellaswag_val.jsonl
     python dev/data/hellaswag.py --input hellaswag_val.jsonl --output out.jsonl
 """
 
@@ -74,10 +79,22 @@ def convert(lines) -> list[dict]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, help="local HellaSwag file (default: download the official one)")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "hellaswag" / "hellaswag_val.jsonl",
-                        help="output jsonl (default: dev/data/hellaswag/hellaswag_val.jsonl)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="output jsonl (default: pyllmc's user cache, <cache>/data/hellaswag/hellaswag_val.jsonl)")
     args = parser.parse_args(argv)
+    if args.output is None:
+        from pyllmc.corpus import hellaswag_path  # here: importing pyllmc (torch) takes seconds
 
+        args.output = hellaswag_path()
+
+    if args.input is None and args.output.is_file():  # downloaded before: keep it unless it is broken
+        try:
+            rows = convert(read_lines(args.output))
+        except (ValueError, KeyError, OSError, UnicodeDecodeError):
+            rows = []
+        if rows:
+            print(f"{args.output} already holds {len(rows):,} examples (delete it to download again)")
+            return
     if args.input is not None:
         lines = read_lines(args.input)
     else:

@@ -4,11 +4,11 @@ Downloads Karpathy's char-rnn `input.txt` (1.1 MB, 40,000 lines of Shakespeare) 
 address (checked against its sha256) or reads a local copy (--input), and writes two llm.c shards:
     tiny_shakespeare_val.bin     the first 32,768 tokens
     tiny_shakespeare_train.bin   the rest (305,260 GPT-2 tokens)
-    tiny_shakespeare_manifest.json   each shard's token count and sha256, which the training
-                                     loader checks once per run, and the tokenizer (pyllmc.data)
+    tiny_shakespeare_manifest.json   each shard's token count, sha256 and largest id, which the
+                                     training loader checks once per run, and the tokenizer (pyllmc.data)
 By default they go into pyllmc's user cache (pyllmc.corpus: $PYLLMC_CACHE_DIR, else
 $XDG_CACHE_HOME/pyllmc, else ~/.cache/pyllmc), where train_gpt2.py finds them; --output_dir puts
-them in a folder of your choice instead.
+them in a folder of your choice instead (the code: pyllmc.corpus.prepare_text, write_tinyshakespeare).
 
 The tokens follow llm.c's own tinyshakespeare script, so the shards are interchangeable with
 its: the text is cut at every blank line ("\\n\\n") into sections; each section is one
@@ -25,13 +25,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from pyllmc import corpus
-from pyllmc.tokenizer import GPT2Tokenizer, TrimmedGPT2Tokenizer
-
-VAL_TOKENS = corpus.VAL_TOKENS
-tokenize = corpus.tokenize_sections  # the llm.c tokenization (kept under its old name)
+from pyllmc.data import read_shard
 
 
 def main(argv=None):
@@ -45,29 +40,18 @@ def main(argv=None):
     trim = args.trim_vocab if args.trim_vocab > 0 else None
 
     try:
-        source = args.input if args.input is not None else corpus.download_tinyshakespeare()
         if args.output_dir is None:
+            source = args.input if args.input is not None else corpus.download_tinyshakespeare()
             prepared = corpus.prepare_text(source, trim, shakespeare=True)
             for split, path in (("val", prepared.val), ("train", prepared.train)):
                 print(f"{split}: {path}{'' if prepared.made_now else ' (already prepared)'}")
             return
-        text = Path(source).read_text(encoding="utf-8")
-    except (corpus.CorpusUnavailable, OSError) as e:
+        paths = corpus.write_tinyshakespeare(args.output_dir, args.input, trim)
+    except corpus.CorpusUnavailable as e:
         sys.exit(f"{e}\n  Offline? Give a local copy with --input FILE.")
-
-    tokens = tokenize(text)
-    if len(tokens) <= VAL_TOKENS:
-        sys.exit(f"the text has only {len(tokens)} tokens; the validation split alone takes {VAL_TOKENS}")
-    val, train = tokens[:VAL_TOKENS], tokens[VAL_TOKENS:]
-    tokenizer = GPT2Tokenizer()
-    config = {"source": str(source), "text_sha256": corpus.sha256_text(text), "val_tokens": VAL_TOKENS}
-    if trim is not None:
-        tokenizer = TrimmedGPT2Tokenizer.fit(train, trim)
-        val, train = tokenizer.from_gpt2(val), tokenizer.from_gpt2(train)
-        config["trim_vocab"] = trim
-    corpus.write_split(args.output_dir, "tiny_shakespeare", np.asarray(val), np.asarray(train), tokenizer, config)
-    for split, part in (("val", val), ("train", train)):
-        print(f"wrote {len(part):,} tokens to {args.output_dir / f'tiny_shakespeare_{split}.bin'}")
+    train, val = paths
+    for path in (val, train):
+        print(f"wrote {len(read_shard(path)):,} tokens to {path}")
 
 
 if __name__ == "__main__":
