@@ -1,8 +1,17 @@
 """Training checkpoints: atomic writes, keep-the-last-K, resume from the newest valid one.
 
-A training checkpoint is one `torch.save` file, `ckpt_<step:08d>.pt`, holding whatever the
-trainer puts in it (model, optimizer, data-loader and RNG states, step, arguments) plus a
+A training checkpoint is one `torch.save` file, `ckpt_<step:08d>.pt`, holding a run's state plus a
 small header (`format`, `version`, `step`) that tells a finished checkpoint from anything else.
+save_training / restore_training are the one place that writes and reads the trainer's state
+(TrainingState: model, optimizer, every rank's data-loader positions and RNG states; with the run's
+settings, tokenizer and outlier windows), so the schema lives here:
+
+    model_config, model          the GPT's config (a dict) and state_dict
+    optimizer                    AdamW's state_dict; with ZeRO-1 a list, one per rank
+    ranks                        per rank: train_loader / val_loader positions, rng (python, numpy, torch)
+    outliers                     the report's running windows (pyllmc.reporting)
+    settings                     the flags, "auto"s decided, paths absolute: what --resume 1 continues
+    world_size, zero_stage, tokens_seen, tokenizer (its spec)
 
 Crash safety. A checkpoint is written to a temporary file in the same directory, flushed and
 fsync'ed, then renamed over the final name with `os.replace` (atomic on POSIX), and the
@@ -56,6 +65,7 @@ way, with the command that converts a file you wrote yourself:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import mmap
 import os
@@ -65,6 +75,7 @@ import re
 import sys
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -547,10 +558,10 @@ class SettingsConflict(ValueError):
 
 
 def recorded_settings(state: dict) -> dict:
-    """The settings (the trainer's flags) a checkpoint's run trained with: "settings" (resolved: paths
-    absolute, "auto"s decided), else, from checkpoints before it was recorded, "args" as parsed."""
+    """The settings (the trainer's flags) a checkpoint's run trained with (resolved: paths absolute,
+    "auto"s decided)."""
     settings = state.get("settings")
-    return dict(settings if isinstance(settings, dict) else state.get("args") or {})
+    return dict(settings) if isinstance(settings, dict) else {}
 
 
 def resume_settings(recorded: dict, current: dict, given, *, local=(), free=(), fixed=(), override=(),
@@ -603,6 +614,117 @@ def resume_settings(recorded: dict, current: dict, given, *, local=(), free=(), 
         raise SettingsConflict(f"--resume 1 continues the run of {where} with the settings it recorded, and this "
                                f"command line gives others:\n{lines}\n{how}")
     return settings, inherited, overridden
+
+
+# ---- a training run's state: what a checkpoint holds, saved and restored in one place ----------
+
+@dataclass
+class TrainingState:
+    """The live parts of a run that a checkpoint saves and a resume restores (references, not copies).
+
+    Every rank contributes its own data-loader positions and RNG state, and with ZeRO-1 (zero) its
+    own part of the optimizer state; rank 0 gathers them and writes the one file."""
+    model: torch.nn.Module                 # the model as trained (not a torch.compile wrapper)
+    optimizer: Optional[torch.optim.Optimizer]  # None: a ZeRO-1 rank that owns no parameter
+    train_loader: Any                      # pyllmc.data.DistributedDataLoader
+    val_loader: Any                        # the same, or None (no validation)
+    rank: int = 0
+    world_size: int = 1
+    ddp: bool = False                      # several processes (torch.distributed is initialised)
+    zero: bool = False                     # ZeRO-1: each rank's optimizer holds its own parameters only
+
+
+def save_training(directory: str | os.PathLike, *, step: int, run: TrainingState, settings: dict,
+                  tokens_seen: int, tokenizer: dict, outliers: dict, keep_last: int = 0, llmc: bool = False,
+                  hf: bool = False, dtype: str = "float32") -> Optional[Path]:
+    """Checkpoint `run` at `step` (call on every rank); rank 0 writes ckpt_<step>.pt, and with llmc / hf the
+    model as an llm.c file (model_<step>.bin, in `dtype`, with its sha256) / a Hugging Face directory
+    (hf_<step>/), keeping the newest keep_last of each. Returns the checkpoint's path on rank 0, else None.
+
+    settings: what --resume 1 continues with (the flags, "auto"s decided, paths absolute); tokenizer: its
+    spec (a resume or decode with another is refused); outliers: the report's outlier windows."""
+    import torch.distributed as dist
+
+    mine = {
+        "train_loader": run.train_loader.state_dict(),
+        "val_loader": run.val_loader.state_dict() if run.val_loader is not None else None,
+        "rng": rng_state(),
+    }
+    shard = run.optimizer.state_dict() if (run.zero and run.optimizer is not None) else None
+    if run.ddp:
+        gathered = [None] * run.world_size if run.rank == 0 else None
+        dist.gather_object((mine, shard), gathered, dst=0)
+    else:
+        gathered = [(mine, shard)]
+    if run.rank != 0:
+        return None
+    state = {
+        "model_config": dataclasses.asdict(run.model.config),
+        "model": run.model.state_dict(),
+        "optimizer": [s for _, s in gathered] if run.zero else run.optimizer.state_dict(),
+        "ranks": [m for m, _ in gathered],
+        "outliers": outliers,
+        "settings": settings,
+        "world_size": run.world_size,
+        "zero_stage": settings["zero_stage"],
+        "tokens_seen": tokens_seen,
+        "tokenizer": tokenizer,
+    }
+    path = save_checkpoint(directory, step, state, keep_last=keep_last)
+    directory = Path(directory)
+    if llmc:  # atomic, with its sha256 in model_<step>.bin.sha256
+        from pyllmc.llmc import write_model
+        write_model(str(directory / f"model_{step:08d}.bin"), run.model, dtype=dtype)
+    if hf:
+        run.model.save_pretrained(str(directory / f"hf_{step:08d}"))
+    prune_exports(directory, keep_last)
+    return path
+
+
+def prune_exports(directory: str | os.PathLike, keep: int) -> None:
+    """Keep the newest `keep` llm.c model files (with their .sha256) and HF directories, like the checkpoints."""
+    if keep <= 0:
+        return
+    import shutil
+    for pattern in ("model_*.bin", "hf_*"):
+        for old in sorted(Path(directory).glob(pattern))[:-keep]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+
+
+def check_resumable(state: dict, batch_size: int, sequence_length: int, world_size: int, zero_stage: int) -> None:
+    """ValueError unless this run can continue `state` exactly: the loaders' positions count B x T tokens
+    per rank, and each rank restores its own loaders, RNG and (ZeRO-1) optimizer part."""
+    saved = recorded_settings(state)
+    for key, value in (("batch_size", batch_size), ("sequence_length", sequence_length)):
+        if saved.get(key) != value:
+            raise ValueError(f"the checkpoint was trained with --{key} {saved.get(key)}, this run has {value}: "
+                             f"an exact resume needs the same value")
+    if state["world_size"] != world_size:
+        raise ValueError(f"the checkpoint was written by {state['world_size']} processes, this run has "
+                         f"{world_size}: resume with the same number of processes")
+    if state["zero_stage"] != zero_stage and world_size > 1:
+        raise ValueError(f"the checkpoint was written with --zero_stage {state['zero_stage']}: "
+                         f"resume with the same value")
+
+
+def restore_training(state: dict, run: TrainingState, *, batch_size: int, sequence_length: int,
+                     zero_stage: int) -> int:
+    """Put a checkpoint's state back into `run` (this rank's part); returns the step it was taken at.
+    ValueError when the run cannot continue it exactly (check_resumable), or when the loaders' shards are
+    not the ones the run had."""
+    check_resumable(state, batch_size, sequence_length, run.world_size, zero_stage)
+    if run.optimizer is not None:
+        run.optimizer.load_state_dict(state["optimizer"][run.rank] if run.zero else state["optimizer"])
+    mine = state["ranks"][run.rank]
+    try:
+        run.train_loader.load_state_dict(mine["train_loader"])
+        if run.val_loader is not None and mine.get("val_loader") is not None:
+            run.val_loader.load_state_dict(mine["val_loader"])
+    except ValueError as err:  # other shards than the run's (an overridden --input_bin, say)
+        raise ValueError(f"--resume 1: {err}") from None
+    set_rng_state(mine["rng"])
+    return state["step"]
 
 
 # ---- command line -----------------------------------------------------------------------------

@@ -1,5 +1,10 @@
-"""Data-parallel exchange for train_gpt2.py: the gradient all-reduce overlapped with the
-backward, and ZeRO-1's parameter exchange as one all-gather.
+"""Data parallelism for train_gpt2.py: the processes, the gradient all-reduce overlapped with
+the backward, and ZeRO-1's sharded optimizer with its parameter exchange as one all-gather.
+
+setup(): one process per GPU under torchrun (RANK, LOCAL_RANK, WORLD_SIZE in the environment),
+NCCL between GPUs and gloo between CPU processes; a plain `python train_gpt2.py` is one process.
+Every rank starts from rank 0's parameters (broadcast_parameters) and applies the same averaged
+update, so the replicas stay identical.
 
 GradientBuckets: the gradients live in a few flat buffers ("buckets" of about 25 MB, filled in
 reverse parameter order, roughly the order in which the backward produces them), and every
@@ -18,12 +23,108 @@ not one broadcast per parameter.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 BUCKET_BYTES = 25 * 2**20  # DDP's default: big enough to keep the network busy, small enough to start early
+
+
+@dataclass
+class Process:
+    """This process's place in the run."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str        # "cuda:N" or "cpu"
+    ddp: bool          # several processes (or one under torchrun): torch.distributed is initialised
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.device.startswith("cuda") else "cpu"
+
+    @property
+    def master(self) -> bool:
+        """Rank 0: the one that prints, logs and writes files."""
+        return self.rank == 0
+
+
+def setup(device: str = "") -> Process:
+    """This process's rank and device (--device, else cuda when available; one GPU per local rank under
+    torchrun), with the process group initialised when there are several."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and ddp:
+        device = f"cuda:{local_rank}"
+    process = Process(rank, local_rank, world_size, device, ddp)
+    if process.device_type == "cuda":
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend="nccl" if process.device_type == "cuda" else "gloo")
+    return process
+
+
+def teardown(process: Process) -> None:
+    if process.ddp and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_parameters(params: list) -> None:
+    """Every replica starts from rank 0's parameters."""
+    for p in params:
+        dist.broadcast(p.data, src=0)
+
+
+def partition_parameters(params: list, world_size: int) -> list[int]:
+    """ZeRO-1 ownership, the owner rank of each parameter: greedy by size, largest first, onto the
+    least-loaded rank (deterministic: every rank computes the same)."""
+    load = [0] * world_size
+    owner = {}
+    for i in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i] = rank
+        load[rank] += params[i].numel()
+    return [owner[i] for i in range(len(params))]
+
+
+def data_parallel(params: list, optimizer, process: Process, zero_stage: int = 0):
+    """(gradient buckets, ZeRO-1's ShardedParameters, this rank's optimizer) for a run of several processes;
+    (None, None, optimizer) for one. Every replica starts from rank 0's parameters; the gradients are averaged
+    over the ranks bucket by bucket while the step's last backward goes on; with zero_stage 1 each rank holds
+    and steps 1/world_size of the optimizer's state (zero1_optimizer)."""
+    if not process.ddp:
+        return None, None, optimizer
+    broadcast_parameters(params)
+    buckets = GradientBuckets(params, process.world_size)
+    if zero_stage != 1:
+        return buckets, None, optimizer
+    optimizer, sharded = zero1_optimizer(optimizer, params, process.rank, process.world_size)
+    return buckets, sharded, optimizer
+
+
+def zero1_optimizer(optimizer, params: list, rank: int, world_size: int):
+    """ZeRO-1: (this rank's optimizer, None if it owns no parameter; the ShardedParameters whose
+    exchange() hands every rank the others' updated parameters after each step). `optimizer` is the
+    full one (pyllmc.optim.AdamW over every parameter); the returned one keeps its parameter groups'
+    settings for the parameters this rank owns, so each rank holds and steps 1/world_size of the state."""
+    owners = partition_parameters(params, world_size)
+    sharded = ShardedParameters(params, owners, rank, world_size)
+    owned = {id(p) for p, owner in zip(params, owners) if owner == rank}
+    groups = []
+    for group in optimizer.param_groups:
+        mine = [p for p in group["params"] if id(p) in owned]
+        if mine:
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": mine})
+    if not groups:
+        return None, sharded
+    return type(optimizer)(groups, **optimizer.defaults, backend=optimizer.backend), sharded
 
 
 @dataclass

@@ -247,3 +247,16 @@ def cuda_extension_modules() -> list:
 def on_gpu_only():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def trainer():
+    """train_gpt2.py as a module, for tests that call its functions in-process (a subprocess would pay
+    torch's import per call). The trainer is a script at the repository root, not part of the installed
+    package, so it is run from its path (runpy, as `python train_gpt2.py` would) rather than imported:
+    putting the root on sys.path would make the source tree's pyllmc shadow the installed one."""
+    import runpy
+    import types
+
+    return types.SimpleNamespace(**runpy.run_path(str(Path(__file__).resolve().parent.parent / "train_gpt2.py"),
+                                                  run_name="train_gpt2"))

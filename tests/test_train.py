@@ -467,11 +467,8 @@ def test_the_cpu_demo_takes_its_defaults_and_a_trimmed_vocabulary(tmp_path):
     text = SHARED_DATA / "tinyshakespeare.txt"
     if not text.exists():
         pytest.skip(f"{text} not found")
-    sys.path.insert(0, str(REPO))
-    try:
-        import train_gpt2
-    finally:
-        sys.path.pop(0)
+    from pyllmc import settings
+
     out = tmp_path / "out"
     before = source_tree_files()
     hellaswag = SHARED_DATA / "hellaswag_val_preprocessed.jsonl"  # scored through the trimmed tokenizer
@@ -480,14 +477,14 @@ def test_the_cpu_demo_takes_its_defaults_and_a_trimmed_vocabulary(tmp_path):
                "--sample_length", "12", "--val_max_steps", "1", "--output_dir", str(out), *extra]
     result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO, env=corpus_env(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    demo = train_gpt2.DEMO_CPU
+    demo = settings.DEMO_CPU
     records = read_log(out)
     config = records[0]
     for key in ("batch_size", "sequence_length", "learning_rate", "warmup_iters", "sample_length"):
         expected = {"sample_length": 12}.get(key, demo[key])  # a flag given wins over the demo's value
         assert config["args"][key] == expected, key
     assert config["args"]["num_iterations"] == 2 and config["model_config"]["n_layer"] == 2
-    trim = train_gpt2.DEMO_TRIM_VOCAB
+    trim = settings.DEMO_TRIM_VOCAB
     assert config["model_config"]["vocab_size"] == trim and config["tokenizer"]["name"] == "gpt2-trimmed"
     assert config["tokenizer_label"].startswith(f"gpt2-trimmed-{trim}-") and config["data"].startswith("tiny Shakespeare")
     assert f"tokenizer gpt2-trimmed-{trim}-" in result.stdout
@@ -660,36 +657,28 @@ def test_auto_dtype_is_float32_where_bfloat16_is_not_native(monkeypatch):
         training_dtype("fp8", "cpu")
 
 
-def test_learning_rate_schedule():
-    sys.path.insert(0, str(REPO))
-    try:
-        import train_gpt2
-    finally:
-        sys.path.pop(0)
-    args = train_gpt2.parse_args(["--learning_rate", "1.0", "--warmup_iters", "10", "--num_iterations", "110",
+def test_learning_rate_schedule(trainer):
+    from pyllmc.reporting import OutlierDetector
+
+    args, _ = trainer.settings.parse_command_line(trainer.build_parser(), ["--learning_rate", "1.0", "--warmup_iters", "10", "--num_iterations", "110",
                                   "--learning_rate_decay_frac", "0.1"])
-    lr = [train_gpt2.learning_rate_at(it, args) for it in range(110)]
+    lr = [trainer.learning_rate_at(it, args) for it in range(110)]
     assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)  # linear warmup
     assert lr[10] == pytest.approx(1.0) and lr[60] == pytest.approx(0.55)  # cosine half way
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
-    assert train_gpt2.learning_rate_at(110, args) == pytest.approx(0.1)  # the floor
-    detector = train_gpt2.OutlierDetector(window=16)
+    assert trainer.learning_rate_at(110, args) == pytest.approx(0.1)  # the floor
+    detector = OutlierDetector(window=16)
     for i in range(16):
         assert not detector.update(1.0 + 0.01 * (i % 2)) > 5
     assert detector.update(3.0) > 5
 
 
 def test_pruned_exports_take_their_checksums_along(tmp_path):
-    sys.path.insert(0, str(REPO))
-    try:
-        import train_gpt2
-    finally:
-        sys.path.pop(0)
     for step in (3, 6, 9):
         (tmp_path / f"model_{step:08d}.bin").write_bytes(b"m")
         (tmp_path / f"model_{step:08d}.bin.sha256").write_text("x")
         (tmp_path / f"hf_{step:08d}").mkdir()
-    train_gpt2.prune_exports(tmp_path, 2)
+    checkpoint.prune_exports(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "hf_00000006", "hf_00000009", "model_00000006.bin", "model_00000006.bin.sha256",
         "model_00000009.bin", "model_00000009.bin.sha256"]
@@ -743,13 +732,11 @@ def test_exported_models_match_the_checkpoint_and_restart_training(shards, basel
     damaged[len(damaged) // 2] ^= 0x08
     (tmp_path / "model_00000003.bin").write_bytes(bytes(damaged))
     (tmp_path / "model_00000003.bin.sha256").write_bytes((out / "model_00000003.bin.sha256").read_bytes())
-    sys.path.insert(0, str(REPO))
-    try:
-        import train_gpt2
-    finally:
-        sys.path.pop(0)
-    with pytest.raises(train_gpt2.ConfigError, match=r"--model .*model_00000003\.bin: .*sha256 mismatch"):
-        train_gpt2.build_model(str(tmp_path / "model_00000003.bin"), seed=0)
+    from pyllmc import inputs
+    from pyllmc.settings import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--model .*model_00000003\.bin: .*sha256 mismatch"):
+        inputs.build_model(str(tmp_path / "model_00000003.bin"), seed=0)
     state, _ = checkpoint.load_latest(out)
     from_llmc, from_hf = read_model(str(out / "model_00000006.bin")), GPT.from_pretrained(str(out / "hf_00000006"))
     for name, tensor in state["model"].items():
