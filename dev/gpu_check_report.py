@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import re
 import sys
@@ -348,21 +347,6 @@ def judge_sanitizer(stages: list, out: Path) -> Verdict:
 
 # ---- bench -----------------------------------------------------------------------------------
 
-def _load_bench_run():
-    """dev/bench/run.py, by path (its report code needs no torch)."""
-    bench = ROOT / "dev" / "bench"
-    saved = list(sys.path)  # run.py puts its folder on sys.path to import common.py: only while it loads
-    try:
-        sys.path.insert(0, str(bench))
-        spec = importlib.util.spec_from_file_location("pyllmc_bench_run", bench / "run.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
-
-
 def judge_bench(stage: Stage, out: Path, gpu: bool, expect_cuda: bool) -> Verdict:
     path = out / "bench.json"
     try:
@@ -401,7 +385,8 @@ def judge_bench(stage: Stage, out: Path, gpu: bool, expect_cuda: bool) -> Verdic
     if gpu:
         numbers = f"{len(kernel_rows)} kernel rows; step " + numbers
     try:
-        run = _load_bench_run()
+        from bench import run  # dev/bench/run.py, beside this file (its report code needs no torch)
+
         report = run.markdown_from_payload(payload)
         stem = run.results_stem(payload["environment"])
         head = (f"Commit this summary as `dev/bench/results/{stem}.md` and `bench.json` as "

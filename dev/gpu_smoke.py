@@ -13,17 +13,16 @@ must give the same bits. Without a GPU (dev/gpu_check.sh --dry-run) the same cas
 small shapes on CPU tensors: triton under its interpreter, cuda on the CPU simulator
 (PYLLMC_CUDA_SIM=1) when it builds here.
 
-Criteria: tests/tolerances.py's table, loaded by path, with the test suite's two ways of
-comparing. The truth is the torch backend's math in float64; "PyTorch's own error" is the
-torch backend (for attention: its plain-math reference) run in the kernel's dtype.
+Cases and criteria: pyllmc.testing's, the test suite's own (its inputs, references, table of
+tolerances and comparisons). The truth is the torch backend's math in float64; "PyTorch's own
+error" is the same math run in the kernel's dtype (AdamW: the torch backend in the same dtype).
   elementwise (gelu, the residual sum h, AdamW's tensors): |kernel - truth| <= atol + rtol |truth|
   flash-attention's (layernorm, cross_entropy, attention): max |kernel - truth|
       <= 2 x max |torch in the same dtype - truth| + eps; cross-entropy gradients are
-      compared after dividing by their largest reference entry, as the tests do (at V = 50257
-      they are ~1e-5, which an absolute eps alone could not catch), and their references are
-      computed a block of rows at a time (a whole float64 one would need ~10 GB per process).
-The comparisons run on the device in float64 (tolerances.py's helpers copy to the CPU, which
-at 412M logits would cost seconds per comparison); the formulas and constants are the same.
+      compared after dividing by their largest reference entry (at V = 50257 they are ~1e-5,
+      which an absolute eps alone could not catch), and their references are computed a block
+      of rows at a time (a whole float64 one would need ~10 GB per process).
+The comparisons run on the device, in float64, a bounded number of elements at a time.
 
 Rows: one JSON object per case in smoke.jsonl, written as soon as the case ends: op, backend,
 dtype, shape, status (pass | fail | skip | error | crash | timeout | not run), max abs and
@@ -49,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import math
 import os
@@ -60,11 +58,11 @@ import time
 import traceback
 import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "dev"))  # gpu_check_report (the table), also when imported by path
 
 OPS = ("gelu", "layernorm", "fused_residual_layernorm", "cross_entropy", "cross_entropy_fused", "attention",
        "adamw")
@@ -85,121 +83,11 @@ def _cpu_defaults() -> None:
     os.environ.setdefault("PYLLMC_CSRC", str(ROOT / "csrc"))
 
 
-def _load_tolerances():
-    spec = importlib.util.spec_from_file_location("pyllmc_tests_tolerances", ROOT / "tests" / "tolerances.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-# ---- comparisons ---------------------------------------------------------------------------
-
-@dataclass
-class Out:
-    """One compared output of a case."""
-    name: str
-    criterion: str          # "elementwise" | "flash" | "exact" | "zero"
-    ok: bool
-    max_abs_err: float
-    max_rel_err: float      # max abs error / max |truth|
-    ratio: float            # error / allowed (<= 1 passes; exact: 0 or inf)
-    note: str = ""
-
+# ---- the cases: pyllmc.testing's, at the smoke's shapes ------------------------------------------
 
 class Skip(Exception):
     """This case cannot run here (the reason is recorded)."""
 
-
-_CHUNK = 1 << 25  # elements per float64 pass: bounds the comparison's scratch memory to ~1 GB
-
-
-def _flat_pairs(*tensors):
-    """Aligned float64 slices of the flattened tensors, _CHUNK elements at a time."""
-    flat = [t.detach().reshape(-1) for t in tensors]
-    for start in range(0, max(flat[0].numel(), 1), _CHUNK):
-        yield [f[start:start + _CHUNK].double() for f in flat]
-
-
-def _max(values) -> float:
-    """The largest value, NaN if any is NaN (Python's max() would drop it), 0.0 for none."""
-    values = [float(v) for v in values]
-    return math.nan if any(v != v for v in values) else max(values, default=0.0)
-
-
-def _shape_problem(name, got, truth, dtype) -> Optional[Out]:
-    if tuple(got.shape) != tuple(truth.shape) or got.dtype != dtype:
-        return Out(name, "shape", False, math.inf, math.inf, math.inf,
-                   f"got {tuple(got.shape)} {got.dtype}, want {tuple(truth.shape)} {dtype}")
-    return None
-
-
-def elementwise(tol, name: str, got, truth, dtype=None) -> Out:
-    """tolerances.py criterion 1, with the table's (rtol, atol) for got's dtype."""
-    problem = _shape_problem(name, got, truth, dtype or got.dtype)
-    if problem:
-        return problem
-    rtol, atol = tol.ELEMENTWISE[got.dtype]
-    errs, ratios, scales = [], [], []
-    for g, t in _flat_pairs(got, truth):
-        if g.numel():
-            diff = (g - t).abs()
-            errs.append(diff.max())
-            ratios.append((diff / (atol + rtol * t.abs())).max())
-            scales.append(t.abs().max())
-    err, ratio, scale = _max(errs), _max(ratios), _max(scales)
-    finite = math.isfinite(err) and math.isfinite(ratio)
-    return Out(name, "elementwise", finite and ratio <= 1.0, err, err / scale if scale else err,
-               ratio if finite else math.inf, f"rtol {rtol:g}, atol {atol:g}")
-
-
-def _max_abs_diff(a, b) -> float:
-    return _max((x - y).abs().max() for x, y in _flat_pairs(a, b) if x.numel())
-
-
-def flash(tol, name: str, got, truth, same, dtype=None) -> Out:
-    """tolerances.py criterion 2 (flash-attention's): err <= 2 x torch's own err + eps."""
-    problem = _shape_problem(name, got, truth, dtype or got.dtype)
-    if problem:
-        return problem
-    scale = _max(t.abs().max() for (t,) in _flat_pairs(truth) if t.numel())
-    finite = all(bool(g.isfinite().all()) for (g,) in _flat_pairs(got))
-    err = _max_abs_diff(got, truth)
-    torch_err = _max_abs_diff(same, truth)
-    eps = tol.FLASH_EPS[got.dtype]
-    bound = 2 * torch_err + eps
-    ok = finite and err <= bound
-    return Out(name, "flash", ok, err, err / scale if scale else err, err / bound if finite else math.inf,
-               f"2 x torch's {torch_err:.2e} + {eps:g}" + ("" if finite else "; non-finite values"))
-
-
-def exact(name: str, a, b) -> Out:
-    """Bitwise equality (determinism)."""
-    import torch
-
-    same = tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype and torch.equal(a, b)
-    err = 0.0 if same else (_max_abs_diff(a, b) if a.shape == b.shape else math.inf)
-    return Out(name, "exact", same, err, err, 0.0 if same else math.inf, "two identical calls, bitwise")
-
-
-def all_zero(name: str, t) -> Out:
-    bad = int((t != 0).sum())
-    err = _max([t.abs().max()]) if t.numel() else 0.0
-    return Out(name, "zero", bad == 0, err, err, 0.0 if bad == 0 else math.inf, f"{bad} nonzero entries")
-
-
-def run_autograd(fn, inputs, douts, dtype=None):
-    """fn(*leaves) -> an output or a tuple of outputs, leaves being detached copies of `inputs`
-    (cast to `dtype` when given) that require grad; backward with `douts`. Returns (outputs, grads)."""
-    import torch
-
-    leaves = [t.detach().to(dtype or t.dtype).requires_grad_(True) for t in inputs]
-    outs = fn(*leaves)
-    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-    torch.autograd.backward(outs, [d.to(o.dtype) for d, o in zip(douts, outs)])
-    return [o.detach() for o in outs], [leaf.grad for leaf in leaves]
-
-
-# ---- the cases ----------------------------------------------------------------------------------
 
 @dataclass
 class Case:
@@ -208,7 +96,7 @@ class Case:
     dtype_name: str
     check: str        # "numerics" | "determinism"
     shape: str        # a label, e.g. "8192x768 (GPT-2)"
-    run: Callable     # run(ctx) -> list[Out]; raises Skip
+    run: Callable     # run(ctx) -> list of pyllmc.testing.Comparison; raises Skip
 
     @property
     def name(self) -> str:
@@ -220,99 +108,31 @@ class Context:
     backend: str
     dtype: object
     device: object
-    tol: object
     interpreted: bool  # triton under its CPU interpreter
 
 
-def _randn(ctx, *shape, scale=1.0, shift=0.0):
-    import torch
-
-    return (scale * torch.randn(*shape, device=ctx.device) + shift).to(ctx.dtype)
-
-
-def gelu_case(rows: int, cols: int):
+def numerics(make: Callable, precondition: Optional[Callable] = None) -> Callable:
+    """A case's run: make(dtype, device) -> a pyllmc.testing case; its results on the backend, each
+    judged by the case's own criterion (the tests')."""
     def run(ctx):
-        import torch.nn.functional as F
-
-        from pyllmc import ops
-
-        x, dy = _randn(ctx, rows, cols, scale=3.0), _randn(ctx, rows, cols)
-        (y,), (dx,) = run_autograd(lambda t: ops.gelu(t, backend=ctx.backend), [x], [dy])
-        (y64,), (dx64,) = run_autograd(lambda t: F.gelu(t, approximate="tanh"), [x], [dy], dtype=_f64())
-        return [elementwise(ctx.tol, "y", y, y64, ctx.dtype), elementwise(ctx.tol, "dx", dx, dx64, ctx.dtype)]
+        if precondition:
+            precondition(ctx)
+        case = make(ctx.dtype, ctx.device)
+        return case.compare(case.run(ctx.backend))
     return run
 
 
-def _f64():
-    import torch
-
-    return torch.float64
-
-
-def _layernorm_inputs(ctx, rows, C, fused):
-    x = _randn(ctx, rows, C, scale=2.0, shift=0.5)
-    w = _randn(ctx, C, scale=0.5, shift=1.0)
-    b = _randn(ctx, C, scale=0.5)
-    dy = _randn(ctx, rows, C)
-    if not fused:
-        return [x, w, b], [dy]
-    return [_randn(ctx, rows, C), x, w, b], [_randn(ctx, rows, C), dy]  # residual first; dh, dy
-
-
-def _layernorm_fn(backend, fused):
-    import torch.nn.functional as F
-
-    from pyllmc import ops
-
-    if backend == "float64":  # the torch backend's math, in float64
-        if fused:
-            def truth(r, x, w, b):
-                h = r + x
-                return h, F.layer_norm(h, (h.shape[-1],), w, b, 1e-5)
-            return truth
-        return lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
-    if fused:
-        return lambda r, x, w, b: ops.fused_residual_layernorm(r, x, w, b, backend=backend)
-    return lambda x, w, b: ops.layernorm(x, w, b, backend=backend)
-
-
-def layernorm_case(rows: int, C: int, fused: bool):
+def determinism(make: Callable, precondition: Optional[Callable] = None) -> Callable:
+    """A case's run: two identical calls on the backend give the same bits, every result."""
     def run(ctx):
-        inputs, douts = _layernorm_inputs(ctx, rows, C, fused)
-        got, got_g = run_autograd(_layernorm_fn(ctx.backend, fused), inputs, douts)
-        truth, truth_g = run_autograd(_layernorm_fn("float64", fused), inputs, douts, dtype=_f64())
-        same, same_g = run_autograd(_layernorm_fn("torch", fused), inputs, douts)
-        out_names = ["h", "y"] if fused else ["y"]
-        grad_names = (["dresidual"] if fused else []) + ["dx", "dweight", "dbias"]
-        results = []
-        for name, g, t, s in zip(out_names + grad_names, got + got_g, truth + truth_g, same + same_g):
-            if name == "h":  # one rounding of residual + x
-                results.append(elementwise(ctx.tol, name, g, t, ctx.dtype))
-            else:
-                results.append(flash(ctx.tol, name, g, t, s, ctx.dtype))
-        return results
+        from pyllmc import testing
+
+        if precondition:
+            precondition(ctx)
+        case = make(ctx.dtype, ctx.device)
+        first, second = case.run(ctx.backend), case.run(ctx.backend)
+        return [testing.compare_exact(name, first[name], second[name]) for name in first]
     return run
-
-
-def layernorm_determinism(rows: int, C: int, fused: bool):
-    def run(ctx):
-        inputs, douts = _layernorm_inputs(ctx, rows, C, fused)
-        first = run_autograd(_layernorm_fn(ctx.backend, fused), inputs, douts)
-        second = run_autograd(_layernorm_fn(ctx.backend, fused), inputs, douts)
-        names = (["h", "y", "dresidual"] if fused else ["y"]) + ["dx", "dweight", "dbias"]
-        return [exact(n, a, b) for n, a, b in zip(names, first[0] + first[1], second[0] + second[1])]
-    return run
-
-
-def _cross_entropy_inputs(ctx, N, V, Vp):
-    """A (N, Vp) leaf, random targets (every 7th ignored) and a random upstream gradient."""
-    import torch
-
-    leaf = _randn(ctx, N, Vp, scale=2.0)
-    targets = torch.randint(0, V, (N,), device=ctx.device)
-    targets[::7] = -1
-    dloss = torch.randn((), device=ctx.device)
-    return leaf, targets, dloss
 
 
 def _takes_num_classes() -> bool:
@@ -322,108 +142,6 @@ def _takes_num_classes() -> bool:
     from pyllmc import ops
 
     return "num_classes" in inspect.signature(ops.cross_entropy).parameters
-
-
-def _cross_entropy_kernel(ctx, leaf, targets, dloss, V, fused, whole=False):
-    """The op on an (N, Vp) intermediate: its (N, V) view (row stride Vp), or with whole=True the
-    padded buffer itself with num_classes=V. Returns (loss, dlogits (N, V), the padding columns'
-    gradient (N, Vp - V))."""
-    from pyllmc import ops
-
-    weight = leaf.detach().requires_grad_(True)
-    padded = weight * 2.0  # an intermediate, as the lm_head matmul's output (exact: a power of 2)
-    if whole:
-        loss = ops.cross_entropy(padded, targets, num_classes=V, inplace_backward=fused, backend=ctx.backend)
-    else:
-        loss = ops.cross_entropy(padded[:, :V], targets, inplace_backward=fused, backend=ctx.backend)
-    loss.backward(dloss)
-    # new tensors, so that the (N, Vp) buffers are freed before the reference runs
-    return loss.detach(), weight.grad[:, :V] / 2.0, weight.grad[:, V:].clone()
-
-
-def _cross_entropy_checks(ctx, logits, targets, dloss, loss, dlogits) -> list:
-    """The tests' criteria (flash-attention's; the gradient divided by its largest reference
-    entry first), with the references computed a block of rows at a time: at GPT-2's size a
-    float64 reference of the whole (8192, 50257) would need ~10 GB per process. Rows are
-    independent and share only the 1 / n_valid factor, so blocks give the same numbers."""
-    import torch
-    import torch.nn.functional as F
-
-    N, V = logits.shape
-    dtype, tol = ctx.dtype, ctx.tol
-    n_valid = (targets != -1).sum().clamp(min=1)
-    step = max(1, _CHUNK // max(V, 1))
-    blocks = [(a, min(a + step, N)) for a in range(0, N, step)] or [(0, 0)]
-
-    def reference(a, b, in_dtype):  # loss part and gradient of rows [a, b) by autograd in `in_dtype`
-        x = logits[a:b].detach().to(in_dtype).requires_grad_(True)
-        part = F.cross_entropy(x, targets[a:b], ignore_index=-1, reduction="sum") / n_valid
-        part.backward(dloss.to(in_dtype))
-        return part.detach(), x.grad
-
-    truth_loss, scale = torch.zeros((), dtype=torch.float64, device=logits.device), 0.0
-    for a, b in blocks:  # pass 1: the float64 loss and the gradient's largest entry
-        part, grad = reference(a, b, torch.float64)
-        truth_loss += part
-        scale = max(scale, float(grad.abs().max()) if grad.numel() else 0.0)
-    with torch.no_grad():  # PyTorch's own loss in the kernel's dtype, whole, as the tests compute it
-        same_loss = F.cross_entropy(logits.to(dtype), targets, ignore_index=-1, reduction="sum") / n_valid
-    results = [flash(tol, "loss", loss, truth_loss, same_loss, torch.float32)]
-
-    s = max(scale, 1e-30)
-    err = torch_err = 0.0
-    finite = True
-    for a, b in blocks:  # pass 2: errors of the scaled gradients
-        if b <= a:
-            continue
-        _, truth = reference(a, b, torch.float64)
-        _, same = reference(a, b, dtype)
-        got = dlogits[a:b]
-        finite = finite and bool(got.isfinite().all())
-        truth = truth / s
-        err = max(err, float(((got.double() / s).to(dtype).double() - truth).abs().max()))
-        torch_err = max(torch_err, float(((same.double() / s).to(dtype).double() - truth).abs().max()))
-    if tuple(dlogits.shape) != (N, V) or dlogits.dtype != dtype:
-        results.append(Out("dlogits", "shape", False, math.inf, math.inf, math.inf,
-                           f"got {tuple(dlogits.shape)} {dlogits.dtype}, want {(N, V)} {dtype}"))
-    else:
-        bound = 2 * torch_err + tol.FLASH_EPS[dtype]
-        ratio = err / bound if finite else math.inf
-        results.append(Out("dlogits", "flash", finite and err <= bound, err * s, err, ratio,
-                           f"scaled by 1/{scale:.3g}; 2 x torch's {torch_err:.2e} + {tol.FLASH_EPS[dtype]:g}"
-                           + ("" if finite else "; non-finite values")))
-    return results
-
-
-def cross_entropy_case(N: int, V: int, Vp: int, fused: bool, whole: bool = False):
-    def run(ctx):
-        leaf, targets, dloss = _cross_entropy_inputs(ctx, N, V, Vp)
-        loss, dlogits, dpad = _cross_entropy_kernel(ctx, leaf, targets, dloss, V, fused, whole)
-        logits = (leaf * 2.0)[:, :V]  # the values the kernel saw
-        del leaf
-        results = _cross_entropy_checks(ctx, logits, targets, dloss, loss, dlogits)
-        if Vp > V:
-            results.append(all_zero("dlogits padding", dpad))
-        return results
-    return run
-
-
-def cross_entropy_determinism(N: int, V: int, Vp: int, fused: bool):
-    def run(ctx):
-        leaf, targets, dloss = _cross_entropy_inputs(ctx, N, V, Vp)
-        first = _cross_entropy_kernel(ctx, leaf, targets, dloss, V, fused)
-        second = _cross_entropy_kernel(ctx, leaf, targets, dloss, V, fused)
-        return [exact(n, a, b) for n, a, b in zip(("loss", "dlogits", "dlogits padding"), first, second)]
-    return run
-
-
-def _attention_fn(backend, compute_dtype=None):
-    from pyllmc import ops
-    from pyllmc.ops.attention import attention_reference
-
-    if backend == "torch":  # the torch backend's plain math, computed in compute_dtype
-        return lambda q, k, v: attention_reference(q, k, v, compute_dtype=compute_dtype)
-    return lambda q, k, v: ops.attention(q, k, v, backend=backend)
 
 
 def _attention_check(ctx, D):
@@ -438,29 +156,6 @@ def _attention_check(ctx, D):
         raise Skip(f"backend {ctx.backend!r} does not take D={D} in {ctx.dtype}")
 
 
-def attention_case(B: int, H: int, T: int, D: int):
-    def run(ctx):
-        _attention_check(ctx, D)
-        q, k, v, dout = (_randn(ctx, B, H, T, D) for _ in range(4))
-        got, got_g = run_autograd(_attention_fn(ctx.backend), [q, k, v], [dout])
-        truth, truth_g = run_autograd(_attention_fn("torch", _f64()), [q, k, v], [dout], dtype=_f64())
-        same, same_g = run_autograd(_attention_fn("torch", ctx.dtype), [q, k, v], [dout])
-        return [flash(ctx.tol, n, g, t, s, ctx.dtype)
-                for n, g, t, s in zip(("out", "dq", "dk", "dv"), got + got_g, truth + truth_g, same + same_g)]
-    return run
-
-
-def attention_determinism(B: int, H: int, T: int, D: int):
-    def run(ctx):
-        _attention_check(ctx, D)
-        q, k, v, dout = (_randn(ctx, B, H, T, D) for _ in range(4))
-        first = run_autograd(_attention_fn(ctx.backend), [q, k, v], [dout])
-        second = run_autograd(_attention_fn(ctx.backend), [q, k, v], [dout])
-        return [exact(n, a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), first[0] + first[1],
-                                                  second[0] + second[1])]
-    return run
-
-
 def gpt2_parameter_shapes() -> list:
     """The 148 parameter shapes of pyllmc's GPT-2 124M (built on the meta device: no memory)."""
     import torch
@@ -472,58 +167,14 @@ def gpt2_parameter_shapes() -> list:
     return [tuple(p.shape) for p in model.parameters()]
 
 
-def _adamw_run(ctx, shapes, stochastic, backend, seed_data):
-    """Two AdamW steps of `backend` from data drawn with seed `seed_data`; returns the params and state."""
-    import torch
+def _adamw(shapes_fn: Callable, stochastic: bool) -> Callable:
+    """make(dtype, device) for AdamW over the tensors shapes_fn() gives (their shapes are computed
+    in the child that runs the case)."""
+    def make(dtype, device):
+        from pyllmc import testing
 
-    import pyllmc
-
-    torch.manual_seed(seed_data)
-    params = [_randn(ctx, *s).requires_grad_(True) for s in shapes]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    opt = pyllmc.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, stochastic_rounding=stochastic,
-                             seed=7, backend=backend)
-    for _ in range(2):
-        for p in params:
-            p.grad = torch.randn(p.shape, device=ctx.device).to(p.dtype)
-        opt.step()
-    out = {"params": torch.cat([p.detach().reshape(-1) for p in params])}
-    for key in ("exp_avg", "exp_avg_sq", "master"):
-        tensors = [opt.state[p][key].reshape(-1) for p in params if key in opt.state[p]]
-        if tensors:
-            out[key] = torch.cat(tensors)
-    return out
-
-
-def adamw_case(shapes_fn, stochastic: bool):
-    def run(ctx):
-        import torch
-
-        if stochastic and ctx.dtype != torch.bfloat16:
-            raise Skip("stochastic rounding is a bf16 mode")
-        shapes = shapes_fn()
-        seed = int(torch.initial_seed()) % 2**31
-        got = _adamw_run(ctx, shapes, stochastic, ctx.backend, seed)
-        want = _adamw_run(ctx, shapes, stochastic, "torch", seed)  # the torch backend: torch.optim.AdamW's math
-        if set(got) != set(want):
-            return [Out("state", "shape", False, math.inf, math.inf, math.inf,
-                        f"state keys {sorted(got)} != the torch backend's {sorted(want)}")]
-        return [elementwise(ctx.tol, k, got[k], want[k]) for k in want]
-    return run
-
-
-def adamw_determinism(shapes_fn, stochastic: bool):
-    def run(ctx):
-        import torch
-
-        shapes = shapes_fn()
-        seed = int(torch.initial_seed()) % 2**31
-        first = _adamw_run(ctx, shapes, stochastic, ctx.backend, seed)
-        second = _adamw_run(ctx, shapes, stochastic, ctx.backend, seed)
-        return [exact(k, first[k], second[k]) for k in first]
-    return run
+        return testing.adamw_case(shapes_fn(), dtype, device, stochastic_rounding=stochastic)
+    return make
 
 
 def _shape_label(dims, gpt2=False) -> str:
@@ -532,39 +183,49 @@ def _shape_label(dims, gpt2=False) -> str:
 
 def build_cases(op: str, backend: str, small: bool) -> list[Case]:
     """The cases of one (op, backend), in a fixed order (a restarted process skips by index)."""
+    from pyllmc import testing
+
     dtypes = ("float32", "bfloat16")
-    numerics: list = []  # (shape label, run factory per dtype)
-    determinism: list = []  # (shape label, dtype name, run)
+    numeric: list = []  # (shape label, run), run at every dtype
+    deterministic: list = []  # (shape label, dtype name, run)
     if op == "gelu":
         shapes = [((37, 37), False), ((1, 1), False)] if small else \
             [((8192, 3072), True), ((1, 1), False), ((37, 37), False), ((1023, 1600), False)]
-        numerics = [(_shape_label(s, g), gelu_case(*s)) for s, g in shapes]
+        numeric = [(_shape_label(s, g), numerics(partial(testing.gelu_case, s))) for s, g in shapes]
     elif op in ("layernorm", "fused_residual_layernorm"):
         fused = op == "fused_residual_layernorm"
         shapes = [((37, 37), False), ((1, 1), False)] if small else \
             [((8192, 768), True), ((1, 1), False), ((37, 37), False), ((1023, 1600), False)]
-        numerics = [(_shape_label(s, g), layernorm_case(*s, fused)) for s, g in shapes]
+        numeric = [(_shape_label(s, g), numerics(partial(testing.layernorm_case, s, fused=fused))) for s, g in shapes]
         det = ((37, 37), False) if small else ((8192, 768), True)
-        determinism = [(_shape_label(*det), "float32" if small else "bfloat16", layernorm_determinism(*det[0], fused))]
+        deterministic = [(_shape_label(*det), "float32" if small else "bfloat16",
+                          determinism(partial(testing.layernorm_case, det[0], fused=fused)))]
     elif op in ("cross_entropy", "cross_entropy_fused"):
         fused = op == "cross_entropy_fused"
         # (N, V, Vp): GPT-2's (N, 50257) view of (N, 50304); V = 1; V = 50257 unpadded
         shapes = [((5, 37, 40), False), ((1, 1, 1), False)] if small else \
             [((8192, 50257, 50304), True), ((1, 1, 1), False), ((1023, 1, 1), False), ((37, 50257, 50257), False)]
+
         def label(N, V, Vp, gpt2):
             return f"{N}x{V}" + (f" of {N}x{Vp}" if Vp != V else "") + (" (GPT-2)" if gpt2 else "")
-        numerics = [(label(N, V, Vp, g), cross_entropy_case(N, V, Vp, fused)) for (N, V, Vp), g in shapes]
+
+        def make(N, V, Vp, whole=False):  # the (N, V) view of (N, Vp), or whole with num_classes=V
+            # logits 4 N(0, 1): a wider spread than the tests' 2 N(0, 1), the softmax further from uniform
+            return partial(testing.cross_entropy_case, (N, V), padded_vocab=Vp, inplace_backward=fused,
+                           whole_buffer=whole, logit_scale=4.0)
+        numeric = [(label(N, V, Vp, g), numerics(make(N, V, Vp))) for (N, V, Vp), g in shapes]
         (N, V, Vp), g = shapes[0]
         if _takes_num_classes():  # and the whole padded buffer with num_classes=V, as the model calls it
-            numerics.insert(1, (label(N, V, Vp, g) + " num_classes", cross_entropy_case(N, V, Vp, fused, whole=True)))
-        determinism = [(label(N, V, Vp, g), "float32" if small else "bfloat16",
-                        cross_entropy_determinism(N, V, Vp, fused))]
+            numeric.insert(1, (label(N, V, Vp, g) + " num_classes", numerics(make(N, V, Vp, whole=True))))
+        deterministic = [(label(N, V, Vp, g), "float32" if small else "bfloat16", determinism(make(N, V, Vp)))]
     elif op == "attention":
         shapes = [((1, 2, 37, 64), False), ((1, 1, 1, 64), False)] if small else \
             [((8, 12, 1024, 64), True), ((1, 12, 1, 64), False), ((2, 12, 37, 64), False), ((1, 12, 1023, 64), False)]
-        numerics = [(_shape_label(s, g), attention_case(*s)) for s, g in shapes]
-        det = shapes[0]
-        determinism = [(_shape_label(*det), "float32" if small else "bfloat16", attention_determinism(*det[0]))]
+        numeric = [(_shape_label(s, g), numerics(partial(testing.attention_case, s), partial(_attention_check, D=s[3])))
+                   for s, g in shapes]
+        det, _ = shapes[0]
+        deterministic = [(_shape_label(*shapes[0]), "float32" if small else "bfloat16",
+                          determinism(partial(testing.attention_case, det), partial(_attention_check, D=det[3])))]
     elif op == "adamw":
         if small:
             def shapes_fn():
@@ -576,16 +237,17 @@ def build_cases(op: str, backend: str, small: bool) -> list[Case]:
 
         def odd_shapes():
             return [(1,), (37,), (1023, 1600), (1600, 37)]
-        numerics = [(label, adamw_case(shapes_fn, False)),
-                    (label + " stochastic rounding", adamw_case(shapes_fn, True))]
+        numeric = [(label, numerics(_adamw(shapes_fn, False))),
+                   (label + " stochastic rounding", numerics(_adamw(shapes_fn, True)))]
         if not small:
-            numerics.append(("1, 37, 1023x1600, 1600x37", adamw_case(odd_shapes, False)))
-        determinism = [(label + " stochastic rounding", "bfloat16", adamw_determinism(shapes_fn, True))]
+            numeric.append(("1, 37, 1023x1600, 1600x37", numerics(_adamw(odd_shapes, False))))
+        deterministic = [(label + " stochastic rounding", "bfloat16", determinism(_adamw(shapes_fn, True)))]
     else:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
-    cases = [Case(op, backend, dt, "numerics", label, run) for label, run in numerics for dt in dtypes]
+    cases = [Case(op, backend, dt, "numerics", label, run) for label, run in numeric for dt in dtypes]
+    # stochastic rounding is a bf16 mode
     cases = [c for c in cases if not (c.op == "adamw" and "stochastic" in c.shape and c.dtype_name != "bfloat16")]
-    cases += [Case(op, backend, dt, "determinism", label, run) for label, dt, run in determinism]
+    cases += [Case(op, backend, dt, "determinism", label, run) for label, dt, run in deterministic]
     return cases
 
 
@@ -681,7 +343,6 @@ def child_main(group: str, backend: str, start: int, small: bool, jsonl: Path, s
     import pyllmc
 
     torch.set_float32_matmul_precision("highest")  # float32 references in float32, not TF32
-    tol = _load_tolerances()
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     cases = group_cases(group, backend, small)
@@ -691,7 +352,7 @@ def child_main(group: str, backend: str, start: int, small: bool, jsonl: Path, s
         started = time.perf_counter()
         case_seed = (seed + zlib.crc32(f"{backend} {case.name}".encode())) % 2**31  # the same in any grouping
         tag = f"[{case.op}/{backend}]"
-        ctx = Context(backend, getattr(torch, case.dtype_name), device, tol,
+        ctx = Context(backend, getattr(torch, case.dtype_name), device,
                       interpreted=backend == "triton" and device.type == "cpu")
         torch.manual_seed(case_seed)
         try:

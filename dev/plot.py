@@ -369,6 +369,4 @@ def plot_diagnostics(plt, path, prefix, step=None):
 
 
 if __name__ == "__main__":
-    # run as a script from a checkout: the limits drawn are pyllmc's own constants
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

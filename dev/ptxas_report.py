@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -43,19 +42,9 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Optional
 
+from pyllmc import _toolchain as toolchain  # the build's own nvcc flags (setup.py compiles with them too)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_toolchain():
-    """pyllmc/_toolchain.py by path, as setup.py loads it: the report needs neither torch nor
-    an installed pyllmc."""
-    spec = importlib.util.spec_from_file_location("_pyllmc_toolchain", ROOT / "pyllmc" / "_toolchain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-toolchain = _load_toolchain()
 
 # The GPUs pyllmc is built and checked for, and the shared memory a block may opt in to on each
 # (bytes; NVIDIA's CUDA C++ Programming Guide, "Technical Specifications per Compute Capability";

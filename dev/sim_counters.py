@@ -60,27 +60,30 @@ MUTANTS = [
 
 
 def cases():
-    """(name, run) at GPT-2 124M's row width, few rows: run(backend, dtype, device, gen)."""
-    import importlib.util
+    """dev/cuda_driver.py's kind of case (pyllmc.testing's, inputs from a seed) at GPT-2 124M's row
+    width, few rows. cuda_driver and pyllmc are imported here, not at the top: run as a script, this file
+    picks the simulator's counters variant (above) before pyllmc is first imported."""
+    from functools import partial
 
     import torch
 
-    d = sys.modules.get("cuda_driver")
-    if d is None:  # the launch cases of dev/cuda_driver.py (loaded by path: sys.path stays as it is)
-        spec = importlib.util.spec_from_file_location("cuda_driver", ROOT / "dev" / "cuda_driver.py")
-        d = importlib.util.module_from_spec(spec)
-        sys.modules["cuda_driver"] = d
-        spec.loader.exec_module(d)
+    from cuda_driver import ADAMW_DECAYED, ADAMW_SHAPES, Case
+    from pyllmc import testing
+
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         tag = str(dtype).replace("torch.", "")
-        out.append((f"gelu n=16x3072 {tag}", dtype, d.gelu_case(16 * 3072)))
-        out.append((f"layernorm rows=16 C=768 {tag}", dtype, d.layernorm_case(16, 768, False)))
-        out.append((f"fused_residual_layernorm rows=16 C=768 {tag}", dtype, d.layernorm_case(16, 768, True)))
-        out.append((f"cross_entropy fused N=2 V=50257/50304 {tag}", dtype,
-                    d.cross_entropy_case(2, 50257, 50304, True, 1.0)))
-        out.append((f"attention B=1 H=1 T=128 D=64 {tag}", dtype, d.attention_case(1, 1, 128, 64)))
-        out.append((f"adamw {tag}", dtype, d.adamw_case(False)))
+        out += [
+            Case(f"gelu n=16x3072 {tag}", dtype, partial(testing.gelu_case, (16 * 3072,))),
+            Case(f"layernorm rows=16 C=768 {tag}", dtype, partial(testing.layernorm_case, (16, 768))),
+            Case(f"fused_residual_layernorm rows=16 C=768 {tag}", dtype,
+                 partial(testing.layernorm_case, (16, 768), fused=True)),
+            Case(f"cross_entropy fused N=2 V=50257/50304 {tag}", dtype,
+                 partial(testing.cross_entropy_case, (2, 50257), padded_vocab=50304, inplace_backward=True,
+                         ignore_every=3, dloss=1.0)),
+            Case(f"attention B=1 H=1 T=128 D=64 {tag}", dtype, partial(testing.attention_case, (1, 1, 128, 64))),
+            Case(f"adamw {tag}", dtype, partial(testing.adamw_case, ADAMW_SHAPES, decayed=ADAMW_DECAYED)),
+        ]
     return out
 
 
@@ -91,12 +94,13 @@ def run(only: str = "", seed: int = 1234) -> dict:
     from pyllmc import sim_counters
 
     result = {}
-    for index, (name, dtype, fn) in enumerate(cases()):
-        if only and only not in name:
+    for index, case in enumerate(cases()):
+        if only and only not in case.name:
             continue
+        op_case = case.op_case(torch.device("cpu"), seed + index)  # inputs drawn outside the recording
         with sim_counters.recording():
-            fn("cuda", dtype, torch.device("cpu"), torch.Generator().manual_seed(seed + index))
-        result[name] = sim_counters.launches()
+            op_case.run("cuda")
+        result[case.name] = sim_counters.launches()
     return result
 
 

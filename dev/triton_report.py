@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -189,10 +188,9 @@ def _plain(value):
 # ---- 2. compile and read ---------------------------------------------------------------------
 
 def _ptxas_parse():
-    spec = importlib.util.spec_from_file_location("ptxas_report", ROOT / "dev" / "ptxas_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.parse
+    from ptxas_report import parse  # dev/ptxas_report.py, beside this file
+
+    return parse
 
 
 def _width(suffixes: str) -> int:
@@ -386,7 +384,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET is on: the kernels would be interpreted, not compiled")
-    sys.path.insert(0, str(ROOT))  # a source checkout imports pyllmc like the installed package
     archs = tuple(int(a) for a in args.archs.split(",") if a) if args.archs is not None else default_archs()
     attention_archs = tuple(int(a) for a in args.attention_archs.split(",") if a)
     rep = report(tuple(args.dtypes.split(",")), archs, attention_archs)

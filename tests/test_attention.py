@@ -2,7 +2,7 @@
 
 Criterion (flash-attention's): for out, dq, dk and dv, the kernel's max error against the
 float64 plain-math result is at most 2x the error of the same plain math run in the
-kernel's dtype, plus a small epsilon (tests/tolerances.py).
+kernel's dtype, plus a small epsilon (pyllmc.testing: the case and the criterion).
 """
 
 import math
@@ -12,9 +12,9 @@ import torch
 
 import pyllmc
 from pyllmc import ops
-from pyllmc.ops.attention import SUPPORTED_HEAD_DIMS, backends_for_head_dim, supports_head_dim
+from pyllmc.ops.attention import SUPPORTED_HEAD_DIMS, attention_reference, backends_for_head_dim, supports_head_dim
+from pyllmc.testing import AttentionCase, assert_flash_close, assert_ok
 from conftest import expect_cuda_backend_device_error, interpreted, simulated
-from tolerances import assert_flash_close
 
 # (B, H, T, D): T = 1, odd T, T just under a power of two, every head dim of GPT-2 sizes
 SHAPES = [(1, 1, 1, 64), (2, 3, 17, 64), (1, 2, 113, 64), (2, 12, 256, 64), (1, 4, 1023, 64),
@@ -24,22 +24,6 @@ GPT2_SHAPE = (4, 12, 1024, 64)  # GPT-2 124M at T = 1024, GPU only
 # and the interpreter runs programs one after another
 CPU_ONE_HEAD = {(2, 12, 256, 64), (1, 4, 1023, 64)}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def plain_attention(q, k, v):
-    """softmax(q k^T / sqrt(D) + causal mask) v in q's dtype, by the textbook formula."""
-    T, D = q.shape[-2], q.shape[-1]
-    scores = q @ k.transpose(-2, -1) / math.sqrt(D)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
-
-
-def plain_with_grads(q, k, v, dout, dtype):
-    """Plain-math output and (dq, dk, dv) computed in `dtype` by autograd."""
-    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
-    out = plain_attention(*leaves)
-    out.backward(dout.to(dtype))
-    return [out.detach()] + [t.grad for t in leaves]
 
 
 def random_qkv(shape, device, dtype, requires_grad=True):
@@ -54,14 +38,13 @@ def skip_unsupported(name, device, shape, dtype):
 
 
 def check_against_reference(name, q, k, v, dout, what=""):
+    """ops.attention on `name` with these operands (leaves, any strides) and upstream gradient;
+    out, dq, dk, dv by pyllmc.testing's attention criterion."""
     out = ops.attention(q, k, v, backend=name)
     out.backward(dout)
-    got = [out.detach(), q.grad, k.grad, v.grad]
-    truth = plain_with_grads(q, k, v, dout, torch.float64)
-    same_dtype = plain_with_grads(q, k, v, dout, q.dtype)
     assert out.dtype == q.dtype and out.shape == q.shape and out.device == q.device
-    for label, g, t, s in zip(("out", "dq", "dk", "dv"), got, truth, same_dtype):
-        assert_flash_close(g, t, s, f"attention {label}{what}")
+    case = AttentionCase({"q": q, "k": k, "v": v}, {"out": dout})
+    assert_ok(case.compare({"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}), f"attention{what}: ")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -118,17 +101,15 @@ def test_attention_strided_qkv(kernel_backend):
     out.backward(dout)
     assert out.is_contiguous()
 
-    qkv_ref = qkv.detach().requires_grad_(True)
-    truth = plain_with_grads(*(t.view(B, T, H, D).transpose(1, 2) for t in qkv_ref.split(H * D, dim=2)),
-                             dout, torch.float64)
-    same = plain_with_grads(*(t.view(B, T, H, D).transpose(1, 2) for t in qkv_ref.split(H * D, dim=2)),
-                            dout, dtype)
-    assert_flash_close(out.detach(), truth[0], same[0], "attention out (strided)")
+    views = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.detach().split(H * D, dim=2))
+    case = AttentionCase(dict(zip(("q", "k", "v"), views)), {"out": dout})
+    truth, same = case.reference(), case.reference(dtype)
+    assert_flash_close(out.detach(), truth["out"], same["out"], "attention out (strided)")
 
-    def stacked(grads):  # (dq, dk, dv) -> d(qkv), in qkv's layout
-        return torch.cat([g.transpose(1, 2).reshape(B, T, H * D) for g in grads], dim=2)
+    def stacked(results):  # (dq, dk, dv) -> d(qkv), in qkv's layout
+        return torch.cat([results[g].transpose(1, 2).reshape(B, T, H * D) for g in ("dq", "dk", "dv")], dim=2)
 
-    assert_flash_close(qkv.grad, stacked(truth[1:]), stacked(same[1:]), "attention d(qkv) (strided)")
+    assert_flash_close(qkv.grad, stacked(truth), stacked(same), "attention d(qkv) (strided)")
 
 
 def _packed_reference(qkv, H, dy, dtype):
@@ -137,7 +118,7 @@ def _packed_reference(qkv, H, dy, dtype):
     D = C3 // (3 * H)
     leaf = qkv.detach().to(dtype).requires_grad_(True)
     q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in leaf.split(C3 // 3, dim=2))
-    y = plain_attention(q, k, v).transpose(1, 2).reshape(B, T, C3 // 3)
+    y = attention_reference(q, k, v, compute_dtype=dtype).transpose(1, 2).reshape(B, T, C3 // 3)
     y.backward(dy.to(dtype))
     return y.detach(), leaf.grad
 
@@ -347,7 +328,7 @@ def test_attention_under_torch_compile(kernel_backend):
     out = f(q, k, v)
     out.backward(dout)
     q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    want = plain_attention(q2 * 2.0, k2, v2)
+    want = attention_reference(q2 * 2.0, k2, v2, compute_dtype=torch.float64)
     want.backward(dout.double())
     torch.testing.assert_close(out.detach().double() - 1.0, want.detach(), rtol=1e-5, atol=1e-5)
     for got, ref in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):

@@ -2,34 +2,21 @@
 its code path on CPU tensors at tiny sizes, that the step benchmark's PyTorch baseline is the
 same model as pyllmc's GPT, and that the report is computed right from known rows."""
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "dev" / "bench"
+from bench import common, step  # dev/bench/, the package bench: pytest puts dev/ on sys.path
+from bench import run as bench_run
+from bench.common import Row
 
 
-@pytest.fixture(scope="module")
-def bench_run():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("run")
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-def test_every_benchmark_module_imports(bench_run):
+def test_every_benchmark_module_imports():
     assert bench_run.MODULES, "no benchmark modules listed"
     for name in bench_run.MODULES:
-        module = importlib.import_module(name)
+        module = bench_run.benchmark_module(name)
         assert callable(getattr(module, "run", None)), f"dev/bench/{name}.py has no run()"
 
 
-def test_report_numbers(bench_run):
-    from common import Row
-
+def test_report_numbers():
     rows = [
         Row("gelu_forward", "torch eager", ms=2.0, bytes=4 * 10**9),
         Row("gelu_forward", "cuda", ms=1.0, bytes=4 * 10**9),
@@ -49,9 +36,7 @@ def test_report_numbers(bench_run):
     assert "x" not in lines["torch eager/gelu_forward"].split("|")[-2]  # baselines have no speedup column
 
 
-def test_step_rows_report(bench_run):
-    from common import Row
-
+def test_step_rows_report():
     shape = "GPT-2 124M, B=16, T=1024, bfloat16"
     rows = [Row("train_step", "cuda", ms=100.0, flops=10**14, shape=shape, tokens_per_s=163840.0, mfu=0.41,
                 peak_memory_bytes=20 * 2**30),
@@ -75,11 +60,6 @@ def test_step_baseline_is_the_same_model():
 
     from pyllmc.model import GPT, GPTConfig
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        step = importlib.import_module("step")
-    finally:
-        sys.path.remove(str(BENCH))
     config = GPTConfig(block_size=16, vocab_size=100, padded_vocab_size=128, n_layer=2, n_head=2, n_embd=32)
     ours = GPT(config, seed=0)
     baseline = step.NanoGPT(config)
@@ -91,11 +71,10 @@ def test_step_baseline_is_the_same_model():
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got, want)
 
 
-def test_every_kernel_benchmark_runs_on_cpu(bench_run, monkeypatch):
+def test_every_kernel_benchmark_runs_on_cpu(monkeypatch):
     """Each op module's code path (its calls into pyllmc's raw kernel functions, whose signatures
     the GPU run depends on) at tiny sizes on CPU tensors, one call per timing. GPU-only
     baselines (SDPA's flash / cuDNN kernels) skip themselves, as they do on a GPU without them."""
-    import common
     import pyllmc
 
     monkeypatch.setattr(common, "_quick", True)  # eager baselines: no torch.compile on the CPU
@@ -105,7 +84,7 @@ def test_every_kernel_benchmark_runs_on_cpu(bench_run, monkeypatch):
     for name in bench_run.MODULES:
         if name == "step":  # its own CPU path: the GPU check's dry run
             continue
-        module = importlib.import_module(name)
+        module = bench_run.benchmark_module(name)
         monkeypatch.setattr(module, "bench_ms", lambda fn, *args, **kwargs: (fn(), 1.0)[1])
         for attr, value in sizes.get(name, {}).items():
             monkeypatch.setattr(module, attr, value)

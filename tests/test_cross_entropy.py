@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 import pyllmc
 from pyllmc import ops
+from pyllmc.testing import CrossEntropyCase, assert_ok
 from conftest import cuda_extension_modules, expect_cuda_backend_device_error
-from tolerances import assert_flash_close
 
 VP = 50304  # GPT-2's padded vocabulary
 V_GPT2 = 50257
@@ -18,53 +18,23 @@ DTYPES = [torch.float32, torch.bfloat16]
 # ---- references and comparisons -------------------------------------------------------------
 
 def reference(logits, targets, ignore_index=-1, dloss=None, dtype=torch.float64):
-    """Loss and dlogits by PyTorch autograd with pyllmc's conventions (mean over the rows not
-    ignored, 0.0 when all are), computed in `dtype` (float64: the truth; the kernel's dtype:
-    PyTorch's own error, for the flash-attention criterion)."""
-    x = logits.detach().cpu().to(dtype).requires_grad_(True)
-    t = targets.long().cpu()
-    n_valid = (t != ignore_index).sum().clamp(min=1)
-    loss = F.cross_entropy(x, t, ignore_index=ignore_index, reduction="sum") / n_valid
-    loss.backward(torch.ones((), dtype=dtype) if dloss is None else dloss.cpu().to(dtype))
-    return loss.detach(), x.grad
+    """Loss and dlogits of pyllmc.testing's cross-entropy reference (PyTorch autograd with pyllmc's
+    conventions: mean over the rows not ignored, 0.0 when all are), computed in `dtype`, on the CPU."""
+    ref = CrossEntropyCase(logits, targets, dloss, ignore_index=ignore_index).reference(dtype)
+    return ref["loss"].cpu(), ref["dlogits"].cpu()
 
 
 def assert_loss_close(loss, logits, targets, ignore_index=-1, name="loss"):
-    assert loss.dtype == torch.float32 and loss.dim() == 0, f"{name}: expected a float32 scalar, got {loss}"
-    truth, _ = reference(logits, targets, ignore_index)
-    same_dtype, _ = reference(logits, targets, ignore_index, dtype=logits.dtype)
-    # The loss is one fp32 number whose rounding alone is half an ulp of its size: at a confident
-    # wrong loss of ~1e4 that is 5e-4, far above FLASH_EPS. PyTorch's fp32 result can land on the
-    # correctly rounded value by luck, so "2 x torch's error" does not cover it; allow 4 ulps.
-    ulps = 4 * torch.finfo(torch.float32).eps * truth.abs().item()
-    if abs(loss.detach().cpu().double().item() - truth.double().item()) <= ulps:
-        return
-    assert_flash_close(loss.detach().cpu(), truth, same_dtype, name)
+    """A float32 scalar, by pyllmc.testing's criterion for the loss (flash-attention's, or within 4 fp32 ulps)."""
+    case = CrossEntropyCase(logits, targets, ignore_index=ignore_index)
+    assert_ok(case.compare({"loss": loss.detach()}), f"{name}: ")
 
 
 def assert_grad_close(grad, logits, targets, dloss, ignore_index=-1, name="dlogits"):
-    """Flash criterion on gradients scaled so the largest reference entry is 1: at V = 50257
-    the entries are ~1e-5, and an absolute epsilon alone could not fail."""
-    assert grad.dtype == logits.dtype and grad.shape == logits.shape, name
-    _, truth = reference(logits, targets, ignore_index, dloss)
-    _, same_dtype = reference(logits, targets, ignore_index, dloss, dtype=logits.dtype)
-    # The kernels keep each row's log-sum-exp as one fp32 number and take p = exp(x - lse): its
-    # rounding, up to half an ulp of |lse|, is that relative error in every probability of the row.
-    # At |logits| ~ 1e4 (ulp(3e4) = 0.002) a row whose top two logits nearly tie has p ~ 0.3 off by
-    # ~6e-4 of the largest entry, where PyTorch (exp(x - max) / sum) is exact to 1e-7. Allowed, per
-    # element, on top of the flash criterion: p x 2 ulps of |lse| x |dloss| / n_valid.
-    x = logits.detach().cpu().double()
-    lse = torch.logsumexp(x, dim=1, keepdim=True)  # (N, 1)
-    t = targets.long().cpu()
-    rows = (t != ignore_index).double().unsqueeze(1)  # (N, 1): ignored rows have no gradient
-    n_valid = rows.sum().clamp(min=1)
-    lse_rounding = torch.exp(x - lse) * 2 * torch.finfo(torch.float32).eps * lse.abs() * rows
-    slack = lse_rounding * (1.0 if dloss is None else abs(float(dloss))) / n_valid
-    diff = grad.detach().cpu().double() - truth
-    actual = truth + diff.sign() * (diff.abs() - slack).clamp(min=0)  # each element moved <= its slack
-    scale = truth.abs().max().clamp(min=1e-30)
-    assert_flash_close((actual / scale).to(grad.dtype), truth / scale,
-                       (same_dtype.double() / scale).to(grad.dtype), name)
+    """By pyllmc.testing's criterion for dlogits: flash-attention's on gradients scaled so the largest
+    reference entry is 1, less each row's log-sum-exp rounding."""
+    case = CrossEntropyCase(logits, targets, dloss, ignore_index=ignore_index)
+    assert_ok(case.compare({"dlogits": grad.detach()}), f"{name}: ")
 
 
 def random_targets(N, V, device, ignore_every=0, ignore_index=-1):
@@ -527,19 +497,24 @@ def test_cuda_launchers_check_sizes():
     if not modules:
         pytest.skip("neither pyllmc._C nor the CUDA simulator is built here")
     p = 256  # any non-null address: the checks run first
+    forward = dict(loss=p, lse=p, n_valid=p, row_losses=p, logits=p, targets=p, ignore_index=-1, dtype=0, stream=0)
+    backward = dict(dlogits=p, logits=p, targets=p, lse=p, n_valid=p, dloss=p, ignore_index=-1, dtype=0, stream=0)
+    fused = dict(loss=p, n_valid=p, row_losses=p, logits=p, targets=p, ignore_index=-1, loss_scale=1.0, dtype=0,
+                 stream=0)
     for ext in modules:
         with pytest.raises(ValueError, match="row_stride must be >= V"):
-            ext.cross_entropy_forward(p, p, p, p, p, p, 4, 100, 99, -1, 0, 0)
+            ext.cross_entropy_forward(**forward, N=4, V=100, row_stride=99)
         with pytest.raises(ValueError, match="V must be in"):
-            ext.cross_entropy_backward(p, p, p, p, p, p, 4, 0, 10, -1, 0, 0)
+            ext.cross_entropy_backward(**backward, N=4, V=0, row_stride=10)
         with pytest.raises(ValueError, match="N must be >= 0"):
-            ext.cross_entropy_fused_forward_backward(p, p, p, p, p, -1, 10, 10, 10, -1, 1.0, 0, 0)
+            ext.cross_entropy_fused_forward_backward(**fused, N=-1, V=10, row_stride=10, pad_end=10)
         with pytest.raises(ValueError, match="pad_end must be in"):
-            ext.cross_entropy_fused_forward_backward(p, p, p, p, p, 4, 10, 12, 13, -1, 1.0, 0, 0)
+            ext.cross_entropy_fused_forward_backward(**fused, N=4, V=10, row_stride=12, pad_end=13)
         with pytest.raises(ValueError, match="null pointer"):
-            ext.cross_entropy_fused_forward_backward(p, p, 0, p, p, 4, 10, 10, 10, -1, 1.0, 0, 0)
+            ext.cross_entropy_fused_forward_backward(**{**fused, "row_losses": 0}, N=4, V=10, row_stride=10,
+                                                     pad_end=10)
         with pytest.raises(ValueError, match="unknown dtype code"):
-            ext.cross_entropy_scale_grad(p, p, 4, 10, 10, 7, 0)
+            ext.cross_entropy_scale_grad(dlogits=p, dloss=p, N=4, V=10, row_stride=10, dtype=7, stream=0)
 
 
 def test_triton_launchers_check_layout():

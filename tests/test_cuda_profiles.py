@@ -9,20 +9,22 @@ compare them; every launch is checked against every GPU's limit; and sm_75 (T4, 
 tensor cores) refuses bf16/fp16 attention with a clear error while everything else runs.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
 import tomllib
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
-from pyllmc import cuda_sim, ops
+import cuda_driver
+import ptxas_report
+from pyllmc import cuda_sim, ops, testing
+from pyllmc.testing import assert_ok
 from test_attention import check_against_reference, random_qkv
 from test_cuda_sim import sim
-from test_layernorm import check_against_torch, run_layernorm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,8 +107,8 @@ def test_layernorm_backward_under_profile(profile, dtype):
     sim()
     with cuda_sim.device_profile(profile):
         for shape in ((37, 1600), (5, 3072)):  # the largest rows of the register kernel (24 KiB of partial sums)
-            got, inputs = run_layernorm("cuda", shape, DTYPES[dtype], torch.device("cpu"))
-            check_against_torch(got, inputs, DTYPES[dtype])
+            case = testing.layernorm_case(shape, DTYPES[dtype], "cpu")
+            case.check(case.run("cuda"))
 
 
 def test_dq_tiles_fit_the_99kb_gpus_and_stay_fast_elsewhere():
@@ -133,14 +135,11 @@ def test_dq_tiles_fit_the_99kb_gpus_and_stay_fast_elsewhere():
 
 @pytest.mark.parametrize("profile", ["sm_86", "sm_90"])
 def test_ptxas_reports_launch_smem_as_the_launchers_give_it(profile):
-    """dev/ptxas_report.py checks static + launch-time shared memory per architecture from its own
+    """dev/ptxas_ptxas_report.py checks static + launch-time shared memory per architecture from its own
     copy of the tile formulas: they must be what the launchers really ask for."""
     sim()
-    spec = importlib.util.spec_from_file_location("ptxas_report", ROOT / "dev" / "ptxas_report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
     arch = profile.removeprefix("sm_")
-    assert report.SMEM_OPTIN[arch] == cuda_sim.DEVICES[profile][1]
+    assert ptxas_report.SMEM_OPTIN[arch] == cuda_sim.DEVICES[profile][1]
     for dtype, elem in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         for d in (64, 128):
             q, k, v = random_qkv((1, 1, 1, d), "cpu", dtype)
@@ -148,11 +147,11 @@ def test_ptxas_reports_launch_smem_as_the_launchers_give_it(profile):
                 cuda_sim.reset_stats()
                 ops.attention(q, k, v, backend="cuda").backward(torch.ones(1, 1, 1, d).to(dtype))
             (fwd,), (dkdv,), (dq,) = (launches_of(n) for n in ("forward_kernel", "dkdv_kernel", "dq_kernel"))
-            assert fwd["smem"] == report.dynamic_smem(f"attention_forward_tc_kernel<{elem}, {d}>")
-            assert dkdv["smem"] == report.dynamic_smem(f"attention_backward_dkdv_tc_kernel<{elem}, {d}>")
+            assert fwd["smem"] == ptxas_report.dynamic_smem(f"attention_forward_tc_kernel<{elem}, {d}>")
+            assert dkdv["smem"] == ptxas_report.dynamic_smem(f"attention_backward_dkdv_tc_kernel<{elem}, {d}>")
             used = [f"attention_backward_dq_tc_kernel<{elem}, {d}, {keys}>" for keys in (64, 32)
-                    if report.launched_on(f"attention_backward_dq_tc_kernel<{elem}, {d}, {keys}>", arch)]
-            assert len(used) == 1 and dq["smem"] == report.dynamic_smem(used[0])
+                    if ptxas_report.launched_on(f"attention_backward_dq_tc_kernel<{elem}, {d}, {keys}>", arch)]
+            assert len(used) == 1 and dq["smem"] == ptxas_report.dynamic_smem(used[0])
 
 
 @pytest.mark.parametrize("name", [n for n in cuda_sim.DEVICES if n != "sm_75"])
@@ -160,20 +159,15 @@ def test_every_launch_fits_every_gpu(name):
     """Every launcher (dev/cuda_driver.py's cases at their smallest, where the shared memory is the
     same as at any size) runs on each GPU, and each launch stays within its shared-memory limit."""
     sim()
-    sys.path.insert(0, str(ROOT / "dev"))
-    try:
-        import cuda_driver
-    finally:
-        sys.path.remove(str(ROOT / "dev"))
     small = [c for c in cuda_driver.all_cases()
              if ("attention" in c.name and "T=1 " in c.name) or ("layernorm" in c.name and "C=1600" in c.name)]
     small += [cuda_driver.Case("attention B=1 H=1 T=1 D=128 bf16", torch.bfloat16,
-                               cuda_driver.attention_case(1, 1, 1, 128))]
+                               partial(testing.attention_case, (1, 1, 1, 128)))]
     assert len(small) >= 8
     with cuda_sim.device_profile(name) as info:
         cuda_sim.reset_stats()
         for case in small:
-            case.run("cuda", case.dtype, torch.device("cpu"), torch.Generator().manual_seed(0))
+            case.op_case(torch.device("cpu"), seed=0).run("cuda")
         seen = cuda_sim.launches()
     assert {"forward_kernel", "dkdv_kernel", "dq_kernel"} <= {launch["name"] for launch in seen}
     too_big = [launch for launch in seen if launch["smem"] > info["smem_per_block_optin"]]
@@ -201,21 +195,14 @@ def test_sm75_refuses_16_bit_attention_clearly(dtype):
 
 def test_sm75_runs_float32_attention_and_every_other_op():
     sim()
-    sys.path.insert(0, str(ROOT / "dev"))
-    try:
-        import cuda_driver
-    finally:
-        sys.path.remove(str(ROOT / "dev"))
-    cases = [c for c in cuda_driver.all_cases() if c.checked and "50257" not in c.name and "8200" not in c.name
+    cases = [c for c in cuda_driver.all_cases() if "50257" not in c.name and "8200" not in c.name
              and c.dtype != torch.float16 and ("attention" not in c.name or c.dtype == torch.float32)]
     assert {c.name.split()[0] for c in cases} == {"gelu", "layernorm", "fused_residual_layernorm", "cross_entropy",
                                                   "attention", "adamw"}
     with cuda_sim.device_profile("sm_75"):
         for index, case in enumerate(cases):
-            got = case.run("cuda", case.dtype, torch.device("cpu"), torch.Generator().manual_seed(index))
-            want = case.run("torch", case.dtype, torch.device("cpu"), torch.Generator().manual_seed(index))
-            error = cuda_driver.max_relative_error(got, want)
-            assert error <= cuda_driver.CHECK_TOLERANCE[case.dtype], (case.name, error)
+            op_case = case.op_case(torch.device("cpu"), seed=index)
+            assert_ok(op_case.compare(op_case.run("cuda")), f"{case.name}: ")
         q, k, v = random_qkv((1, 2, 70, 64), "cpu", torch.float32)
         check_against_reference("cuda", q, k, v, torch.randn(1, 2, 70, 64), " (sm_75)")
 

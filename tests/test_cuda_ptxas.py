@@ -13,17 +13,10 @@ per-GPU dQ tiles); the other files' code is the same everywhere, and all of them
 for sm_90 (the whole set for every arch: `python dev/ptxas_report.py --arch all --check`).
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+import ptxas_report  # dev/ptxas_report.py (pytest puts dev/ on sys.path)
 from pyllmc._toolchain import find_cuda_home
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("ptxas_report", ROOT / "dev" / "ptxas_report.py")
-ptxas_report = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ptxas_report)
 
 # Every kernel csrc/ launches, by file; the kernels templated on the storage type must
 # appear for each dtype they take.

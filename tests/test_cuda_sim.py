@@ -6,7 +6,6 @@ The [cuda] tests of the other files check the kernels' answers on the simulator;
 checks the simulator, and that the kernels' answers do not depend on the order threads run in.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import cuda_driver  # dev/cuda_driver.py (pytest puts dev/ on sys.path)
 from pyllmc import cuda_sim
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,14 +29,6 @@ def sim():
         return cuda_sim.load()
     except cuda_sim.BuildError as err:
         pytest.skip(f"the CUDA simulator cannot be built here: {err}")
-
-
-def driver():
-    spec = importlib.util.spec_from_file_location("cuda_driver", ROOT / "dev" / "cuda_driver.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cuda_driver"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def ptr(a: np.ndarray) -> int:
@@ -155,7 +147,7 @@ def test_mma_m16n8k16_follows_the_fragment_layouts(bf16):
             b[lane, i] = _pack(_bits16(B[k:k + 1, g], bf16), _bits16(B[k + 1:k + 2, g], bf16))[0]
         c[lane] = [C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1]]
     d = np.zeros((32, 4), np.float32)
-    m.selftest_mma(ptr(d), ptr(a), ptr(b), ptr(c), bf16)
+    m.selftest_mma(d=ptr(d), a=ptr(a), b=ptr(b), c=ptr(c), bf16=bf16)
     want = A @ B + C
     got = np.zeros((16, 8))
     for lane in range(32):
@@ -174,7 +166,8 @@ def test_ldmatrix_follows_the_isa(matrices, trans):
     image = rng.integers(0, 2**16, size=40 * 8, dtype=np.uint16)  # 40 rows of 8 elements (16 bytes)
     offsets = (rng.permutation(40)[:32] * 8).astype(np.int32)      # each lane's row, anywhere in the image
     out = np.zeros((32, 4), np.uint32)
-    m.selftest_ldmatrix(ptr(out), ptr(image), image.size, ptr(offsets), matrices, trans)
+    m.selftest_ldmatrix(out=ptr(out), image=ptr(image), image_elems=image.size, offsets=ptr(offsets),
+                        matrices=matrices, trans=trans)
     for mat in range(matrices):
         tile = np.stack([image[offsets[8 * mat + r]:offsets[8 * mat + r] + 8] for r in range(8)]).astype(np.uint32)
         if trans:
@@ -195,7 +188,7 @@ def test_cp_async_groups_zero_fill_and_the_two_landing_models(mode):
     after_first = np.zeros((32, 3, 16), np.uint8)
     after_all = np.zeros((32, 3, 16), np.uint8)
     with cuda_sim.schedule(cp_async=mode):
-        m.selftest_cp_async(ptr(after_first), ptr(after_all), ptr(src))
+        m.selftest_cp_async(after_first=ptr(after_first), after_all=ptr(after_all), src=ptr(src))
     copies = src.reshape(3, 32, 16).transpose(1, 0, 2)  # [thread][group][byte]
     landed = copies.copy()
     landed[:, 1, 5:] = 0
@@ -227,7 +220,7 @@ def test_shuffles(mode, b, width):
     m = sim()
     values = (np.arange(32, dtype=np.int32) * 10 + 1)
     out = np.zeros(32, np.int32)
-    m.selftest_shfl(ptr(out), ptr(values), mode, b, width, 0xFFFFFFFF)
+    m.selftest_shfl(out=ptr(out), values=ptr(values), mode=mode, b=b, width=width, mask=0xFFFFFFFF)
     want = [values[_shfl_model(mode, lane, b, width)] for lane in range(32)]
     np.testing.assert_array_equal(out, want)
 
@@ -237,7 +230,7 @@ def test_votes_with_a_partial_mask():
     predicates = np.array([lane % 3 == 0 for lane in range(32)], np.int32)
     mask = 0x00FF00FF
     out = np.full((32, 3), 7, np.uint32)
-    m.selftest_vote(ptr(out), ptr(predicates), mask)
+    m.selftest_vote(out=ptr(out), predicates=ptr(predicates), mask=mask)
     ballot = sum(1 << lane for lane in range(32) if predicates[lane] and mask >> lane & 1)
     for lane in range(32):
         if mask >> lane & 1:
@@ -250,14 +243,14 @@ def test_syncthreads_count():
     m = sim()
     predicates = (np.arange(96) % 5 == 0).astype(np.int32)
     out = np.zeros(96, np.int32)
-    m.selftest_syncthreads_count(ptr(out), ptr(predicates), 96)
+    m.selftest_syncthreads_count(out=ptr(out), predicates=ptr(predicates), threads=96)
     assert (out == predicates.sum()).all()
 
 
 def test_uninitialized_static_shared_memory_reads_as_nan():
     m = sim()
     out = np.zeros(4, np.float32)
-    m.selftest_static_shared(ptr(out))
+    m.selftest_static_shared(out=ptr(out))
     assert (out.view(np.uint32) == 0xFFFFFFFF).all()
 
 
@@ -269,7 +262,7 @@ def _order(blocks, threads):
     m = sim()
     order = np.full((blocks, 2 * threads), -1, np.int32)
     counter = np.zeros(blocks, np.int32)
-    m.selftest_order(ptr(order), ptr(counter), blocks, threads)
+    m.selftest_order(order=ptr(order), counter=ptr(counter), blocks=blocks, threads=threads)
     return order
 
 
@@ -324,24 +317,70 @@ def test_misuse_is_a_clear_launch_error(case, arg, match):
     m = sim()
     out = np.zeros(64, np.float32)
     with pytest.raises(RuntimeError, match=match) as info:
-        m.selftest_misuse(case, ptr(out) if case != "bad_global" else 0, arg)
+        m.selftest_misuse(which=case, out=ptr(out) if case != "bad_global" else 0, arg=arg)
     assert "pyllmc CUDA error" in str(info.value)
     # the simulator carries on: the next launch runs normally
-    m.selftest_misuse("smem_with_optin", ptr(out), 0)
+    m.selftest_misuse(which="smem_with_optin", out=ptr(out))
 
 
 def test_opted_in_dynamic_shared_memory_launches():
     m = sim()
     out = np.zeros(1, np.int32)
-    m.selftest_misuse("smem_with_optin", ptr(out), 0)
+    m.selftest_misuse(which="smem_with_optin", out=ptr(out))
     assert out[0] == 2
+
+
+# ---- the extension's calling convention -----------------------------------------------------------
+
+def _parameters(function) -> list[str]:
+    """The parameters of a pybind11 function, read from the signature on its docstring's first
+    line (e.g. 'gelu_forward(*, out: int, inp: int, ...) -> None' gives ['*', 'out: int', ...])."""
+    line = function.__doc__.splitlines()[0]
+    inside = line[line.index("(") + 1:line.rindex(") -> ")]
+    params, depth, start = [], 0, 0
+    for i, ch in enumerate(inside):
+        depth += ch in "[("
+        depth -= ch in "])"
+        if ch == "," and depth == 0:
+            params.append(inside[start:i].strip())
+            start = i + 1
+    return params + [inside[start:].strip()] if inside.strip() else params
+
+
+def test_launchers_take_keywords_only():
+    """The launchers take rows of bare integers, where two swapped pointers would still run: a
+    positional call raises TypeError (and launches nothing), a call by name runs."""
+    from pyllmc.ops._common import dtype_code
+
+    m = sim()
+    x = torch.randn(37)
+    out = torch.full_like(x, float("nan"))
+    args = dict(out=out.data_ptr(), inp=x.data_ptr(), n=x.numel(), dtype=dtype_code(x), stream=0)
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        m.gelu_forward(*args.values())
+    assert out.isnan().all(), "a refused call must not launch"
+    m.gelu_forward(**args)
+    torch.testing.assert_close(out, torch.nn.functional.gelu(x, approximate="tanh"), rtol=1e-5, atol=1e-6)
+
+    # Every function of the module that takes more than one argument, launchers and the
+    # simulator's controls alike, is declared keyword-only (its signature opens with '*').
+    positional = []
+    for name in dir(m):
+        function = getattr(m, name)
+        if name.startswith("_") or not callable(function) or not function.__doc__:
+            continue
+        params = _parameters(function)
+        if len(params) > 1 and params[0] != "*":
+            positional.append(f"{name}({', '.join(params)})")
+    assert len(_parameters(m.gelu_forward)) == 6 and len(_parameters(m.selftest_mma)) == 6
+    assert not positional, f"functions that still take positional arguments: {positional}"
 
 
 # ---- the kernels of csrc/ do not depend on the schedule ------------------------------------------
 
 def _digests(schedule, seed=0, cp_async="at_wait", greedy=False):
     with cuda_sim.schedule(schedule, seed, cp_async, greedy):
-        return {r.name: r.digest for r in driver().run_cases()}
+        return {r.name: r.digest for r in cuda_driver.run_cases()}
 
 
 def test_every_launcher_gives_the_same_bits_in_every_schedule():
@@ -363,10 +402,11 @@ def test_every_launcher_gives_the_same_bits_in_every_schedule():
 
 
 def test_the_driver_matches_the_torch_backend():
-    """The driver's own smoke check (fp16 included, which the op tests leave to the GPU)."""
+    """The driver's check: every launcher's outputs by pyllmc.testing's criteria, fp16 included (which
+    the op tests mostly leave to the GPU)."""
     sim()
-    results = driver().run_cases(check=True)
-    bad = [(r.name, r.max_error) for r in results if not r.ok]
+    results = cuda_driver.run_cases(check=True)
+    bad = [(r.name, r.problems) for r in results if not r.ok]
     assert not bad, bad
 
 

@@ -13,7 +13,6 @@ import copy
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -544,13 +543,8 @@ def test_trainer_warns_on_broken_runs(shards, tmp_path):
     assert "update/weight ratio" not in result.stdout
 
 
-def test_trainer_refuses_a_negative_diagnostics_every(capsys):
-    sys.path.insert(0, str(REPO))
-    try:
-        import train_gpt2
-    finally:
-        sys.path.pop(0)
-    assert train_gpt2.main(["--diagnostics_every", "-1", "--device", "cpu"]) == 2
+def test_trainer_refuses_a_negative_diagnostics_every(trainer, capsys):
+    assert trainer.main(["--diagnostics_every", "-1", "--device", "cpu"]) == 2
     assert "--diagnostics_every must be >= 0 (0: off); got -1" in capsys.readouterr().err
 
 
@@ -582,11 +576,8 @@ def test_two_processes_record_what_one_does(shards, healthy_run, tmp_path):
 
 def test_plot_draws_the_diagnostics(healthy_run, tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="dev/plot.py needs matplotlib (the test extra installs it)")
-    import importlib.util
+    import plot  # dev/plot.py (pytest puts dev/ on sys.path)
 
-    spec = importlib.util.spec_from_file_location("plot", REPO / "dev" / "plot.py")
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
     _, _, _, out = healthy_run
     argv = [str(out / "main.jsonl"), "--diagnostics", "-o", str(tmp_path / "fig")]
     plot.main([*argv, "--step", "3"])

@@ -6,19 +6,18 @@ import torch.nn.functional as F
 
 import pyllmc
 from pyllmc import ops
+from pyllmc import testing
+from pyllmc.testing import GeluCase, assert_elementwise_close
 from conftest import expect_cuda_backend_device_error, interpreted
-from tolerances import assert_elementwise_close
 
 SHAPES = [(0,), (1,), (7,), (1023,), (3 * 1024 + 3,), (37, 199), (4, 64, 3072)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def reference(x: torch.Tensor, dout: torch.Tensor):
-    """float64 forward and input gradient from PyTorch autograd."""
-    x64 = x.detach().double().cpu().requires_grad_(True)
-    y64 = F.gelu(x64, approximate="tanh")
-    y64.backward(dout.double().cpu())
-    return y64.detach(), x64.grad
+    """float64 forward and input gradient from PyTorch autograd (pyllmc.testing's gelu case)."""
+    truth = GeluCase({"x": x}, {"y": dout}).reference()
+    return truth["y"], truth["dx"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -27,16 +26,10 @@ def test_gelu_matches_torch(kernel_backend, shape, dtype):
     name, device = kernel_backend
     if interpreted(name, device) and shape == (4, 64, 3072) and dtype != torch.float32:
         pytest.skip("large low-precision shape: covered in float32 under the interpreter, all dtypes on GPU")
-    x = (3 * torch.randn(shape, device=device)).to(dtype).requires_grad_(True)
-    dout = torch.randn(shape, device=device).to(dtype)
-
-    y = ops.gelu(x, backend=name)
-    y.backward(dout)
-    y_ref, dx_ref = reference(x, dout)
-
-    assert y.dtype == dtype and y.device == x.device
-    assert_elementwise_close(y.detach(), y_ref, "gelu forward")
-    assert_elementwise_close(x.grad, dx_ref, "gelu dx")
+    case = testing.gelu_case(shape, dtype, device)
+    got = case.run(name)
+    assert got["y"].dtype == dtype and got["y"].device == case.device
+    case.check(got)  # y and dx, elementwise against float64 autograd
 
 
 def test_gelu_extreme_values(kernel_backend):

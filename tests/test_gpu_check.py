@@ -2,7 +2,6 @@
 the CPU, through the same script; the smoke's crash isolation is exercised with injected
 faults; and the verdicts are checked on logs of the failures a GPU run can produce."""
 
-import importlib.util
 import json
 import os
 import re
@@ -12,22 +11,16 @@ from pathlib import Path
 
 import pytest
 
+import gpu_check_report
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT_FILES = {"build.log", "smoke.jsonl", "smoke.log", "tests.log", "sanitizer.log", "bench.log", "bench.json",
              "summary.md"}
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def report():
-    return _load("gpu_check_report_under_test", ROOT / "dev" / "gpu_check_report.py")
+    return gpu_check_report
 
 
 def _env(**extra):
@@ -220,13 +213,13 @@ def test_summary_first_line(report, tmp_path):
 
 def test_report_needs_no_torch(tmp_path):
     """The summary must be written even when the environment it reports on is broken."""
-    code = (f"import sys; sys.modules['torch'] = None; sys.path.insert(0, {str(ROOT / 'dev')!r}); "
-            "import gpu_check_report as r; "
+    code = ("import sys; sys.modules['torch'] = None; "
+            "import gpu_check_report as r; "  # found in the working directory, dev/ (python -c looks there first)
             f"sys.exit(r.main(['--out', {str(tmp_path)!r}, '--stage', 'bench|ran|0|1|120|', '--final']))")
     env = {"gpu": "NVIDIA H200", "date": "2030-01-01 00:00 UTC"}
     (tmp_path / "bench.json").write_text(json.dumps({"environment": env, "ceilings": None, "rows": [], "failures": [],
                                                      "complete": True}))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "dev", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr  # FAILED (no step rows, other stages missing), but written
     text = (tmp_path / "summary.md").read_text()
     assert text.startswith("# GPU check: FAILED") and "no train_step row" in text

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 import pyllmc
 from pyllmc import ops
+from pyllmc import testing
+from pyllmc.testing import LayerNormCase, assert_elementwise_close, assert_ok
 from conftest import expect_cuda_backend_device_error, interpreted
-from tolerances import assert_elementwise_close, assert_flash_close
 
 GPT2_C = (768, 1024, 1280, 1600)
 # 1, 17: not a multiple of the 128-bit vector width (scalar path); 760, 1128: whole vectors,
@@ -18,74 +19,21 @@ ODD_C = (1, 17, 760, 1128)
 ROWS = (1, 37, 199)
 
 
-def make_inputs(shape, dtype, device, *, fused=False):
-    """x, weight, bias (and residual), all requiring grad, plus random grads for the outputs."""
-    C = shape[-1]
-
-    def leaf(t):
-        return t.to(dtype).requires_grad_(True)
-
-    x = leaf(torch.randn(shape, device=device) * 2 + 0.5)
-    weight = leaf(1 + 0.5 * torch.randn(C, device=device))
-    bias = leaf(0.5 * torch.randn(C, device=device))
-    dy = torch.randn(shape, device=device).to(dtype)
-    if not fused:
-        return x, weight, bias, dy
-    residual = leaf(torch.randn(shape, device=device))
-    dh = torch.randn(shape, device=device).to(dtype)
-    return residual, x, weight, bias, dy, dh
+def run_case(backend, shape, dtype, device, *, fused=False, eps=1e-5):
+    """(case, its results on `backend`): pyllmc.testing's layernorm case (fused: with a residual),
+    forward and every gradient. case.check(results) compares all of them with float64 autograd:
+    h elementwise (one rounding of residual + x), the rest bounded by 2x PyTorch's own error in
+    `dtype` (+ the table's epsilon)."""
+    case = testing.layernorm_case(shape, dtype, device, fused=fused, eps=eps)
+    got = case.run(backend)
+    for name in case.outputs:
+        assert got[name].shape == shape and got[name].device == case.device, name
+    return case, got
 
 
-def torch_reference(x, weight, bias, dy, eps=1e-5, *, residual=None, dh=None, dtype=torch.float64):
-    """Outputs and gradients from PyTorch autograd, every input cast to `dtype`, on CPU."""
-    def leaf(t):
-        return t.detach().cpu().to(dtype).requires_grad_(True)
-
-    xs, ws, bs = leaf(x), leaf(weight), leaf(bias)
-    out = {}
-    if residual is not None:
-        rs = leaf(residual)
-        h = rs + xs
-        y = F.layer_norm(h, (h.shape[-1],), ws, bs, eps)
-        torch.autograd.backward([h, y], [dh.cpu().to(dtype), dy.cpu().to(dtype)])
-        out.update(h=h.detach(), dresidual=rs.grad)
-    else:
-        y = F.layer_norm(xs, (xs.shape[-1],), ws, bs, eps)
-        y.backward(dy.cpu().to(dtype))
-    out.update(y=y.detach(), dx=xs.grad, dweight=ws.grad, dbias=bs.grad)
-    return out
-
-
-def check_against_torch(got: dict, inputs: dict, dtype) -> None:
-    """got: name -> kernel result; every name is compared with float64 autograd, bounded by
-    2x PyTorch's own error in `dtype` (+ the table's epsilon)."""
-    ref = torch_reference(**inputs)
-    same = torch_reference(**inputs, dtype=dtype)
-    for name, value in got.items():
-        assert value.dtype == dtype, f"{name}: dtype {value.dtype}, expected {dtype}"
-        if name == "h":  # one rounding of residual + x
-            assert_elementwise_close(value, ref[name], name)
-        else:
-            assert_flash_close(value, ref[name], same[name], name)
-
-
-def run_layernorm(backend, shape, dtype, device, eps=1e-5):
-    x, weight, bias, dy = make_inputs(shape, dtype, device)
-    y = ops.layernorm(x, weight, bias, eps, backend=backend)
-    assert y.shape == x.shape and y.device == x.device
-    y.backward(dy)
-    got = dict(y=y.detach(), dx=x.grad, dweight=weight.grad, dbias=bias.grad)
-    return got, dict(x=x, weight=weight, bias=bias, dy=dy, eps=eps)
-
-
-def run_fused(backend, shape, dtype, device, eps=1e-5):
-    residual, x, weight, bias, dy, dh = make_inputs(shape, dtype, device, fused=True)
-    h, y = ops.fused_residual_layernorm(residual, x, weight, bias, eps, backend=backend)
-    assert h.shape == y.shape == x.shape
-    torch.autograd.backward([h, y], [dh, dy])
-    got = dict(h=h.detach(), y=y.detach(), dx=x.grad, dresidual=residual.grad, dweight=weight.grad,
-               dbias=bias.grad)
-    return got, dict(x=x, weight=weight, bias=bias, dy=dy, eps=eps, residual=residual, dh=dh)
+def leaf_inputs(case, *names):
+    """The case's inputs `names` as leaves that require grad, for the tests that call the ops themselves."""
+    return [case.inputs[name].requires_grad_(True) for name in names]
 
 
 SHAPE_CASES = [(rows, C) for C in GPT2_C + ODD_C for rows in ROWS]
@@ -103,8 +51,8 @@ def skip_slow_under_interpreter(name, device, rows, C):
 def test_layernorm_matches_torch(kernel_backend, rows, C, dtype):
     name, device = kernel_backend
     skip_slow_under_interpreter(name, device, rows, C)
-    got, inputs = run_layernorm(name, (rows, C), dtype, device)
-    check_against_torch(got, inputs, dtype)
+    case, got = run_case(name, (rows, C), dtype, device)
+    case.check(got)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -112,25 +60,25 @@ def test_layernorm_matches_torch(kernel_backend, rows, C, dtype):
 def test_fused_residual_layernorm_matches_torch(kernel_backend, rows, C, dtype):
     name, device = kernel_backend
     skip_slow_under_interpreter(name, device, rows, C)
-    got, inputs = run_fused(name, (rows, C), dtype, device)
-    check_against_torch(got, inputs, dtype)
+    case, got = run_case(name, (rows, C), dtype, device, fused=True)
+    case.check(got)
 
 
 @pytest.mark.parametrize("shape", [(37, 768), (5, 17), (3, 1600)])
 @pytest.mark.parametrize("fused", [False, True])
 def test_float16(kernel_backend, shape, fused):
     name, device = kernel_backend
-    got, inputs = (run_fused if fused else run_layernorm)(name, shape, torch.float16, device)
-    check_against_torch(got, inputs, torch.float16)
+    case, got = run_case(name, shape, torch.float16, device, fused=fused)
+    case.check(got)
 
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_3d_input_and_eps(kernel_backend, fused):
     """(B, T, C) input, leading dims flattened into rows; a non-default eps."""
     name, device = kernel_backend
-    got, inputs = (run_fused if fused else run_layernorm)(name, (2, 7, 768), torch.float32, device, eps=1e-3)
+    case, got = run_case(name, (2, 7, 768), torch.float32, device, fused=fused, eps=1e-3)
     assert got["y"].shape == (2, 7, 768)
-    check_against_torch(got, inputs, torch.float32)
+    case.check(got)
 
 
 @pytest.mark.parametrize("C", [4099, 8192])
@@ -138,8 +86,8 @@ def test_3d_input_and_eps(kernel_backend, fused):
 def test_large_C(kernel_backend, C, fused):
     """Rows too wide for the CUDA kernels' registers (scalar 4099, bf16 vectors 8192)."""
     name, device = kernel_backend
-    got, inputs = (run_fused if fused else run_layernorm)(name, (3, C), torch.bfloat16, device)
-    check_against_torch(got, inputs, torch.bfloat16)
+    case, got = run_case(name, (3, C), torch.bfloat16, device, fused=fused)
+    case.check(got)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -147,8 +95,8 @@ def test_many_rows_many_blocks(kernel_backend, fused):
     """Enough rows that the backward's partial sums span many blocks / programs."""
     name, device = kernel_backend
     rows = 2053 if device.type == "cuda" else 1031
-    got, inputs = (run_fused if fused else run_layernorm)(name, (rows, 64), torch.float32, device)
-    check_against_torch(got, inputs, torch.float32)
+    case, got = run_case(name, (rows, 64), torch.float32, device, fused=fused)
+    case.check(got)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -186,18 +134,15 @@ def test_deterministic(kernel_backend, fused):
     """Forward and backward twice from the same inputs: bitwise equal results."""
     name, device = kernel_backend
     shape = (4096, 768) if device.type == "cuda" else (199, 768)
-    run = run_fused if fused else run_layernorm
-    torch.manual_seed(1234)
-    first, _ = run(name, shape, torch.bfloat16, device)
-    torch.manual_seed(1234)
-    second, _ = run(name, shape, torch.bfloat16, device)
+    case = testing.layernorm_case(shape, torch.bfloat16, device, fused=fused)
+    first, second = case.run(name), case.run(name)
     for key in first:
         assert torch.equal(first[key], second[key]), f"{key} differs between two identical runs"
 
 
 def test_zero_rows(kernel_backend):
     name, device = kernel_backend
-    x, weight, bias, _ = make_inputs((0, 96), torch.float32, device)
+    x, weight, bias = leaf_inputs(testing.layernorm_case((0, 96), torch.float32, device), "x", "weight", "bias")
     y = ops.layernorm(x, weight, bias, backend=name)
     assert y.shape == (0, 96)
     y.sum().backward()
@@ -207,33 +152,31 @@ def test_zero_rows(kernel_backend):
 def test_partial_requires_grad(kernel_backend):
     """Only weight needs a gradient; then only x: each gradient still right."""
     name, device = kernel_backend
-    x, weight, bias, dy = make_inputs((37, 768), torch.float32, device)
-    x.requires_grad_(False)
-    bias.requires_grad_(False)
+    case = testing.layernorm_case((37, 768), torch.float32, device)
+    (weight,) = leaf_inputs(case, "weight")
+    x, bias, dy = case.inputs["x"], case.inputs["bias"], case.grad_outputs["y"]
     ops.layernorm(x, weight, bias, backend=name).backward(dy)
-    ref = torch_reference(x, weight, bias, dy)
-    same = torch_reference(x, weight, bias, dy, dtype=torch.float32)
     assert x.grad is None and bias.grad is None
-    assert_flash_close(weight.grad, ref["dweight"], same["dweight"], "dweight")
+    assert_ok(case.compare({"dweight": weight.grad}))
 
     weight.grad = None
     weight.requires_grad_(False)
     x.requires_grad_(True)
     ops.layernorm(x, weight, bias, backend=name).backward(dy)
     assert weight.grad is None
-    assert_flash_close(x.grad, ref["dx"], same["dx"], "dx")
+    assert_ok(case.compare({"dx": x.grad}))
 
 
 def test_fused_only_one_output_used(kernel_backend):
     """Autograd hands a zero gradient for the unused output: y alone, then h alone."""
     name, device = kernel_backend
-    residual, x, weight, bias, dy, dh = make_inputs((37, 1024), torch.float32, device, fused=True)
+    case = testing.layernorm_case((37, 1024), torch.float32, device, fused=True)
+    residual, x, weight, bias = leaf_inputs(case, "residual", "x", "weight", "bias")
+    dy, dh = case.grad_outputs["y"], case.grad_outputs["h"]
     _, y = ops.fused_residual_layernorm(residual, x, weight, bias, backend=name)
     y.backward(dy)
-    ref = torch_reference(x, weight, bias, dy, residual=residual, dh=torch.zeros_like(dh))
-    same = torch_reference(x, weight, bias, dy, residual=residual, dh=torch.zeros_like(dh), dtype=torch.float32)
-    assert_flash_close(x.grad, ref["dx"], same["dx"], "dx")
-    assert_flash_close(residual.grad, ref["dresidual"], same["dresidual"], "dresidual")
+    y_alone = LayerNormCase(case.inputs, {"h": torch.zeros_like(dh), "y": dy})
+    assert_ok(y_alone.compare({"dx": x.grad, "dresidual": residual.grad}))
 
     for t in (residual, x, weight, bias):
         t.grad = None
@@ -245,13 +188,11 @@ def test_fused_only_one_output_used(kernel_backend):
 
 def test_noncontiguous_grad_output(kernel_backend):
     name, device = kernel_backend
-    x, weight, bias, _ = make_inputs((24, 40), torch.float32, device)
-    dy = torch.randn(40, 24, device=device).t()  # transposed view, not contiguous
-    ops.layernorm(x, weight, bias, backend=name).backward(dy)
-    ref = torch_reference(x, weight, bias, dy)
-    same = torch_reference(x, weight, bias, dy, dtype=torch.float32)
-    for key, value in (("dx", x.grad), ("dweight", weight.grad), ("dbias", bias.grad)):
-        assert_flash_close(value, ref[key], same[key], key)
+    case = testing.layernorm_case((24, 40), torch.float32, device)
+    case.grad_outputs["y"] = torch.randn(40, 24, device=device).t()  # transposed view, not contiguous
+    x, weight, bias = leaf_inputs(case, "x", "weight", "bias")
+    ops.layernorm(x, weight, bias, backend=name).backward(case.grad_outputs["y"])
+    case.check({"dx": x.grad, "dweight": weight.grad, "dbias": bias.grad})
 
 
 def test_unaligned_views(kernel_backend):
@@ -266,10 +207,8 @@ def test_unaligned_views(kernel_backend):
     assert x.data_ptr() % 16 != 0
     h, y = ops.fused_residual_layernorm(residual, x, weight, bias, backend=name)
     torch.autograd.backward([h, y], [dh, dy])
-    ref = torch_reference(x, weight, bias, dy, residual=residual, dh=dh)
-    same = torch_reference(x, weight, bias, dy, residual=residual, dh=dh, dtype=torch.float32)
-    assert_flash_close(y, ref["y"], same["y"], "y")
-    assert_flash_close(x.grad, ref["dx"], same["dx"], "dx")
+    case = LayerNormCase(dict(x=x, weight=weight, bias=bias, residual=residual), dict(h=dh, y=dy))
+    case.check({"y": y.detach(), "dx": x.grad})
 
 
 def test_torch_backend_is_pytorch():
@@ -380,7 +319,9 @@ OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_autograd_registration")
 def test_custom_op_registration(kernel_backend):
     """register_fake and the autograd registration agree with the real kernels (torch's checker)."""
     name, device = kernel_backend
-    residual, x, weight, bias, dy, dh = make_inputs((37, 40), torch.float32, device, fused=True)
+    case = testing.layernorm_case((37, 40), torch.float32, device, fused=True)
+    residual, x, weight, bias = leaf_inputs(case, "residual", "x", "weight", "bias")
+    dy, dh = case.grad_outputs["y"], case.grad_outputs["h"]
     torch.library.opcheck(torch.ops.pyllmc.layernorm_forward.default, (x, weight, bias, 1e-5, name),
                           test_utils=OPCHECK_UTILS)
     torch.library.opcheck(torch.ops.pyllmc.fused_residual_layernorm_forward.default,
@@ -395,7 +336,9 @@ def test_custom_op_registration(kernel_backend):
 
 def test_under_torch_compile(kernel_backend):
     name, device = kernel_backend
-    residual, x, weight, bias, dy, dh = make_inputs((2, 5, 768), torch.float32, device, fused=True)
+    case = testing.layernorm_case((2, 5, 768), torch.float32, device, fused=True)
+    residual, x, weight, bias = leaf_inputs(case, "residual", "x", "weight", "bias")
+    dy, dh = case.grad_outputs["y"], case.grad_outputs["h"]
 
     @torch.compile(backend="aot_eager", fullgraph=True)
     def block(r, t, w, b):

@@ -8,25 +8,14 @@ model's glue (views, matmuls, autograd's bookkeeping): it must not copy, nor tou
 (N, V)-sized tensor other than in the lm_head matmuls.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 
 import pytest
 import torch
 import torch.distributed as dist
 
+import profile_step  # dev/profile_step.py (pytest puts dev/ on sys.path)
 from conftest import kernel_device
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def profile_tool():
-    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "dev" / "profile_step.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["profile_step"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton", "cuda"])
@@ -45,7 +34,7 @@ def test_one_step_moves_nothing_outside_the_ops(backend_name, monkeypatch):
         return original(dlogits, dloss, V, backend)
 
     monkeypatch.setattr(ce, "_scale_grad", spy)
-    report = profile_tool().profile_step(backend_name)
+    report = profile_step.profile_step(backend_name)
     assert not report.logits_ops, "glue ops touching the (N, V) logits:\n" + "\n".join(map(str, report.logits_ops))
     assert not report.copies, "glue copies:\n" + "\n".join(map(str, report.copies))
     # the 1 / grad_accum_steps scale is baked into the fused kernel: the backward gets dloss = 1 (no pass)
@@ -55,7 +44,6 @@ def test_one_step_moves_nothing_outside_the_ops(backend_name, monkeypatch):
 def test_the_analysis_sees_what_the_model_did_before():
     """The analysis flags the glue of the old model: a column slice of the padded logits (its
     backward allocates and copies) and stacked attention gradients."""
-    tool = profile_tool()
     N, V, Vp = 8, 10, 16
     w = torch.randn(N, Vp, requires_grad=True)
     qkv = torch.randn(2, 3, 6, requires_grad=True)
@@ -64,7 +52,7 @@ def test_the_analysis_sees_what_the_model_did_before():
         logits = (w * 1.0)[:, :V]
         q, k, v = qkv.view(2, 3, 3, 2).unbind(2)
         (logits.sum() + (q * k * v).sum()).backward()
-    report = tool.analyse(prof.events(), {N * V, N * Vp}, 4 * N * V)
+    report = profile_step.analyse(prof.events(), {N * V, N * Vp}, 4 * N * V)
     names = {f.op for f in report.copies}
     assert "aten::slice_backward" in names and ("aten::stack" in names or "aten::cat" in names), names
     assert any(f.op == "aten::slice_backward" for f in report.logits_ops)

@@ -8,7 +8,6 @@ cached) is not a child's. The known-answer kernels pin the counting rules; the b
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,17 +16,10 @@ from pathlib import Path
 
 import pytest
 
+import sim_counters as tool  # dev/sim_counters.py (pytest puts dev/ on sys.path); not pyllmc.sim_counters
 from pyllmc import cuda_sim, sim_counters
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("sim_counters_tool", ROOT / "dev" / "sim_counters.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +65,6 @@ def _launch(**changes):
 
 
 def test_compare_flags_each_kind_of_regression_and_nothing_else():
-    tool = _tool()
     baseline = {"case": [_launch()]}
     assert tool.compare({"case": [_launch()]}, baseline) == []
     # improvements pass
@@ -92,7 +83,7 @@ def test_compare_flags_each_kind_of_regression_and_nothing_else():
 def test_the_baseline_names_its_compiler_and_every_case():
     data = json.loads((ROOT / "dev" / "sim_counters_baseline.json").read_text())
     assert data["compiler"].startswith("g++")
-    assert sorted(data["cases"]) == sorted(name for name, _, _ in _tool().cases())
+    assert sorted(data["cases"]) == sorted(case.name for case in tool.cases())
 
 
 @pytest.mark.slow
@@ -100,4 +91,4 @@ def test_planted_regressions_are_caught(counters_build):
     done = subprocess.run([sys.executable, str(ROOT / "dev" / "sim_counters.py"), "--mutants"],
                           capture_output=True, text=True, env=_child_env(), timeout=900)
     assert done.returncode == 0, f"{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
-    assert f"{len(_tool().MUTANTS)} of {len(_tool().MUTANTS)} mutants caught" in done.stdout
+    assert f"{len(tool.MUTANTS)} of {len(tool.MUTANTS)} mutants caught" in done.stdout

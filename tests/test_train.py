@@ -686,11 +686,8 @@ def test_pruned_exports_take_their_checksums_along(tmp_path):
 
 def test_plot_reads_the_log(baseline, tmp_path):
     out, _, records = baseline
-    sys.path.insert(0, str(REPO / "dev"))
-    try:
-        import plot
-    finally:
-        sys.path.pop(0)
+    import plot  # dev/plot.py (pyproject.toml puts dev/ on the tests' path)
+
     series = plot.read_log(out / "main.jsonl")
     assert [s for s, _ in series["train"]] == [1, 2, 3, 4, 5, 6]
     assert dict(series["train"]) == train_losses(records)

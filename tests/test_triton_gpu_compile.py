@@ -51,7 +51,7 @@ What the GPU's fast math is, per kernel (PTX at these launches; Triton 3.6 and 3
 ex2.approx.ftz.f32 and div.full.f32 are off by at most 2 ulp (ftz: subnormal inputs and results
 are flushed to zero); sqrt.approx.f32 is approximate too (LayerNorm's rstd only, held to the
 composite FLASH_EPS tolerance). What the 2-ulp instructions do to the fp32 1e-6 tolerance is worked
-out in tests/tolerances.py (GELU holds it); results promised bitwise (AdamW, against the CUDA
+out in pyllmc/testing.py (GELU holds it); results promised bitwise (AdamW, against the CUDA
 kernel) or compared with a correctly rounded quotient (the cross-entropy scale dloss / n_valid,
 whose two paths must agree to 2 ulp, and the mean loss) use div.rn / sqrt.rn.
 
@@ -253,7 +253,7 @@ def test_every_launch_sets_fp_fusion(report):
 def test_approximate_math_is_the_documented_one(report):
     wrong = [f"{_name(r, report)}: the PTX uses {sorted(r['approx'])}, APPROX says {sorted(APPROX[r['kernel']])}"
              for r in report["launches"] if set(r["approx"]) != APPROX[r["kernel"]]]
-    assert not wrong, ("update APPROX and the table in this file's docstring, and check tests/tolerances.py:\n"
+    assert not wrong, ("update APPROX and the table in this file's docstring, and check pyllmc/testing.py:\n"
                        + "\n".join(wrong))
 
 

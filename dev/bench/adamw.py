@@ -16,7 +16,10 @@ GB/s x 22/28 of the numbers here; the ratios between rows do not change.
 
 import torch
 
-from common import Row, available_impls, bench_ms
+if __package__:  # imported as the package bench (dev/ on sys.path: the tests, dev/gpu_check_report.py)
+    from .common import Row, available_impls, bench_ms
+else:  # imported by dev/bench/run.py run as a script: this folder is on sys.path
+    from common import Row, available_impls, bench_ms
 
 CHANNELS, LAYERS, VOCAB_PADDED, MAX_SEQ = 768, 12, 50304, 1024
 BYTES_PER_PARAM = 28

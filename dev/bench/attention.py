@@ -10,7 +10,10 @@ so the forward+backward rows time the same work for all of them.
 
 import torch
 
-from common import Row, available_impls, bench_ms, quick
+if __package__:  # imported as the package bench (dev/ on sys.path: the tests, dev/gpu_check_report.py)
+    from .common import Row, available_impls, bench_ms, quick
+else:  # imported by dev/bench/run.py run as a script: this folder is on sys.path
+    from common import Row, available_impls, bench_ms, quick
 
 B, T, C = 16, 1024, 768
 HEAD_DIMS = (64, 128)

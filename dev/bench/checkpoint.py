@@ -44,15 +44,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import pyllmc  # noqa: E402
-from common import cpu_name  # noqa: E402
-from pyllmc import checkpoint  # noqa: E402
-from pyllmc.data import DistributedDataLoader, file_sha256, verify_shard, write_shard  # noqa: E402
-from pyllmc.model import GPT, GPTConfig  # noqa: E402
+import pyllmc
+from common import cpu_name  # run as a script: this folder is on sys.path
+from pyllmc import checkpoint
+from pyllmc.data import DistributedDataLoader, file_sha256, verify_shard, write_shard
+from pyllmc.model import GPT, GPTConfig
 
 
 def training_state(model_name: str, dtype: torch.dtype, folder: Path) -> dict:

@@ -13,7 +13,10 @@ columns) written once, targets (int64) read, per-row log-sum-exp (float32) writt
 import torch
 import torch.nn.functional as F
 
-from common import Row, available_impls, bench_ms, quick
+if __package__:  # imported as the package bench (dev/ on sys.path: the tests, dev/gpu_check_report.py)
+    from .common import Row, available_impls, bench_ms, quick
+else:  # imported by dev/bench/run.py run as a script: this folder is on sys.path
+    from common import Row, available_impls, bench_ms, quick
 
 ROWS, VOCAB, PADDED_VOCAB = 32768, 50257, 50304
 

@@ -1,7 +1,7 @@
 """What train_gpt2.py --diagnostics_every costs: the trainer itself, run in this process with and
 without diagnostics, the two variants interleaved.
 
-    python dev/bench/diagnostics.py                  # the CPU demo's model and batch (train_gpt2.DEMO_CPU)
+    python dev/bench/diagnostics.py                  # the CPU demo's model and batch (pyllmc.settings.DEMO_CPU)
     python dev/bench/diagnostics.py --model gpt2 --vocab_size 50257 --batch_size 16 --sequence_length 1024 \\
         --json $OUT/diagnostics_bench.json           # GPT-2 124M on a GPU (bf16, the fastest backend)
 
@@ -48,22 +48,25 @@ import io
 import json
 import os
 import platform
+import runpy
 import statistics
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pyllmc
+from common import cpu_name
+from pyllmc import settings
+from pyllmc.data import write_shard
 
-import pyllmc  # noqa: E402
-from common import cpu_name  # noqa: E402
-import train_gpt2  # noqa: E402
-from pyllmc.data import write_shard  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
+# the trainer measured here is a script at the repository root, not in the package: run from its path (runpy,
+# as `python train_gpt2.py` would), so that the installed pyllmc, not the source tree's, is what it imports
+train_gpt2 = types.SimpleNamespace(**runpy.run_path(str(REPO / "train_gpt2.py"), run_name="train_gpt2"))
 
 
 def run(trainer_args: list, output_dir: Path, quiet: bool) -> list:
@@ -133,9 +136,9 @@ def paired_steps(args, config: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo = train_gpt2.DEMO_CPU
+    demo = settings.DEMO_CPU
     parser.add_argument("--model", default="tiny", help="GPT preset (default tiny: the CPU demo model)")
-    parser.add_argument("--vocab_size", type=int, default=train_gpt2.DEMO_TRIM_VOCAB,
+    parser.add_argument("--vocab_size", type=int, default=settings.DEMO_TRIM_VOCAB,
                         help="token ids (default: the CPU demo's trimmed vocabulary; 50257 for GPT-2's)")
     parser.add_argument("--batch_size", type=int, default=demo["batch_size"],
                         help="micro batch B (default: the demo's)")

@@ -30,10 +30,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if __package__:  # imported as the package bench (dev/ on sys.path: the tests, dev/gpu_check_report.py)
+    from .common import BenchFailure, Row, copy_bandwidth_gbps, matmul_tflops, set_quick
+else:  # run as a script, python dev/bench/run.py: this folder is on sys.path
+    from common import BenchFailure, Row, copy_bandwidth_gbps, matmul_tflops, set_quick
 
-from common import BenchFailure, Row, copy_bandwidth_gbps, matmul_tflops, set_quick  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 # Modules, in the order of the report. Each is dev/bench/<name>.py.
 MODULES = ["gelu", "cross_entropy", "layernorm", "attention", "adamw", "step"]
@@ -64,6 +66,11 @@ def environment(dry_run: bool = False) -> dict:
     except ImportError:
         env["cuda runtime (pyllmc._C)"] = "not built"
     return env
+
+
+def benchmark_module(name: str):
+    """dev/bench/<name>.py, imported as this file was: bench.<name> in the package, <name> beside the script."""
+    return importlib.import_module(f"{__package__}.{name}" if __package__ else name)
 
 
 def fmt(v, spec):
@@ -218,7 +225,7 @@ def main() -> int:
         print(f"== {name}", flush=True)
         save(running=name)
         try:
-            new = importlib.import_module(name).run(device=device, dtype=dtype)
+            new = benchmark_module(name).run(device=device, dtype=dtype)
         except BenchFailure as err:  # some rows measured, some implementations failed
             new = err.rows
             failures.extend(err.failures)

@@ -39,7 +39,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import BenchFailure, Row, available_impls, quick
+if __package__:  # imported as the package bench (dev/ on sys.path: the tests, dev/gpu_check_report.py)
+    from .common import BenchFailure, Row, available_impls, quick
+else:  # imported by dev/bench/run.py run as a script: this folder is on sys.path
+    from common import BenchFailure, Row, available_impls, quick
 
 BATCH, SEQ = 16, 1024
 # (warm-up steps, timed steps); the first warm-up step compiles (torch.compile, Triton JIT)
