@@ -69,10 +69,10 @@ void fused_residual_layernorm_backward(void* dh, void* dweight, void* dbias, voi
                                        const void* rstd, long long rows, int C, int num_partials, int dtype,
                                        cudaStream_t stream);
 // cross_entropy.cu
-void cross_entropy_forward(float* loss, float* lse, float* n_valid, float* row_losses, const void* logits,
+void cross_entropy_forward(float* loss, float* stats, float* n_valid, float* row_losses, const void* logits,
                            const long long* targets, long long N, long long V, long long row_stride,
                            long long ignore_index, int dtype, cudaStream_t stream);
-void cross_entropy_backward(void* dlogits, const void* logits, const long long* targets, const float* lse,
+void cross_entropy_backward(void* dlogits, const void* logits, const long long* targets, const float* stats,
                             const float* n_valid, const float* dloss, long long N, long long V, long long row_stride,
                             long long ignore_index, int dtype, cudaStream_t stream);
 void cross_entropy_fused_forward_backward(float* loss, float* n_valid, float* row_losses, void* logits,
@@ -216,23 +216,23 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
        py::arg("C"), py::arg("num_partials"), py::arg("dtype"), py::arg("stream"));
 
     // ---- cross_entropy
-    m.def("cross_entropy_forward", [](ptr_t loss, ptr_t lse, ptr_t n_valid, ptr_t row_losses, ptr_t logits,
+    m.def("cross_entropy_forward", [](ptr_t loss, ptr_t stats, ptr_t n_valid, ptr_t row_losses, ptr_t logits,
                                       ptr_t targets, long long N, long long V, long long row_stride,
                                       long long ignore_index, int dtype, ptr_t stream) {
-        pyllmc::cross_entropy_forward(as_ptr<float>(loss), as_ptr<float>(lse), as_ptr<float>(n_valid),
+        pyllmc::cross_entropy_forward(as_ptr<float>(loss), as_ptr<float>(stats), as_ptr<float>(n_valid),
                                       as_ptr<float>(row_losses), as_ptr(logits), as_ptr<const long long>(targets), N,
                                       V, row_stride, ignore_index, dtype, as_stream(stream));
-    }, py::kw_only(), py::arg("loss"), py::arg("lse"), py::arg("n_valid"), py::arg("row_losses"), py::arg("logits"),
+    }, py::kw_only(), py::arg("loss"), py::arg("stats"), py::arg("n_valid"), py::arg("row_losses"), py::arg("logits"),
        py::arg("targets"), py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("ignore_index"), py::arg("dtype"),
        py::arg("stream"));
-    m.def("cross_entropy_backward", [](ptr_t dlogits, ptr_t logits, ptr_t targets, ptr_t lse, ptr_t n_valid,
+    m.def("cross_entropy_backward", [](ptr_t dlogits, ptr_t logits, ptr_t targets, ptr_t stats, ptr_t n_valid,
                                        ptr_t dloss, long long N, long long V, long long row_stride,
                                        long long ignore_index, int dtype, ptr_t stream) {
         pyllmc::cross_entropy_backward(as_ptr(dlogits), as_ptr(logits), as_ptr<const long long>(targets),
-                                       as_ptr<const float>(lse), as_ptr<const float>(n_valid),
+                                       as_ptr<const float>(stats), as_ptr<const float>(n_valid),
                                        as_ptr<const float>(dloss), N, V, row_stride, ignore_index, dtype,
                                        as_stream(stream));
-    }, py::kw_only(), py::arg("dlogits"), py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("n_valid"),
+    }, py::kw_only(), py::arg("dlogits"), py::arg("logits"), py::arg("targets"), py::arg("stats"), py::arg("n_valid"),
        py::arg("dloss"), py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("ignore_index"), py::arg("dtype"),
        py::arg("stream"));
     m.def("cross_entropy_fused_forward_backward", [](ptr_t loss, ptr_t n_valid, ptr_t row_losses, ptr_t logits,

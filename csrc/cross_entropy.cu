@@ -1,16 +1,25 @@
 // cross_entropy.cu: cross-entropy over the vocabulary, forward, backward, and llm.c's fused
 // classifier (loss and dlogits in one kernel, written over the logits).
 //
-//   lse_i  = log sum_j exp(x_ij)                      (log-sum-exp of row i)
-//   loss_i = lse_i - x_i,t_i                          (0 for rows whose target is ignore_index)
+//   m_i    = max_j x_ij,  d_i = sum_j exp(x_ij - m_i) (row max and sum, kept apart)
+//   loss_i = (m_i - x_i,t_i) + log d_i                (= lse_i - x_i,t_i; 0 for ignored rows)
 //   loss   = sum_i loss_i / max(n_valid, 1)           (n_valid: rows not ignored)
-//   dx_ij  = (softmax_ij - [j == t_i]) * dloss / max(n_valid, 1)
+//   dx_ij  = (exp(x_ij - m_i) * (1 / d_i) - [j == t_i]) * dloss / max(n_valid, 1)
+//
+// Why m and d apart: exp(x - lse) with lse rounded to one float32 number gives every probability
+// of the row the relative error of that rounding, up to half an ulp of |lse| (2e-6 at |lse| ~ 40),
+// 5x PyTorch's own. exp(x - m) is exact in its argument where p is large (x - m is exact when
+// x lies within a factor 2 of m), and 1 / d is one correctly rounded division per row: each p is
+// then off by exp's error + d's summation error + 2 roundings (the reciprocal, the product), a few
+// 1e-7 relative. A division per element would save one rounding (2^-24) and cost an IEEE
+// division per element; the reciprocal keeps the gradient pass a multiply per element.
 //
 // Design: one block per row (up to 1024 threads), so a row of GPT-2's 50257 classes is read
 // by the whole block with coalesced 128-bit loads. Each thread keeps an online softmax (its
 // running max and sum of exp(x - max), rescaled once per 128-bit vector when the max grows);
 // the block merges them with two fixed-order reductions. All math in float32; exponentials
-// are exp2f of (x - max) * log2(e) (the subtraction first keeps large logits exact).
+// are exp2f of (x - max) * log2(e) (the subtraction first keeps large logits exact). The
+// forward saves (m, d) per row, float32 (N, 2), 8 bytes a row, for the backward.
 //
 // Rows may lie further apart than V (row_stride >= V: GPT-2 passes the (N, V) view of its
 // padded (N, Vp) logits), and a row's start need not be 16-byte aligned: each row is split
@@ -106,29 +115,31 @@ __device__ SoftmaxStats row_softmax_stats(const T* row, int V, RowSplit split, f
     return {row_max, row_sum};
 }
 
-__device__ __forceinline__ float softmax_grad(float x, float lse, bool is_target, float scale) {
-    const float p = exp2f((x - lse) * kLog2e);
+// p = exp(x - row_max) / row_sum, with inv_sum = 1 / row_sum rounded once per row
+__device__ __forceinline__ float softmax_grad(float x, float row_max, float inv_sum, bool is_target, float scale) {
+    const float p = exp2f((x - row_max) * kLog2e) * inv_sum;
     return (is_target ? p - 1.0f : p) * scale;
 }
 
-// out[j] = (softmax(in)[j] - [j == target]) * scale for j < V, zeros for j in [V, pad_end).
+// out[j] = (softmax(in)[j] - [j == target]) * scale for j < V, zeros for j in [V, pad_end);
+// softmax from the row's max and 1 / sum.
 // out and in may be the same row (the fused kernel): each element is read, then written,
 // by the same thread, so no __restrict__ and no race.
 template <typename T>
-__device__ void write_row_grad(T* out, const T* in, int V, long long pad_end, RowSplit split, float lse,
-                               long long target, float scale) {
+__device__ void write_row_grad(T* out, const T* in, int V, long long pad_end, RowSplit split, float row_max,
+                               float inv_sum, long long target, float scale) {
     constexpr int W = Packed128<T>::size;
     for (int j = threadIdx.x; j < split.head; j += blockDim.x)
-        out[j] = from_float<T>(softmax_grad(to_float(in[j]), lse, j == target, scale));
+        out[j] = from_float<T>(softmax_grad(to_float(in[j]), row_max, inv_sum, j == target, scale));
     for (int j = split.head + threadIdx.x * W; j < split.vec_end; j += blockDim.x * W) {
         const Packed128<T> x = load128cs(in + j);
         Packed128<T> g;
 #pragma unroll
-        for (int k = 0; k < W; ++k) g[k] = from_float<T>(softmax_grad(to_float(x[k]), lse, j + k == target, scale));
+        for (int k = 0; k < W; ++k) g[k] = from_float<T>(softmax_grad(to_float(x[k]), row_max, inv_sum, j + k == target, scale));
         store128cs(out + j, g);
     }
     for (int j = split.vec_end + threadIdx.x; j < V; j += blockDim.x)
-        out[j] = from_float<T>(softmax_grad(to_float(in[j]), lse, j == target, scale));
+        out[j] = from_float<T>(softmax_grad(to_float(in[j]), row_max, inv_sum, j == target, scale));
     for (long long j = V + threadIdx.x; j < pad_end; j += blockDim.x) out[j] = from_float<T>(0.0f);
 }
 
@@ -140,10 +151,11 @@ __device__ void zero_row(T* out, long long pad_end) {
 
 __device__ __forceinline__ float mean_scale(const float* n_valid) { return 1.0f / fmaxf(*n_valid, 1.0f); }
 
-// One block per row. lse, row_losses: (N,); logits: (N, V), rows row_stride apart; targets: (N,)
+// One block per row. stats: (N, 2) (row max, sum of exp(x - max)); row_losses, targets: (N,);
+// logits: (N, V), rows row_stride apart
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-cross_entropy_forward_kernel(float* __restrict__ lse, float* __restrict__ row_losses, const T* __restrict__ logits,
+cross_entropy_forward_kernel(float* __restrict__ stats, float* __restrict__ row_losses, const T* __restrict__ logits,
                              const long long* __restrict__ targets, int V, long long row_stride,
                              long long ignore_index) {
     __shared__ float shared[32];
@@ -151,7 +163,8 @@ cross_entropy_forward_kernel(float* __restrict__ lse, float* __restrict__ row_lo
     const long long target = targets[row];
     if (target == ignore_index) {  // the whole block leaves together: no reduction is left waiting
         if (threadIdx.x == 0) {
-            lse[row] = 0.0f;
+            stats[2 * row] = 0.0f;  // (0, 1): lse 0, never read
+            stats[2 * row + 1] = 1.0f;
             row_losses[row] = 0.0f;
         }
         return;
@@ -160,19 +173,19 @@ cross_entropy_forward_kernel(float* __restrict__ lse, float* __restrict__ row_lo
     const SoftmaxStats st = row_softmax_stats<T, true>(x, V, split_row(x, V, true), shared);
     if (threadIdx.x == 0) {
         const float x_target = (target >= 0 && target < V) ? to_float(x[target]) : NAN;
-        const float log_sum = logf(st.sum);
-        lse[row] = st.max + log_sum;
+        stats[2 * row] = st.max;
+        stats[2 * row + 1] = st.sum;
         // (max - x_t) + log(sum) rather than lse - x_t: no cancellation for confident rows
-        row_losses[row] = (st.max - x_target) + log_sum;
+        row_losses[row] = (st.max - x_target) + logf(st.sum);
     }
 }
 
 // dlogits: (N, V) rows row_stride apart, with columns up to pad_end written; logits: same
-// layout; targets, lse: (N,); n_valid, dloss: ()
+// layout; targets: (N,); stats: (N, 2) from the forward; n_valid, dloss: ()
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
 cross_entropy_backward_kernel(T* __restrict__ dlogits, const T* __restrict__ logits,
-                              const long long* __restrict__ targets, const float* __restrict__ lse,
+                              const long long* __restrict__ targets, const float* __restrict__ stats,
                               const float* __restrict__ n_valid, const float* __restrict__ dloss, int V,
                               long long row_stride, long long pad_end, long long ignore_index, bool vectorize) {
     const long long row = blockIdx.x;
@@ -183,7 +196,8 @@ cross_entropy_backward_kernel(T* __restrict__ dlogits, const T* __restrict__ log
         return;
     }
     const T* x = logits + row * row_stride;
-    write_row_grad(out, x, V, pad_end, split_row(x, V, vectorize), lse[row], target, *dloss * mean_scale(n_valid));
+    write_row_grad(out, x, V, pad_end, split_row(x, V, vectorize), stats[2 * row], 1.0f / stats[2 * row + 1], target,
+                   *dloss * mean_scale(n_valid));
 }
 
 // The fused classifier. row_losses, targets: (N,); logits: (N, V) rows row_stride apart,
@@ -206,9 +220,8 @@ cross_entropy_fused_kernel(float* __restrict__ row_losses, T* logits, const long
     const float x_target = (threadIdx.x == 0 && target >= 0 && target < V) ? to_float(x[target]) : NAN;
     const RowSplit split = split_row(x, V, true);
     const SoftmaxStats st = row_softmax_stats<T, false>(x, V, split, shared);  // keep the row in L2 for pass 2
-    const float log_sum = logf(st.sum);
-    if (threadIdx.x == 0) row_losses[row] = (st.max - x_target) + log_sum;
-    write_row_grad(x, x, V, pad_end, split, st.max + log_sum, target, loss_scale * mean_scale(n_valid));
+    if (threadIdx.x == 0) row_losses[row] = (st.max - x_target) + logf(st.sum);
+    write_row_grad(x, x, V, pad_end, split, st.max, 1.0f / st.sum, target, loss_scale * mean_scale(n_valid));
 }
 
 // dlogits (N, V) rows row_stride apart *= *dloss; nothing moves when *dloss == 1.
@@ -275,17 +288,18 @@ void check_sizes(const char* who, long long N, long long V, long long row_stride
 
 }  // namespace
 
-void cross_entropy_forward(float* loss, float* lse, float* n_valid, float* row_losses, const void* logits,
+// stats: (N, 2) float32, each row's (max, sum of exp(x - max)) for the backward
+void cross_entropy_forward(float* loss, float* stats, float* n_valid, float* row_losses, const void* logits,
                            const long long* targets, long long N, long long V, long long row_stride,
                            long long ignore_index, int dtype, cudaStream_t stream) {
     check_sizes("cross_entropy_forward", N, V, row_stride);
     require(loss && n_valid, "cross_entropy_forward: null loss or n_valid");
-    require(N == 0 || (lse && row_losses && logits && targets), "cross_entropy_forward: null pointer");
+    require(N == 0 || (stats && row_losses && logits && targets), "cross_entropy_forward: null pointer");
     if (N > 0) {
         dispatch_dtype(to_dtype(dtype), [&](auto tag) {
             using T = decltype(tag);
             cross_entropy_forward_kernel<T><<<static_cast<int>(N), row_threads<T>(static_cast<int>(V)), 0, stream>>>(
-                lse, row_losses, static_cast<const T*>(logits), targets, static_cast<int>(V), row_stride, ignore_index);
+                stats, row_losses, static_cast<const T*>(logits), targets, static_cast<int>(V), row_stride, ignore_index);
         });
         PYLLMC_LAUNCH_CHECK("cross_entropy_forward_kernel");
     }
@@ -295,12 +309,12 @@ void cross_entropy_forward(float* loss, float* lse, float* n_valid, float* row_l
     PYLLMC_LAUNCH_CHECK("cross_entropy_mean_kernel");
 }
 
-void cross_entropy_backward(void* dlogits, const void* logits, const long long* targets, const float* lse,
+void cross_entropy_backward(void* dlogits, const void* logits, const long long* targets, const float* stats,
                             const float* n_valid, const float* dloss, long long N, long long V, long long row_stride,
                             long long ignore_index, int dtype, cudaStream_t stream) {
     check_sizes("cross_entropy_backward", N, V, row_stride);
     if (N == 0) return;
-    require(dlogits && logits && targets && lse && n_valid && dloss, "cross_entropy_backward: null pointer");
+    require(dlogits && logits && targets && stats && n_valid && dloss, "cross_entropy_backward: null pointer");
     // dlogits holds N full rows of row_stride elements: its padding columns are zeroed.
     // 128-bit accesses need logits and dlogits equally misaligned (then every row splits alike).
     const bool vectorize =
@@ -308,7 +322,7 @@ void cross_entropy_backward(void* dlogits, const void* logits, const long long* 
     dispatch_dtype(to_dtype(dtype), [&](auto tag) {
         using T = decltype(tag);
         cross_entropy_backward_kernel<T><<<static_cast<int>(N), row_threads<T>(static_cast<int>(V)), 0, stream>>>(
-            static_cast<T*>(dlogits), static_cast<const T*>(logits), targets, lse, n_valid, dloss,
+            static_cast<T*>(dlogits), static_cast<const T*>(logits), targets, stats, n_valid, dloss,
             static_cast<int>(V), row_stride, row_stride, ignore_index, vectorize);
     });
     PYLLMC_LAUNCH_CHECK("cross_entropy_backward_kernel");

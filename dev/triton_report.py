@@ -144,8 +144,8 @@ def record_launches(dtypes=DTYPES, arch: int = 90) -> list[dict]:
             logits = meta(N, Vp)[:, :V]  # (N, V) view of the padded (N, Vp) logits
             targets = meta(N, dt=torch.int64)
             dloss = meta(dt=torch.float32)
-            _, lse, n_valid = cross_entropy.cross_entropy_forward(logits, targets, -1)
-            dlogits = cross_entropy.cross_entropy_backward(logits, targets, lse, n_valid, dloss, -1)
+            _, stats, n_valid = cross_entropy.cross_entropy_forward(logits, targets, -1)
+            dlogits = cross_entropy.cross_entropy_backward(logits, targets, stats, n_valid, dloss, -1)
             cross_entropy.cross_entropy_fused_forward_backward(logits, targets, -1, Vp, 1.0 / 8)
             cross_entropy.cross_entropy_scale_grad(dlogits, dloss)
 

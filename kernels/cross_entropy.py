@@ -1,14 +1,23 @@
 """Cross-entropy over the vocabulary in Triton: forward, backward, and the fused classifier.
 
-    lse_i   = log sum_j exp(x_ij)                       (log-sum-exp of row i)
-    loss_i  = lse_i - x_i,t_i                           (0 for rows whose target is ignore_index)
+    m_i     = max_j x_ij,  d_i = sum_j exp(x_ij - m_i)  (row max and sum, kept apart)
+    loss_i  = (m_i - x_i,t_i) + log d_i                 (= lse_i - x_i,t_i; 0 for ignored rows)
     loss    = sum_i loss_i / max(n_valid, 1)            (n_valid: rows not ignored)
-    dx_ij   = (softmax_ij - [j == t_i]) * dloss / max(n_valid, 1)
+    dx_ij   = (exp(x_ij - m_i) * (1 / d_i) - [j == t_i]) * dloss / max(n_valid, 1)
+
+The gradient never goes through lse = m + log d rounded to one float32 number: that rounding,
+up to half an ulp of |lse| (2e-6 relative at |lse| ~ 40), would be every probability's relative
+error, 5x PyTorch's. exp(x - m) is exact in its argument where p is large (x - m is exact for x
+within a factor 2 of m) and 1 / d is one IEEE division per row (tl.div_rn), so each p is off by
+exp2's error (2 ulp on the GPU) + d's summation error + two roundings (the reciprocal, the
+product). Multiplying by the row's 1 / d rather than dividing each element keeps the gradient
+pass one multiply per element, for one more rounding (2^-24 relative).
 
 Design: one program per row, looping over the vocabulary in BLOCK-wide chunks, so any V
 fits and the softmax is never materialised. The forward keeps an online softmax: a running
 row max (one cross-lane max per chunk) and per-lane sums of exp(x - max) rescaled when the
-max grows (one exp per element), merged once at the end. Everything is float32 whatever the
+max grows (one exp per element), merged once at the end. It saves (m, d) per row for the
+backward: float32 (N, 2), 8 bytes a row. Everything is float32 whatever the
 storage dtype; exponentials are exp2 of values pre-scaled by log2(e); the divisions by n_valid
 are IEEE (tl.div_rn: the GPU's `/` is div.full, 2 ulp) and bf16 gradients are rounded to nearest
 even by hand (the interpreter's cast truncates), so the GPU and the interpreter agree.
@@ -108,18 +117,16 @@ def _row_stats(
 
 
 @triton.jit
-def _row_loss_and_lse(row_max, row_sum, x_target, in_range):
-    """(lse, loss) of a row that is not ignored."""
-    log_sum = tl.log(row_sum)
+def _row_loss(row_max, row_sum, x_target, in_range):
+    """The loss of a row that is not ignored."""
     # (max - x_t) + log(sum) rather than lse - x_t: no cancellation for confident rows
-    loss = (row_max - x_target) + log_sum
-    loss = tl.where(in_range, loss, float("nan"))  # flags a bad target id
-    return row_max + log_sum, loss
+    loss = (row_max - x_target) + tl.log(row_sum)
+    return tl.where(in_range, loss, float("nan"))  # flags a bad target id
 
 
 @triton.jit
-def _row_grad(x, cols, lse, target, scale):
-    p = tl.exp2((x - lse) * 1.4426950408889634)
+def _row_grad(x, cols, row_max, inv_sum, target, scale):
+    p = tl.exp2((x - row_max) * 1.4426950408889634) * inv_sum  # exp(x - m) / d
     return (p - tl.where(cols == target, 1.0, 0.0)) * scale
 
 
@@ -129,7 +136,8 @@ def _write_row_grad(
     in_row_ptr,   # (V,) logits row
     V,
     pad_end,      # zeros go to columns [V, pad_end)
-    lse,
+    row_max,      # the row's max m
+    inv_sum,      # 1 / d, d = sum of exp(x - m) over the row
     target,
     scale,
     valid,
@@ -146,13 +154,13 @@ def _write_row_grad(
         for start in range(0, n_full, BLOCK):
             cols = start + offsets
             x = tl.load(in_row_ptr + cols).to(tl.float32)
-            grad = _row_grad(x, cols, lse, target, scale)
+            grad = _row_grad(x, cols, row_max, inv_sum, target, scale)
             tl.store(out_row_ptr + cols, to_storage(grad, out_row_ptr.dtype.element_ty))
         for start in range(n_full, pad_end, BLOCK):
             cols = start + offsets
             in_row = cols < V
             x = tl.load(in_row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-            grad = tl.where(in_row, _row_grad(x, cols, lse, target, scale), 0.0)
+            grad = tl.where(in_row, _row_grad(x, cols, row_max, inv_sum, target, scale), 0.0)
             tl.store(out_row_ptr + cols, to_storage(grad, out_row_ptr.dtype.element_ty), mask=cols < pad_end)
     else:
         zeros = tl.zeros((BLOCK,), tl.float32).to(out_row_ptr.dtype.element_ty)
@@ -165,7 +173,7 @@ def _write_row_grad(
 
 @triton.jit
 def cross_entropy_forward_kernel(
-    lse_ptr,        # (N,) float32
+    stats_ptr,      # (N, 2) float32: (row max, sum of exp(x - max))
     row_loss_ptr,   # (N,) float32
     logits_ptr,     # (N, V), rows row_stride apart
     targets_ptr,    # (N,) int64
@@ -176,13 +184,15 @@ def cross_entropy_forward_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
-    lse = tl.full((), 0.0, tl.float32)  # ignored rows: lse 0, loss 0, and nothing read
+    row_max = tl.full((), 0.0, tl.float32)  # ignored rows: (0, 1) (lse 0, never read), loss 0, nothing read
+    row_sum = tl.full((), 1.0, tl.float32)
     loss = tl.full((), 0.0, tl.float32)
     if target != ignore_index:
         in_range = (target >= 0) & (target < V)
         row_max, row_sum, x_target = _row_stats(logits_ptr + row * row_stride, V, target, BLOCK)
-        lse, loss = _row_loss_and_lse(row_max, row_sum, x_target, in_range)
-    tl.store(lse_ptr + row, lse)
+        loss = _row_loss(row_max, row_sum, x_target, in_range)
+    tl.store(stats_ptr + 2 * row, row_max)
+    tl.store(stats_ptr + 2 * row + 1, row_sum)
     tl.store(row_loss_ptr + row, loss)
 
 
@@ -191,7 +201,7 @@ def cross_entropy_backward_kernel(
     dlogits_ptr,   # (N, V), rows row_stride apart (+ padding up to pad_end)
     logits_ptr,    # (N, V), rows row_stride apart
     targets_ptr,   # (N,) int64
-    lse_ptr,       # (N,) float32
+    stats_ptr,     # (N, 2) float32: (row max, sum of exp(x - max)) from the forward
     n_valid_ptr,   # () float32
     dloss_ptr,     # () float32
     V,
@@ -204,9 +214,10 @@ def cross_entropy_backward_kernel(
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
     scale = tl.div_rn(tl.load(dloss_ptr), tl.maximum(tl.load(n_valid_ptr), 1.0))
-    lse = tl.load(lse_ptr + row)
-    _write_row_grad(dlogits_ptr + row * row_stride, logits_ptr + row * row_stride, V, pad_end, lse, target,
-                    scale, valid, BLOCK)
+    row_max = tl.load(stats_ptr + 2 * row)
+    inv_sum = tl.div_rn(1.0, tl.load(stats_ptr + 2 * row + 1))  # once per row: IEEE, as the interpreter
+    _write_row_grad(dlogits_ptr + row * row_stride, logits_ptr + row * row_stride, V, pad_end, row_max, inv_sum,
+                    target, scale, valid, BLOCK)
 
 
 @triton.jit
@@ -226,15 +237,17 @@ def cross_entropy_fused_kernel(
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
     row_ptr = logits_ptr + row * row_stride
-    lse = tl.full((), 0.0, tl.float32)
+    row_max = tl.full((), 0.0, tl.float32)
+    row_sum = tl.full((), 1.0, tl.float32)
     loss = tl.full((), 0.0, tl.float32)
     if valid:
         in_range = (target >= 0) & (target < V)
         row_max, row_sum, x_target = _row_stats(row_ptr, V, target, BLOCK)
-        lse, loss = _row_loss_and_lse(row_max, row_sum, x_target, in_range)
+        loss = _row_loss(row_max, row_sum, x_target, in_range)
     tl.store(row_loss_ptr + row, loss)
     scale = tl.div_rn(loss_scale, tl.maximum(tl.load(n_valid_ptr), 1.0))
-    _write_row_grad(row_ptr, row_ptr, V, pad_end, lse, target, scale, valid, BLOCK)
+    inv_sum = tl.div_rn(1.0, row_sum)
+    _write_row_grad(row_ptr, row_ptr, V, pad_end, row_max, inv_sum, target, scale, valid, BLOCK)
 
 
 @triton.jit
@@ -339,33 +352,35 @@ def _finish_mean(loss, row_losses, n_valid, N, loss_scale=1.0):
 
 
 def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    """(loss (), lse (N,), n_valid ()) all float32, for logits (N, V) with stride(1) == 1 and
-    any row stride >= V, targets (N,) int64 contiguous."""
+    """(loss (), stats (N, 2), n_valid ()) all float32, for logits (N, V) with stride(1) == 1 and
+    any row stride >= V, targets (N,) int64 contiguous. stats: each row's (max, sum of exp(x - max)),
+    (0, 1) for ignored rows, for the backward."""
     _check_layout(logits, targets)
     N, V = logits.shape
     device = logits.device
     loss = torch.empty((), device=device, dtype=torch.float32)
     n_valid = torch.empty((), device=device, dtype=torch.float32)
-    lse = torch.empty(N, device=device, dtype=torch.float32)
+    stats = torch.empty((N, 2), device=device, dtype=torch.float32)
     row_losses = torch.empty(N, device=device, dtype=torch.float32)
     if N:
-        cross_entropy_forward_kernel[(N,)](lse, row_losses, logits, targets, V, row_stride_of(logits),
+        cross_entropy_forward_kernel[(N,)](stats, row_losses, logits, targets, V, row_stride_of(logits),
                                            ignore_index, **_row_options(V, device))
     cross_entropy_count_kernel[(1,)](n_valid, targets, N, ignore_index, BLOCK=REDUCE_BLOCK,
                                      enable_fp_fusion=_common.FP_FUSION)
     _finish_mean(loss, row_losses, n_valid, N)
-    return loss, lse, n_valid
+    return loss, stats, n_valid
 
 
-def cross_entropy_backward(logits, targets, lse, n_valid, dloss, ignore_index: int) -> torch.Tensor:
-    """dlogits with logits' layout (same row stride; padding columns zeroed); dloss: () float32."""
+def cross_entropy_backward(logits, targets, stats, n_valid, dloss, ignore_index: int) -> torch.Tensor:
+    """dlogits with logits' layout (same row stride; padding columns zeroed); stats: (N, 2) float32
+    contiguous from cross_entropy_forward; dloss: () float32."""
     _check_layout(logits, targets)
     N, V = logits.shape
     row_stride = row_stride_of(logits)
     buffer = torch.empty(N * row_stride, device=logits.device, dtype=logits.dtype)
     dlogits = buffer.as_strided((N, V), (row_stride, 1))
     if N:
-        cross_entropy_backward_kernel[(N,)](dlogits, logits, targets, lse, n_valid, dloss, V, row_stride,
+        cross_entropy_backward_kernel[(N,)](dlogits, logits, targets, stats, n_valid, dloss, V, row_stride,
                                             row_stride, ignore_index, **_row_options(V, logits.device))
     return dlogits
 

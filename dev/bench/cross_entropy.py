@@ -34,9 +34,9 @@ def run(device="cuda", dtype=torch.bfloat16) -> list[Row]:
     logits_bytes = ROWS * VOCAB * esize
     dlogits_bytes = ROWS * PADDED_VOCAB * esize  # gradient written with the padded layout
     targets_bytes = ROWS * 8
-    lse_bytes = ROWS * 4
-    fwd_bytes = logits_bytes + targets_bytes + lse_bytes
-    bwd_bytes = logits_bytes + targets_bytes + lse_bytes + dlogits_bytes
+    stats_bytes = ROWS * 8  # each row's (max, sum), float32, saved for the backward
+    fwd_bytes = logits_bytes + targets_bytes + stats_bytes
+    bwd_bytes = logits_bytes + targets_bytes + stats_bytes + dlogits_bytes
     fwd_bwd_bytes = logits_bytes + targets_bytes + dlogits_bytes  # the fused minimum
     rows = []
 
@@ -65,16 +65,16 @@ def run(device="cuda", dtype=torch.bfloat16) -> list[Row]:
     # ---- pyllmc kernels
     for impl in available_impls():
         # the raw calls take the logits with their row stride and the number of classes V
-        _, lse, n_valid = _forward(logits, targets, -1, VOCAB, impl)
+        _, stats, n_valid = _forward(logits, targets, -1, VOCAB, impl)
         rows.append(Row("cross_entropy_forward", impl, bench_ms(lambda: _forward(logits, targets, -1, VOCAB, impl)),
                         fwd_bytes, shape=shape))
         rows.append(Row("cross_entropy_backward", impl,
-                        bench_ms(lambda: _backward(logits, targets, lse, n_valid, dloss, -1, VOCAB, impl)), bwd_bytes,
+                        bench_ms(lambda: _backward(logits, targets, stats, n_valid, dloss, -1, VOCAB, impl)), bwd_bytes,
                         shape=shape))
 
         def two_kernels():
-            _, lse_, n_valid_ = _forward(logits, targets, -1, VOCAB, impl)
-            return _backward(logits, targets, lse_, n_valid_, dloss, -1, VOCAB, impl)
+            _, stats_, n_valid_ = _forward(logits, targets, -1, VOCAB, impl)
+            return _backward(logits, targets, stats_, n_valid_, dloss, -1, VOCAB, impl)
 
         rows.append(Row("cross_entropy_forward_backward", impl, bench_ms(two_kernels), fwd_bwd_bytes, shape=shape,
                         note="forward + backward kernels"))
@@ -85,5 +85,5 @@ def run(device="cuda", dtype=torch.bfloat16) -> list[Row]:
         rows.append(Row("cross_entropy_forward_backward", f"{impl} fused",
                         bench_ms(lambda: _fused(scratch, targets, -1, VOCAB, 1.0, impl)), fwd_bwd_bytes,
                         shape=shape, note="fused classifier: loss + dlogits in place"))
-        del scratch, lse, n_valid
+        del scratch, stats, n_valid
     return rows
