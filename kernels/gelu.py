@@ -78,7 +78,8 @@ def gelu_backward_kernel(
 
 
 def gelu_forward(x: torch.Tensor) -> torch.Tensor:
-    """gelu(x) for a contiguous x of any shape."""
+    """gelu(x) for an x of any shape whose elements fill one dense block of memory (contiguous, or
+    a permutation of it): the kernel runs over the block flat; the output has x's strides."""
     out = torch.empty_like(x)
     n = x.numel()
     if n:
@@ -88,7 +89,7 @@ def gelu_forward(x: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_backward(x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
-    """dL/dx = dout * gelu'(x); x and dout contiguous, same shape."""
+    """dL/dx = dout * gelu'(x); x dense in memory (as in gelu_forward), dout with x's strides."""
     dinp = torch.empty_like(x)
     n = x.numel()
     if n:

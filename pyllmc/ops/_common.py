@@ -136,6 +136,31 @@ def multiprocessor_count(device: torch.device) -> int:
     return _sm_counts[index]
 
 
+def dense_in_storage(t: torch.Tensor) -> bool:
+    """Whether t's elements fill one dense block of memory, in any order: no overlap, no gaps
+    (contiguous tensors, and permutations of them, e.g. a transposed matrix). An elementwise
+    kernel can then run over the block flat, from t.data_ptr(), for t.numel() elements."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for size, stride in sorted((d for d in zip(t.shape, t.stride()) if d[0] != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b have one shape and put each element at the same offset from their data
+    pointers (strides equal on every dim longer than 1)."""
+    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n != 1)
+
+
+def storage_flat(t: torch.Tensor) -> torch.Tensor:
+    """The 1-D view of a dense_in_storage tensor's elements in memory order (no copy)."""
+    return t.as_strided((t.numel(),), (1,))
+
+
 def aligned16(t: torch.Tensor) -> torch.Tensor:
     """`t`, or an aligned copy when its data pointer is not 16-byte aligned.
 

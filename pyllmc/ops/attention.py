@@ -15,9 +15,12 @@ Two entry points on the same kernels:
   (B, T, H, D) order and, in the backward, dq, dk, dv straight into one (B, T, 3C) buffer,
   the gradient of qkv: no transpose copies, no stacking of three gradients, one autograd node.
 
-Strides: the Triton kernels read any strides. The CUDA tensor-core kernels (bf16/fp16) copy
-16-byte chunks, so their strides must be multiples of 8 elements and their pointers 16-byte
-aligned (GPT-2's always are); a tensor that is not is copied first (the only copy left).
+Strides: the Triton kernels read any strides (stride 0 too: an expanded k or v shared by the
+heads). The CUDA kernels need the head dim D contiguous (stride 1); the tensor-core kernels
+(bf16/fp16) copy 16-byte chunks, so their other strides must also be multiples of 8 elements
+and their pointers 16-byte aligned (GPT-2's always are); a tensor that is not is copied to a
+contiguous one first (one extra read + write of it). Outputs and gradients are fresh
+contiguous tensors of the inputs' shapes.
 """
 
 from __future__ import annotations
@@ -122,8 +125,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: Opt
 def qkv_attention(qkv: torch.Tensor, num_heads: int, *, backend: Optional[str] = None) -> torch.Tensor:
     """GPT-2's causal self-attention on the packed c_attn output.
 
-    qkv: (B, T, 3C), float32 / bfloat16 / float16, the last dim contiguous: q, k, v side by
-        side, each (B, T, C) with C = num_heads * D, head h in columns [h D, (h + 1) D).
+    qkv: (B, T, 3C), float32 / bfloat16 / float16: q, k, v side by side, each (B, T, C) with
+        C = num_heads * D, head h in columns [h D, (h + 1) D). Any batch and position strides
+        are read in place; a last dim with a stride other than 1 is copied to a contiguous
+        tensor first (one extra read + write of qkv; the kernels load a head's D elements as
+        one contiguous run).
     Returns (B, T, C): the attention output with the heads side by side (the layout c_proj
     takes). Its gradient is one (B, T, 3C) buffer.
     """
@@ -134,7 +140,7 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, *, backend: Optional[str] =
     if C3 % (3 * num_heads):
         raise ValueError(f"qkv's last dim must be 3 * num_heads * D; got {C3} for num_heads={num_heads}")
     if C3 > 1 and qkv.stride(2) != 1:
-        raise ValueError(f"qkv must have stride 1 along its last dim; got strides {qkv.stride()}")
+        qkv = qkv.contiguous()  # an autograd op: the gradient comes back in qkv's shape through it
     name = _resolve(backend, qkv.device, C3 // (3 * num_heads), qkv.dtype, "qkv")
     y, _ = torch.ops.pyllmc.qkv_attention_forward(qkv, num_heads, name)
     return y

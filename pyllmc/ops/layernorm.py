@@ -13,6 +13,17 @@ mean and rstd, float32 (rows,), which the backward reuses. dweight and dbias are
 over rows deterministically: per-block float32 partial sums in a scratch buffer allocated
 here, then a fixed-order reduction. The "torch" backend is plain F.layer_norm, the
 reference the tests compare against.
+
+Layouts: x, residual, weight and bias may have any strides. The kernels take dense
+(rows, C) rows (row r at r * C), so a non-contiguous tensor is copied to a contiguous one
+first: one extra read and write of it (for weight / bias, C elements). The outputs are
+contiguous and the gradients come back in each input's shape (through the copy's autograd).
+Why a copy and not a row stride: only x's rows could use one (a view whose leading dims
+collapse into one stride, last dim contiguous: x[:, -1], x[..., :C]); a transposed x (last
+dim strided) needs the copy anyway. A row stride would have to reach the CUDA kernels'
+128-bit row loads (alignment of every row start), both backward kernels (which read the
+saved x again) and dx (written with x's strides), for layouts GPT-2 never produces, while
+a copy costs one pass over x only when the caller asks for such a layout.
 """
 
 from __future__ import annotations
@@ -45,11 +56,16 @@ CUDA_MAX_C = 2**31 - 1
 
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, *,
               backend: Optional[str] = None) -> torch.Tensor:
-    """LayerNorm of x (..., C) over its last dim; weight, bias (C,) of x's dtype."""
+    """LayerNorm of x (..., C) over its last dim; weight, bias (C,) of x's dtype.
+
+    Any strides: a non-contiguous x (or weight, bias) is copied to a contiguous tensor first
+    (one extra read + write of it); y is contiguous.
+    """
     _check_inputs(x, weight, bias, eps)
     name = _resolve(backend, x)
     if name == "torch":
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
     y, _, _ = torch.ops.pyllmc.layernorm_forward(x, weight, bias, float(eps), name)
     return y
 
@@ -57,9 +73,13 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
 def fused_residual_layernorm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                              eps: float = 1e-5, *,
                              backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, layernorm(h)) with h = residual + x; residual and x (..., C) of one shape, dtype, device."""
+    """(h, layernorm(h)) with h = residual + x; residual and x (..., C) of one shape, dtype, device.
+
+    Any strides: each non-contiguous input is copied to a contiguous tensor first (one extra
+    read + write of it); h and y are contiguous.
+    """
     _check_inputs(x, weight, bias, eps)
-    check_tensor("residual", residual, min_ndim=1)
+    check_tensor("residual", residual, min_ndim=1, contiguous=False)
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
     check_same_dtype(x=x, residual=residual)
@@ -68,17 +88,18 @@ def fused_residual_layernorm(residual: torch.Tensor, x: torch.Tensor, weight: to
     if name == "torch":
         h = residual + x
         return h, F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    residual, x, weight, bias = residual.contiguous(), x.contiguous(), weight.contiguous(), bias.contiguous()
     h, y, _, _ = torch.ops.pyllmc.fused_residual_layernorm_forward(residual, x, weight, bias, float(eps), name)
     return h, y
 
 
 def _check_inputs(x, weight, bias, eps) -> None:
-    check_tensor("x", x, min_ndim=1)
+    check_tensor("x", x, min_ndim=1, contiguous=False)
     C = x.shape[-1]
     if C == 0:
         raise ValueError(f"x must have a last dim C >= 1; got shape {tuple(x.shape)}")
-    check_tensor("weight", weight, ndim=1)
-    check_tensor("bias", bias, ndim=1)
+    check_tensor("weight", weight, ndim=1, contiguous=False)
+    check_tensor("bias", bias, ndim=1, contiguous=False)
     for name, t in (("weight", weight), ("bias", bias)):
         if t.shape[0] != C:
             raise ValueError(f"{name} must have shape (C,) = ({C},), C being x's last dim; got {tuple(t.shape)}")
@@ -104,6 +125,16 @@ def _rows(x: torch.Tensor) -> int:
 
 # ---- raw kernel calls ------------------------------------------------------------------
 
+def _dense(*tensors: torch.Tensor) -> tuple:
+    """The tensors, each contiguous (a copy only for one that is not): the kernels' layout."""
+    return tuple(t.contiguous() for t in tensors)
+
+
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of x's shape and dtype: the kernels' outputs (and their fakes)."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def cuda_num_partials(rows: int, device: torch.device) -> int:
     """Blocks of the CUDA backward (= rows of its partial-sum scratch): two per SM fills the
     GPU with one wave; each block owns a contiguous range of rows."""
@@ -112,6 +143,7 @@ def cuda_num_partials(rows: int, device: torch.device) -> int:
 
 def _forward(x, weight, bias, eps: float, backend: str):
     """(y, mean, rstd)."""
+    x, weight, bias = _dense(x, weight, bias)  # no-ops from the public ops, which copied already
     if backend == "triton":
         with triton_launch(x):
             return triton_kernels("layernorm").layernorm_forward(x, weight, bias, eps)
@@ -128,6 +160,7 @@ def _forward(x, weight, bias, eps: float, backend: str):
 
 def _backward(dy, x, weight, mean, rstd, backend: str):
     """(dx, dweight, dbias)."""
+    dy, x, weight = _dense(dy, x, weight)
     if backend == "triton":
         with triton_launch(x):
             return triton_kernels("layernorm").layernorm_backward(dy, x, weight, mean, rstd)
@@ -148,6 +181,7 @@ def _backward(dy, x, weight, mean, rstd, backend: str):
 
 def _fused_forward(residual, x, weight, bias, eps: float, backend: str):
     """(h, y, mean, rstd)."""
+    residual, x, weight, bias = _dense(residual, x, weight, bias)
     if backend == "triton":
         with triton_launch(x):
             return triton_kernels("layernorm").fused_residual_layernorm_forward(residual, x, weight, bias, eps)
@@ -168,6 +202,7 @@ def _fused_forward(residual, x, weight, bias, eps: float, backend: str):
 
 def _fused_backward(dh_out, dy, h, weight, mean, rstd, backend: str):
     """(dh, dweight, dbias), dh the gradient of both residual and x."""
+    dh_out, dy, h, weight = _dense(dh_out, dy, h, weight)
     if backend == "triton":
         with triton_launch(h):
             return triton_kernels("layernorm").fused_residual_layernorm_backward(dh_out, dy, h, weight, mean,
@@ -205,7 +240,7 @@ def layernorm_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 @layernorm_forward_op.register_fake
 def _(x, weight, bias, eps, backend):
-    return torch.empty_like(x), _stats_like(x), _stats_like(x)
+    return _empty(x), _stats_like(x), _stats_like(x)
 
 
 @torch.library.custom_op("pyllmc::layernorm_backward", mutates_args=())
@@ -217,7 +252,7 @@ def layernorm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
 @layernorm_backward_op.register_fake
 def _(dy, x, weight, mean, rstd, backend):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+    return _empty(x), _empty(weight), _empty(weight)
 
 
 @torch.library.custom_op("pyllmc::fused_residual_layernorm_forward", mutates_args=())
@@ -230,7 +265,7 @@ def fused_residual_layernorm_forward_op(
 
 @fused_residual_layernorm_forward_op.register_fake
 def _(residual, x, weight, bias, eps, backend):
-    return torch.empty_like(x), torch.empty_like(x), _stats_like(x), _stats_like(x)
+    return _empty(x), _empty(x), _stats_like(x), _stats_like(x)
 
 
 @torch.library.custom_op("pyllmc::fused_residual_layernorm_backward", mutates_args=())
@@ -243,7 +278,7 @@ def fused_residual_layernorm_backward_op(
 
 @fused_residual_layernorm_backward_op.register_fake
 def _(dh_out, dy, h, weight, mean, rstd, backend):
-    return torch.empty_like(h), torch.empty_like(weight), torch.empty_like(weight)
+    return _empty(h), _empty(weight), _empty(weight)
 
 
 def _setup_context(ctx, inputs, output):
