@@ -364,7 +364,7 @@ def child_main(group: str, backend: str, start: int, small: bool, jsonl: Path, s
     _cpu_defaults()
     import torch
 
-    import pyllmc
+    import pyllmc  # noqa: F401 - registers the ops (and their custom ops) before the first case
 
     torch.set_float32_matmul_precision("highest")  # float32 references in float32, not TF32
     on_gpu = torch.cuda.is_available()

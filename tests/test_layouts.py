@@ -113,7 +113,6 @@ def test_attention_layouts(kernel_backend, layout):
     k, v shared by the heads (expanded: stride 0 along H)."""
     name, device = kernel_backend
     B, H, T, D = 1, 2, 19, 32
-    dtype = torch.float32
     if layout == "transposed":
         q, k, v = (torch.randn(B, H, D, T, device=device).transpose(-1, -2) for _ in range(3))
     elif layout == "row slice":
