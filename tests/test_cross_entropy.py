@@ -221,6 +221,21 @@ def test_ignore_index_past_the_vocabulary_is_not_a_bad_target(kernel_backend, ba
                           inplace_backward=inplace_backward, backend=name)
 
 
+@pytest.mark.parametrize("backend_name", ["kernel", "torch"])
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_ignored_rows_of_large_logits_get_a_zero_gradient(kernel_backend, backend_name, inplace_backward):
+    """Logits past exp's range (~88 in float32) on an ignored row: its gradient is 0, not inf * 0 = NaN."""
+    name, device = kernel_backend
+    name = name if backend_name == "kernel" else "torch"
+    weight = (100.0 + torch.randn(3, 9, device=device)).requires_grad_(True)
+    targets = torch.tensor([2, -1, 5], device=device)
+    loss = ops.cross_entropy(weight * 1.0, targets, inplace_backward=inplace_backward, backend=name)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(weight.grad).all()
+    assert (weight.grad[1] == 0).all() and weight.grad[0].abs().sum() > 0
+    assert_grad_close(weight.grad, weight, targets, torch.tensor(1.0), -1)
+
+
 @pytest.mark.parametrize("inplace_backward", [False, True])
 def test_cross_entropy_all_rows_ignored(kernel_backend, inplace_backward):
     """Defined as loss 0.0 with zero gradients (F.cross_entropy's mean gives NaN)."""

@@ -297,7 +297,10 @@ def _torch_write_grad(out, x, targets, stats, scale, ignore_index: int) -> None:
     valid = (targets != ignore_index) & (targets >= 0) & (targets < V)
     grad = torch.exp(x.float() - stats[:, :1]) * (1.0 / stats[:, 1:])  # (N, V) softmax: exp(x - m) * (1 / d)
     grad.scatter_add_(1, torch.where(valid, targets, 0)[:, None], -valid.float()[:, None])
-    grad.mul_(torch.where(targets != ignore_index, scale, 0.0)[:, None])
+    grad.mul_(scale)
+    # ignored rows: zero, by a fill rather than a product (their (0, 1) stats make exp(x) overflow past x ~ 88,
+    # and inf * 0 is NaN)
+    grad.masked_fill_((targets == ignore_index)[:, None], 0.0)
     out.copy_(grad)
 
 
