@@ -42,6 +42,14 @@ cudaError_t probe_kernel_image();
 // gelu.cu
 void gelu_forward(void* out, const void* inp, long long n, int dtype, cudaStream_t stream);
 void gelu_backward(void* dinp, const void* inp, const void* dout, long long n, int dtype, cudaStream_t stream);
+// swiglu.cu
+void swiglu_forward(void* out, const void* a, const void* b, long long rows, long long cols, long long out_stride,
+                    long long a_stride, long long b_stride, int dtype, cudaStream_t stream);
+void swiglu_backward(void* da, void* db, const void* dout, const void* a, const void* b, long long rows,
+                     long long cols, long long da_stride, long long db_stride, long long dout_stride,
+                     long long a_stride, long long b_stride, int dtype, cudaStream_t stream);
+void relu2_forward(void* out, const void* inp, long long n, int dtype, cudaStream_t stream);
+void relu2_backward(void* dinp, const void* inp, const void* dout, long long n, int dtype, cudaStream_t stream);
 // adamw.cu
 void adamw_step(const void* tensors, int num_tensors, const void* chunk_to_tensor, long long num_chunks,
                 long long chunk_size, const void* hyper, int num_rows, cudaStream_t stream);
@@ -68,6 +76,17 @@ void fused_residual_layernorm_backward(void* dh, void* dweight, void* dbias, voi
                                        const void* dout, const void* h, const void* weight, const void* mean,
                                        const void* rstd, long long rows, int C, int num_partials, int dtype,
                                        cudaStream_t stream);
+// rmsnorm.cu (weight, dweight, scratch: null without a gain)
+void rmsnorm_forward(void* out, void* rstd, const void* inp, const void* weight, long long rows, int C, float eps,
+                     int dtype, cudaStream_t stream);
+void rmsnorm_backward(void* dinp, void* dweight, void* scratch, const void* dout, const void* inp, const void* weight,
+                      const void* rstd, long long rows, int C, int num_partials, int dtype, cudaStream_t stream);
+void fused_residual_rmsnorm_forward(void* h_out, void* out, void* rstd, const void* residual, const void* inp,
+                                    const void* weight, long long rows, int C, float eps, int dtype,
+                                    cudaStream_t stream);
+void fused_residual_rmsnorm_backward(void* dh, void* dweight, void* scratch, const void* dh_out, const void* dout,
+                                     const void* h, const void* weight, const void* rstd, long long rows, int C,
+                                     int num_partials, int dtype, cudaStream_t stream);
 // cross_entropy.cu
 void cross_entropy_forward(float* loss, float* stats, float* n_valid, float* row_losses, const void* logits,
                            const long long* targets, long long N, long long V, long long row_stride,
@@ -139,6 +158,29 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
     }, py::kw_only(), py::arg("out"), py::arg("inp"), py::arg("n"), py::arg("dtype"), py::arg("stream"));
     m.def("gelu_backward", [](ptr_t dinp, ptr_t inp, ptr_t dout, long long n, int dtype, ptr_t stream) {
         pyllmc::gelu_backward(as_ptr(dinp), as_ptr(inp), as_ptr(dout), n, dtype, as_stream(stream));
+    }, py::kw_only(), py::arg("dinp"), py::arg("inp"), py::arg("dout"), py::arg("n"), py::arg("dtype"),
+       py::arg("stream"));
+
+    // ---- swiglu ((rows, cols) operands, the last dim contiguous, each with its row stride in elements) and relu2
+    m.def("swiglu_forward", [](ptr_t out, ptr_t a, ptr_t b, long long rows, long long cols, long long out_stride,
+                               long long a_stride, long long b_stride, int dtype, ptr_t stream) {
+        pyllmc::swiglu_forward(as_ptr(out), as_ptr(a), as_ptr(b), rows, cols, out_stride, a_stride, b_stride, dtype,
+                               as_stream(stream));
+    }, py::kw_only(), py::arg("out"), py::arg("a"), py::arg("b"), py::arg("rows"), py::arg("cols"),
+       py::arg("out_stride"), py::arg("a_stride"), py::arg("b_stride"), py::arg("dtype"), py::arg("stream"));
+    m.def("swiglu_backward", [](ptr_t da, ptr_t db, ptr_t dout, ptr_t a, ptr_t b, long long rows, long long cols,
+                                long long da_stride, long long db_stride, long long dout_stride, long long a_stride,
+                                long long b_stride, int dtype, ptr_t stream) {
+        pyllmc::swiglu_backward(as_ptr(da), as_ptr(db), as_ptr(dout), as_ptr(a), as_ptr(b), rows, cols, da_stride,
+                                db_stride, dout_stride, a_stride, b_stride, dtype, as_stream(stream));
+    }, py::kw_only(), py::arg("da"), py::arg("db"), py::arg("dout"), py::arg("a"), py::arg("b"), py::arg("rows"),
+       py::arg("cols"), py::arg("da_stride"), py::arg("db_stride"), py::arg("dout_stride"), py::arg("a_stride"),
+       py::arg("b_stride"), py::arg("dtype"), py::arg("stream"));
+    m.def("relu2_forward", [](ptr_t out, ptr_t inp, long long n, int dtype, ptr_t stream) {
+        pyllmc::relu2_forward(as_ptr(out), as_ptr(inp), n, dtype, as_stream(stream));
+    }, py::kw_only(), py::arg("out"), py::arg("inp"), py::arg("n"), py::arg("dtype"), py::arg("stream"));
+    m.def("relu2_backward", [](ptr_t dinp, ptr_t inp, ptr_t dout, long long n, int dtype, ptr_t stream) {
+        pyllmc::relu2_backward(as_ptr(dinp), as_ptr(inp), as_ptr(dout), n, dtype, as_stream(stream));
     }, py::kw_only(), py::arg("dinp"), py::arg("inp"), py::arg("dout"), py::arg("n"), py::arg("dtype"),
        py::arg("stream"));
 
@@ -214,6 +256,37 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
     }, py::kw_only(), py::arg("dh"), py::arg("dweight"), py::arg("dbias"), py::arg("scratch"), py::arg("dh_out"),
        py::arg("dout"), py::arg("h"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("rows"),
        py::arg("C"), py::arg("num_partials"), py::arg("dtype"), py::arg("stream"));
+
+    // ---- rmsnorm (weight, dweight, scratch: 0 without a gain)
+    m.def("rmsnorm_forward", [](ptr_t out, ptr_t rstd, ptr_t inp, ptr_t weight, long long rows, int C, float eps,
+                                int dtype, ptr_t stream) {
+        pyllmc::rmsnorm_forward(as_ptr(out), as_ptr(rstd), as_ptr(inp), as_ptr(weight), rows, C, eps, dtype,
+                                as_stream(stream));
+    }, py::kw_only(), py::arg("out"), py::arg("rstd"), py::arg("inp"), py::arg("weight"), py::arg("rows"),
+       py::arg("C"), py::arg("eps"), py::arg("dtype"), py::arg("stream"));
+    m.def("rmsnorm_backward", [](ptr_t dinp, ptr_t dweight, ptr_t scratch, ptr_t dout, ptr_t inp, ptr_t weight,
+                                 ptr_t rstd, long long rows, int C, int num_partials, int dtype, ptr_t stream) {
+        pyllmc::rmsnorm_backward(as_ptr(dinp), as_ptr(dweight), as_ptr(scratch), as_ptr(dout), as_ptr(inp),
+                                 as_ptr(weight), as_ptr(rstd), rows, C, num_partials, dtype, as_stream(stream));
+    }, py::kw_only(), py::arg("dinp"), py::arg("dweight"), py::arg("scratch"), py::arg("dout"), py::arg("inp"),
+       py::arg("weight"), py::arg("rstd"), py::arg("rows"), py::arg("C"), py::arg("num_partials"), py::arg("dtype"),
+       py::arg("stream"));
+    m.def("fused_residual_rmsnorm_forward", [](ptr_t h_out, ptr_t out, ptr_t rstd, ptr_t residual, ptr_t inp,
+                                               ptr_t weight, long long rows, int C, float eps, int dtype,
+                                               ptr_t stream) {
+        pyllmc::fused_residual_rmsnorm_forward(as_ptr(h_out), as_ptr(out), as_ptr(rstd), as_ptr(residual),
+                                               as_ptr(inp), as_ptr(weight), rows, C, eps, dtype, as_stream(stream));
+    }, py::kw_only(), py::arg("h_out"), py::arg("out"), py::arg("rstd"), py::arg("residual"), py::arg("inp"),
+       py::arg("weight"), py::arg("rows"), py::arg("C"), py::arg("eps"), py::arg("dtype"), py::arg("stream"));
+    m.def("fused_residual_rmsnorm_backward", [](ptr_t dh, ptr_t dweight, ptr_t scratch, ptr_t dh_out, ptr_t dout,
+                                                ptr_t h, ptr_t weight, ptr_t rstd, long long rows, int C,
+                                                int num_partials, int dtype, ptr_t stream) {
+        pyllmc::fused_residual_rmsnorm_backward(as_ptr(dh), as_ptr(dweight), as_ptr(scratch), as_ptr(dh_out),
+                                                as_ptr(dout), as_ptr(h), as_ptr(weight), as_ptr(rstd), rows, C,
+                                                num_partials, dtype, as_stream(stream));
+    }, py::kw_only(), py::arg("dh"), py::arg("dweight"), py::arg("scratch"), py::arg("dh_out"), py::arg("dout"),
+       py::arg("h"), py::arg("weight"), py::arg("rstd"), py::arg("rows"), py::arg("C"), py::arg("num_partials"),
+       py::arg("dtype"), py::arg("stream"));
 
     // ---- cross_entropy
     m.def("cross_entropy_forward", [](ptr_t loss, ptr_t stats, ptr_t n_valid, ptr_t row_losses, ptr_t logits,

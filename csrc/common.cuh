@@ -5,6 +5,8 @@
 // - DType: the element type code the bindings pass (the Python side maps torch dtypes).
 // - Packed128<T>: 16 bytes of T, loaded and stored with one 128-bit instruction.
 // - Conversions between float and the storage types, so kernels compute in float.
+// - Row chunks: the per-lane W-wide pieces of a row that the row-wise kernels (layernorm.cu,
+//   rmsnorm.cu) keep in registers, and the launch-time choice of their count and width.
 //
 // Pure CUDA C++: no torch, no Python.
 #pragma once
@@ -15,8 +17,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace pyllmc {
 
@@ -145,6 +149,84 @@ __device__ __forceinline__ float block_reduce_max(float v, float* shared) {
     __syncthreads();
     v = (lane < num_warps) ? shared[lane] : -INFINITY;
     return warp_reduce_max(v);
+}
+
+// ----------------------------------------------------------------------------
+// row chunks: a lane's part of a row, W elements at a time (one 128-bit vector, or one scalar)
+
+constexpr int kMaxChunks = 16;  // most W-wide chunks per lane kept in registers
+
+template <typename T>
+struct Scalar {
+    T payload[1];
+    __device__ __forceinline__ const T& operator[](int i) const { return payload[i]; }
+};
+// A chunk as stored in memory: kept in registers in the storage type (half the registers
+// of float for bf16 / fp16) and converted to float where it is used.
+template <typename T, int W>
+using Chunk = std::conditional_t<W == 1, Scalar<T>, Packed128<T>>;
+
+template <int W, typename T>
+__device__ __forceinline__ Chunk<T, W> load_raw(const T* src) {
+    static_assert(W == 1 || W == Packed128<T>::size, "a chunk is one scalar or one 128-bit vector");
+    if constexpr (W == 1) {
+        return Scalar<T>{{*src}};
+    } else {
+        return load128(src);
+    }
+}
+
+template <int W, typename T>
+__device__ __forceinline__ void load_chunk(float (&dst)[W], const T* src) {
+    const Chunk<T, W> raw = load_raw<W>(src);
+#pragma unroll
+    for (int k = 0; k < W; ++k) dst[k] = to_float(raw[k]);
+}
+
+template <int W, typename T>
+__device__ __forceinline__ void store_chunk(T* dst, const float (&src)[W]) {
+    if constexpr (W == 1) {
+        dst[0] = from_float<T>(src[0]);
+    } else {
+        Packed128<T> v;
+#pragma unroll
+        for (int k = 0; k < W; ++k) v[k] = from_float<T>(src[k]);
+        store128(dst, v);
+    }
+}
+
+// The smallest n >= chunks in {1, 2, 3, 4, 6, 8, 12, 16}: registers for at most 1.5x the chunks
+// needed (GPT-2's C = 768 is exactly 3 bf16 or 6 fp32 chunks).
+inline int rounded_chunks(int chunks) {
+    for (int n : {1, 2, 3, 4, 6, 8, 12}) {
+        if (chunks <= n) return n;
+    }
+    return kMaxChunks;
+}
+
+// Calls f(std::integral_constant<int, rounded_chunks(chunks)>).
+template <typename F>
+void dispatch_chunks(int chunks, F&& f) {
+    switch (rounded_chunks(chunks)) {
+        case 1: f(std::integral_constant<int, 1>{}); break;
+        case 2: f(std::integral_constant<int, 2>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        case 4: f(std::integral_constant<int, 4>{}); break;
+        case 6: f(std::integral_constant<int, 6>{}); break;
+        case 8: f(std::integral_constant<int, 8>{}); break;
+        case 12: f(std::integral_constant<int, 12>{}); break;
+        default: f(std::integral_constant<int, kMaxChunks>{}); break;
+    }
+}
+
+// The vector path needs whole vectors per row and 16-byte aligned rows.
+template <typename T>
+bool can_vectorize(int C, std::initializer_list<const void*> pointers) {
+    if (C % Packed128<T>::size != 0) return false;
+    for (const void* p : pointers) {
+        if (p != nullptr && !is_aligned16(p)) return false;
+    }
+    return true;
 }
 
 }  // namespace pyllmc

@@ -27,9 +27,8 @@
 //   allocated by the caller. A second kernel sums the partials over b in a fixed order and
 //   writes dweight, dbias in the storage type. No atomics: results are bitwise reproducible.
 // - mean and rstd are saved in float32, one per row, for the backward.
-#include "common.cuh"
+#include "common.cuh"  // also the row chunks: Chunk, load_chunk, store_chunk, dispatch_chunks
 
-#include <initializer_list>
 #include <string>
 #include <type_traits>
 
@@ -39,7 +38,6 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr int kForwardWarps = 4;   // rows per forward block
 constexpr int kBackwardWarps = 8;  // warps sharing one block's partial sums in the backward
-constexpr int kMaxChunks = 16;     // most W-wide chunks per lane kept in registers
 // Backward register budget: the float dweight/dbias sums cost 2 registers per element of a
 // lane's part of the row. Up to kKeepRowElems elements the row (x, dy) also stays in registers
 // between the two passes; longer rows are read again in pass 2 (L1/L2 hits: the warp has just
@@ -47,47 +45,6 @@ constexpr int kMaxChunks = 16;     // most W-wide chunks per lane kept in regist
 // elements, or summing 128, spilled registers.)
 constexpr int kKeepRowElems = 48;
 constexpr int kBackwardMaxElems = 96;
-
-// ---- per-lane chunks of W elements (one 128-bit vector, or one scalar)
-
-template <typename T>
-struct Scalar {
-    T payload[1];
-    __device__ __forceinline__ const T& operator[](int i) const { return payload[i]; }
-};
-// A chunk as stored in memory: kept in registers in the storage type (half the registers
-// of float for bf16 / fp16) and converted to float where it is used.
-template <typename T, int W>
-using Chunk = std::conditional_t<W == 1, Scalar<T>, Packed128<T>>;
-
-template <int W, typename T>
-__device__ __forceinline__ Chunk<T, W> load_raw(const T* src) {
-    static_assert(W == 1 || W == Packed128<T>::size, "a chunk is one scalar or one 128-bit vector");
-    if constexpr (W == 1) {
-        return Scalar<T>{{*src}};
-    } else {
-        return load128(src);
-    }
-}
-
-template <int W, typename T>
-__device__ __forceinline__ void load_chunk(float (&dst)[W], const T* src) {
-    const Chunk<T, W> raw = load_raw<W>(src);
-#pragma unroll
-    for (int k = 0; k < W; ++k) dst[k] = to_float(raw[k]);
-}
-
-template <int W, typename T>
-__device__ __forceinline__ void store_chunk(T* dst, const float (&src)[W]) {
-    if constexpr (W == 1) {
-        dst[0] = from_float<T>(src[0]);
-    } else {
-        Packed128<T> v;
-#pragma unroll
-        for (int k = 0; k < W; ++k) v[k] = from_float<T>(src[k]);
-        store128(dst, v);
-    }
-}
 
 // ---- forward, row in registers
 
@@ -410,40 +367,6 @@ layernorm_reduce_partials_kernel(T* __restrict__ dweight, T* __restrict__ dbias,
 }
 
 // ---- launch helpers
-
-// The smallest n >= chunks in {1, 2, 3, 4, 6, 8, 12, 16}: registers for at most 1.5x the chunks
-// needed (GPT-2's C = 768 is exactly 3 bf16 or 6 fp32 chunks).
-int rounded_chunks(int chunks) {
-    for (int n : {1, 2, 3, 4, 6, 8, 12}) {
-        if (chunks <= n) return n;
-    }
-    return kMaxChunks;
-}
-
-// Calls f(std::integral_constant<int, rounded_chunks(chunks)>).
-template <typename F>
-void dispatch_chunks(int chunks, F&& f) {
-    switch (rounded_chunks(chunks)) {
-        case 1: f(std::integral_constant<int, 1>{}); break;
-        case 2: f(std::integral_constant<int, 2>{}); break;
-        case 3: f(std::integral_constant<int, 3>{}); break;
-        case 4: f(std::integral_constant<int, 4>{}); break;
-        case 6: f(std::integral_constant<int, 6>{}); break;
-        case 8: f(std::integral_constant<int, 8>{}); break;
-        case 12: f(std::integral_constant<int, 12>{}); break;
-        default: f(std::integral_constant<int, kMaxChunks>{}); break;
-    }
-}
-
-// The vector path needs whole vectors per row and 16-byte aligned rows.
-template <typename T>
-bool can_vectorize(int C, std::initializer_list<const void*> pointers) {
-    if (C % Packed128<T>::size != 0) return false;
-    for (const void* p : pointers) {
-        if (p != nullptr && !is_aligned16(p)) return false;
-    }
-    return true;
-}
 
 void check_sizes(const char* who, long long rows, int C) {
     require(rows >= 0, std::string(who) + ": rows must be >= 0");

@@ -67,6 +67,14 @@ def all_cases() -> list[Case]:
         tag = str(dtype).replace("torch.", "")
         for n in (1, 37, 1029):
             cases.append(Case(f"gelu n={n} {tag}", dtype, partial(testing.gelu_case, (n,))))
+        # swiglu: contiguous (one folded row: vectors, a short slot), the halves of a packed tensor read in place
+        # (H = 64: vectors row by row; H = 37: unaligned, an element per slot), and the packed op
+        for shape, layout in (((37,), "two"), ((3, 1029), "two"), ((5, 64), "views"), ((5, 37), "views"),
+                              ((5, 64), "packed"), ((3, 37), "packed")):
+            cases.append(Case(f"swiglu {layout} {'x'.join(map(str, shape))} {tag}", dtype,
+                              partial(testing.swiglu_case, shape, layout=layout)))
+        for n in (1, 37, 1029):
+            cases.append(Case(f"relu2 n={n} {tag}", dtype, partial(testing.relu2_case, (n,))))
         # C = 1 and 37: scalar chunks; 768: GPT-2 124M (vector chunks, row kept in registers); 1600:
         # GPT-2 XL (the backward reads the row twice); 8200: past the register kernels
         for rows, C in ((3, 1), (5, 37), (7, 768), (3, 1600), (2, 8200)):
@@ -74,6 +82,17 @@ def all_cases() -> list[Case]:
                 name = "fused_residual_layernorm" if fused else "layernorm"
                 cases.append(Case(f"{name} rows={rows} C={C} {tag}", dtype,
                                   partial(testing.layernorm_case, (rows, C), fused=fused)))
+        # C = 1 and 37: scalar chunks (1: one lane per row); 64: QK-norm's head dim (groups of lanes,
+        # several rows per warp); 768: whole warps, row in registers; 8200: past the register kernels
+        for rows, C in ((3, 1), (5, 37), (9, 64), (7, 768), (2, 8200)):
+            for fused in (False, True):
+                name = "fused_residual_rmsnorm" if fused else "rmsnorm"
+                cases.append(Case(f"{name} rows={rows} C={C} {tag}", dtype,
+                                  partial(testing.rmsnorm_case, (rows, C), fused=fused)))
+        for rows, C, fused in ((9, 64, False), (7, 768, True)):  # without a weight: no dweight, no partial sums
+            name = "fused_residual_rmsnorm" if fused else "rmsnorm"
+            cases.append(Case(f"{name} no-weight rows={rows} C={C} {tag}", dtype,
+                              partial(testing.rmsnorm_case, (rows, C), fused=fused, weight=False)))
         # logits (N, V) as a view of (N, Vp); every third target ignored; upstream gradient dloss
         for N, V, Vp in ((1, 1, 1), (5, 37, 40), (4, 1000, 1000), (3, 50257, 50304)):
             for inplace, dloss in ((False, 1.0), (True, 1.0), (True, -0.5)):

@@ -3,12 +3,13 @@
     python dev/gpu_smoke.py --out DIR          # DIR/smoke.jsonl, progress and a table on stdout
 
 What runs. Every op (gelu, layernorm, fused_residual_layernorm, cross_entropy plain and fused
-(inplace_backward=True), attention, AdamW) x backend {cuda, triton} x dtype {float32,
+(inplace_backward=True), attention, AdamW, rmsnorm, fused_residual_rmsnorm, swiglu (two tensors, the
+views of one packed tensor, swiglu_packed), relu2) x backend {cuda, triton} x dtype {float32,
 bfloat16}, forward and every gradient (AdamW: parameters and every state tensor after two
 steps), at GPT-2 124M's shapes (B*T = 8192, C = 768, 4C = 3072, V = 50257 viewed in 50304,
 B = 8, H = 12, T = 1024, D = 64; AdamW over the model's 148 tensors) and at odd ones (T = 1,
 37, 1023; C = 1, 37, 1600; V = 1 and 50257 unpadded); plus determinism where the design
-promises it (layernorm and attention backward, cross_entropy, AdamW): two identical calls
+promises it (layernorm, rmsnorm and attention backward, cross_entropy, AdamW): two identical calls
 must give the same bits. Without a GPU (dev/gpu_check.sh --dry-run) the same cases run at
 small shapes on CPU tensors: triton under its interpreter, cuda on the CPU simulator
 (PYLLMC_CUDA_SIM=1) when it builds here.
@@ -16,8 +17,8 @@ small shapes on CPU tensors: triton under its interpreter, cuda on the CPU simul
 Cases and criteria: pyllmc.testing's, the test suite's own (its inputs, references, table of
 tolerances and comparisons). The truth is the torch backend's math in float64; "PyTorch's own
 error" is the same math run in the kernel's dtype (AdamW: the torch backend in the same dtype).
-  elementwise (gelu, the residual sum h, AdamW's tensors): |kernel - truth| <= atol + rtol |truth|
-  flash-attention's (layernorm, cross_entropy, attention): max |kernel - truth|
+  elementwise (gelu, swiglu, relu2, the residual sum h, AdamW's tensors): |kernel - truth| <= atol + rtol |truth|
+  flash-attention's (layernorm, rmsnorm, cross_entropy, attention): max |kernel - truth|
       <= 2 x max |torch in the same dtype - truth| + eps; cross-entropy gradients are
       compared after dividing by their largest reference entry (at V = 50257 they are ~1e-5,
       which an absolute eps alone could not catch), and their references are computed a block
@@ -36,7 +37,7 @@ and the next one runs; a case that kills its process (a fault, a hang past --cas
 is recorded as crash / timeout and the process restarts at the next case, so one broken
 kernel cannot hide the others. --time-limit bounds the whole run.
 
-Cost on an H200 (the GPU check gives this stage 90 s): 126 cases; the heaviest are the
+Cost on an H200 (the GPU check gives this stage 90 s): 234 cases; the heaviest are the
 cross-entropy references at (8192, 50257) (float64 logits: 3.3 GB, a few passes over them)
 and attention at (8, 12, 1024, 64) (float64 plain math: 6 matmuls of 13 GFLOP, 0.8 GB of
 scores); everything else is milliseconds of GPU time. The wall time is process start-up
@@ -65,7 +66,7 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 
 OPS = ("gelu", "layernorm", "fused_residual_layernorm", "cross_entropy", "cross_entropy_fused", "attention",
-       "adamw")
+       "adamw", "rmsnorm", "fused_residual_rmsnorm", "swiglu", "relu2")
 BACKENDS = ("cuda", "triton")
 # Statuses that pass; "skip" passes only on the CPU (a GPU run must run everything).
 PASSING = ("pass",)
@@ -200,6 +201,20 @@ def build_cases(op: str, backend: str, small: bool) -> list[Case]:
         det = ((37, 37), False) if small else ((8192, 768), True)
         deterministic = [(_shape_label(*det), "float32" if small else "bfloat16",
                           determinism(partial(testing.layernorm_case, det[0], fused=fused)))]
+    elif op in ("rmsnorm", "fused_residual_rmsnorm"):
+        fused = op == "fused_residual_rmsnorm"
+        # (rows, C, weight): a Llama-sized row, QK-norm's head dim without a weight (B*T*H rows), odd ones
+        shapes = [((37, 37), False, True), ((37, 64), False, False), ((1, 1), False, True)] if small else \
+            [((8192, 768), True, True), ((8192 * 12, 64), False, False), ((1, 1), False, True),
+             ((37, 37), False, True), ((1023, 1600), False, True)]
+
+        def label(s, g, w):
+            return _shape_label(s, g) + ("" if w else " no weight")
+        numeric = [(label(s, g, w), numerics(partial(testing.rmsnorm_case, s, fused=fused, weight=w)))
+                   for s, g, w in shapes]
+        det = shapes[0]
+        deterministic = [(label(*det), "float32" if small else "bfloat16",
+                          determinism(partial(testing.rmsnorm_case, det[0], fused=fused)))]
     elif op in ("cross_entropy", "cross_entropy_fused"):
         fused = op == "cross_entropy_fused"
         # (N, V, Vp): GPT-2's (N, 50257) view of (N, 50304); V = 1; V = 50257 unpadded
@@ -218,6 +233,15 @@ def build_cases(op: str, backend: str, small: bool) -> list[Case]:
         if _takes_num_classes():  # and the whole padded buffer with num_classes=V, as the model calls it
             numeric.insert(1, (label(N, V, Vp, g) + " num_classes", numerics(make(N, V, Vp, whole=True))))
         deterministic = [(label(N, V, Vp, g), "float32" if small else "bfloat16", determinism(make(N, V, Vp)))]
+    elif op in ("swiglu", "relu2"):
+        # (B*T, 4C): GPT-2's MLP width (swiglu: the output's shape; its packed input is (B*T, 8C))
+        shapes = [((37, 37), False), ((1, 1), False)] if small else \
+            [((8192, 3072), True), ((1, 1), False), ((37, 37), False), ((1023, 1600), False)]
+        if op == "relu2":
+            numeric = [(_shape_label(s, g), numerics(partial(testing.relu2_case, s))) for s, g in shapes]
+        else:
+            numeric = [(f"{_shape_label(s, g)} {layout}", numerics(partial(testing.swiglu_case, s, layout=layout)))
+                       for s, g in shapes for layout in ("two", "views", "packed")]
     elif op == "attention":
         shapes = [((1, 2, 37, 64), False), ((1, 1, 1, 64), False)] if small else \
             [((8, 12, 1024, 64), True), ((1, 12, 1, 64), False), ((2, 12, 37, 64), False), ((1, 12, 1023, 64), False)]

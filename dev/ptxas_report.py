@@ -237,7 +237,7 @@ _ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 def dynamic_smem(kernel: str) -> int:
     """Bytes of dynamic shared memory the launcher gives kernel instance `kernel` (a short name):
-    attention.cu's tile formulas (rows padded to D + 8 elements), layernorm.cu's (2, C) floats at the
+    attention.cu's tile formulas (rows padded to D + 8 elements), layernorm.cu's (2, C) and rmsnorm.cu's (C,) floats at the
     longest row of the instance; 0 for kernels without extern __shared__."""
     base, args = kernel.split("<")[0], _template_args(kernel)
     if base == "attention_forward_tc_kernel":  # q tile + 2 stages of (k, v) tiles, 64 rows each
@@ -253,6 +253,9 @@ def dynamic_smem(kernel: str) -> int:
     if base == "layernorm_backward_kernel":  # (2, C) floats, C <= 32 lanes * kChunks * W
         width, chunks = int(args[1]), int(args[2])
         return 2 * 32 * chunks * width * 4
+    if base == "rmsnorm_backward_kernel":  # (C,) floats, C <= kLanes * kChunks * W; none without a weight
+        width, chunks, lanes, has_weight = int(args[1]), int(args[2]), int(args[3]), args[5] == "true"
+        return lanes * chunks * width * 4 if has_weight else 0
     return 0
 
 

@@ -54,6 +54,10 @@ MUTANTS = [
            "    if (i < num_vectors) {\n        const Packed128<T> x = load128cs(inp + i * V);\n        Packed128<T> y;",
            "    if (i < num_vectors) {\n        const Packed128<T> x = load128cs(inp + ((2 * i) % num_vectors) * V);\n"
            "        Packed128<T> y;", "gelu"),
+    # every other slot of a row (in bounds, wrong answers): twice the sectors per request
+    Mutant("swiglu: slots read at a stride of two", "swiglu.cu",
+           "    col = (i - row * slots_per_row) * width;",
+           "    col = ((2 * (i - row * slots_per_row)) % slots_per_row) * width;", "swiglu"),
     Mutant("attention: shared tiles without their row padding", "attention.cu",
            "constexpr int kPad = 8;", "constexpr int kPad = 0;", "attention"),
 ]
@@ -75,9 +79,20 @@ def cases():
         tag = str(dtype).replace("torch.", "")
         out += [
             Case(f"gelu n=16x3072 {tag}", dtype, partial(testing.gelu_case, (16 * 3072,))),
+            # swiglu at a Llama MLP's row width: two contiguous tensors (one folded row), then the halves of
+            # one packed (16, 2 x 3072) tensor read in place, row by row
+            Case(f"swiglu two rows=16 H=3072 {tag}", dtype, partial(testing.swiglu_case, (16, 3072))),
+            Case(f"swiglu packed rows=16 H=3072 {tag}", dtype,
+                 partial(testing.swiglu_case, (16, 3072), layout="packed")),
+            Case(f"relu2 n=16x3072 {tag}", dtype, partial(testing.relu2_case, (16 * 3072,))),
             Case(f"layernorm rows=16 C=768 {tag}", dtype, partial(testing.layernorm_case, (16, 768))),
             Case(f"fused_residual_layernorm rows=16 C=768 {tag}", dtype,
                  partial(testing.layernorm_case, (16, 768), fused=True)),
+            Case(f"rmsnorm rows=16 C=768 {tag}", dtype, partial(testing.rmsnorm_case, (16, 768))),
+            Case(f"fused_residual_rmsnorm rows=16 C=768 {tag}", dtype,
+                 partial(testing.rmsnorm_case, (16, 768), fused=True)),
+            # QK-norm over the head dim: groups of C / W lanes, several rows per warp
+            Case(f"rmsnorm rows=64 C=64 {tag}", dtype, partial(testing.rmsnorm_case, (64, 64))),
             Case(f"cross_entropy fused N=2 V=50257/50304 {tag}", dtype,
                  partial(testing.cross_entropy_case, (2, 50257), padded_vocab=50304, inplace_backward=True,
                          ignore_every=3, dloss=1.0)),

@@ -79,7 +79,7 @@ def record_launches(dtypes=DTYPES, arch: int = 90) -> list[dict]:
     from triton.compiler.compiler import make_backend
     from triton.runtime import jit
 
-    from pyllmc.kernels import _common, adamw, attention, cross_entropy, gelu, layernorm
+    from pyllmc.kernels import _common, adamw, attention, cross_entropy, gelu, layernorm, rmsnorm, swiglu
     from pyllmc.ops.attention import heads_of, split_heads
 
     if not isinstance(cross_entropy.cross_entropy_forward_kernel, jit.JITFunction):
@@ -135,11 +135,32 @@ def record_launches(dtypes=DTYPES, arch: int = 90) -> list[dict]:
             gelu.gelu_forward(x)
             gelu.gelu_backward(x, meta(N, 4 * C))
 
+            # SwiGLU at this MLP's width (H = 4C): the halves of one packed (B*T, 2H) w1|w3 output, read
+            # and written in place (row stride 2H), and two contiguous tensors (folded into one row); relu^2
+            a, b = meta(N, 8 * C).chunk(2, dim=-1)
+            da, db = meta(N, 8 * C).chunk(2, dim=-1)
+            swiglu.swiglu_forward(a, b, meta(N, 4 * C))
+            swiglu.swiglu_backward(meta(N, 4 * C), a, b, da, db)
+            a, b = meta(N, 4 * C), meta(N, 4 * C)
+            swiglu.swiglu_forward(a, b, meta(N, 4 * C))
+            swiglu.swiglu_backward(meta(N, 4 * C), a, b, meta(N, 4 * C), meta(N, 4 * C))
+            swiglu.relu2_forward(x)
+            swiglu.relu2_backward(x, meta(N, 4 * C))
+
             x, w, b, dy = meta(N, C), meta(C), meta(C), meta(N, C)
             _, mean, rstd = layernorm.layernorm_forward(x, w, b, 1e-5)
             layernorm.layernorm_backward(dy, x, w, mean, rstd)
             h, _, mean, rstd = layernorm.fused_residual_layernorm_forward(meta(N, C), x, w, b, 1e-5)
             layernorm.fused_residual_layernorm_backward(meta(N, C), dy, h, w, mean, rstd)
+
+            # RMSNorm with a weight at the model's width; QK-norm without one over the head dim (B*T*H, D)
+            _, rstd = rmsnorm.rmsnorm_forward(x, w, 1e-6)
+            rmsnorm.rmsnorm_backward(dy, x, w, rstd)
+            h, _, rstd = rmsnorm.fused_residual_rmsnorm_forward(meta(N, C), x, w, 1e-6)
+            rmsnorm.fused_residual_rmsnorm_backward(meta(N, C), dy, h, w, rstd)
+            q = meta(N * H, C // H)
+            _, rstd = rmsnorm.rmsnorm_forward(q, None, 1e-6)
+            rmsnorm.rmsnorm_backward(meta(N * H, C // H), q, None, rstd)
 
             logits = meta(N, Vp)[:, :V]  # (N, V) view of the padded (N, Vp) logits
             targets = meta(N, dt=torch.int64)

@@ -89,3 +89,29 @@ def to_storage(x, dtype: tl.constexpr):
         return tl.where(x != x, x.to(tl.bfloat16), rounded)  # NaN stays NaN
     else:
         return x.to(dtype)
+
+
+# ---- row tiles (the row-wise kernels: layernorm.py, rmsnorm.py) -------------------------------------
+#
+# A program takes a (BLOCK_ROWS, BLOCK_C) tile: BLOCK_ROWS whole rows, BLOCK_C the next power of two
+# >= C, so a row is loaded once and reduced in registers.
+
+def row_tile_rows(rows: int, block_c: int, device: torch.device) -> int:
+    """Rows per tile. GPU: a few rows when C is small, so a tile holds ~4K elements.
+    CPU (interpreter): one program is one Python step, so large tiles keep tests fast."""
+    tile = 4096 if gpu_of(device) is not None else 16384
+    return max(1, min(tile // block_c, triton.next_power_of_2(max(rows, 1))))
+
+
+def row_tile_warps(block_rows: int, block_c: int) -> int:
+    return max(1, min(16, block_rows * block_c // 512))
+
+
+def row_programs(rows: int, block_rows: int, device: torch.device) -> int:
+    """Programs (and scratch rows) of a backward that sums per-column partials: enough to fill the
+    GPU, each owning a contiguous range of rows; on CPU a handful (the interpreter runs them one by one)."""
+    tiles = max(1, triton.cdiv(rows, block_rows))
+    gpu = gpu_of(device)
+    if gpu is not None:
+        return min(tiles, 4 * gpu.sm_count)
+    return min(tiles, 4)

@@ -158,26 +158,14 @@ def _block_c(C: int) -> int:
     return block_c
 
 
-def _block_rows(rows: int, block_c: int, device: torch.device) -> int:
-    """Rows per tile. GPU: a few rows when C is small, so a tile holds ~4K elements.
-    CPU (interpreter): one program is one Python step, so large tiles keep tests fast."""
-    tile = 4096 if _common.gpu_of(device) is not None else 16384
-    return max(1, min(tile // block_c, triton.next_power_of_2(max(rows, 1))))
-
-
-def _num_warps(block_rows: int, block_c: int) -> int:
-    return max(1, min(16, block_rows * block_c // 512))
+# Row tiles and the backward's grid: _common's, shared with the RMSNorm kernels (kernels/rmsnorm.py).
+_block_rows = _common.row_tile_rows
+_num_warps = _common.row_tile_warps
 
 
 def num_partials(rows: int, C: int, device: torch.device) -> int:
-    """Programs (and scratch rows) of the backward: enough to fill the GPU, each owning
-    a contiguous range of rows; on CPU a handful (the interpreter runs them one by one)."""
-    block_rows = _block_rows(rows, _block_c(C), device)
-    tiles = max(1, triton.cdiv(rows, block_rows))
-    gpu = _common.gpu_of(device)
-    if gpu is not None:
-        return min(tiles, 4 * gpu.sm_count)
-    return min(tiles, 4)
+    """Programs (and scratch rows) of the backward: _common.row_programs."""
+    return _common.row_programs(rows, _block_rows(rows, _block_c(C), device), device)
 
 
 # ---- launchers -------------------------------------------------------------------------

@@ -78,8 +78,10 @@ def test_every_kernel_benchmark_runs_on_cpu(monkeypatch):
     import pyllmc
 
     monkeypatch.setattr(common, "_quick", True)  # eager baselines: no torch.compile on the CPU
-    sizes = {"gelu": {"ROWS": 7, "COLS": 37}, "cross_entropy": {"ROWS": 3, "VOCAB": 37, "PADDED_VOCAB": 40},
-             "layernorm": {"ROWS": 5, "C": 37}, "attention": {"B": 1, "T": 37, "C": 128}}
+    sizes = {"gelu": {"ROWS": 7, "COLS": 37}, "swiglu": {"ROWS": 7, "COLS": 37},
+             "cross_entropy": {"ROWS": 3, "VOCAB": 37, "PADDED_VOCAB": 40},
+             "layernorm": {"ROWS": 5, "C": 37}, "rmsnorm": {"ROWS": 5, "C": 37, "HEADS": 3},
+             "attention": {"B": 1, "T": 37, "C": 128}}
     kernels = [name for name in ("cuda", "triton") if pyllmc.available_backends()[name].available]
     for name in bench_run.MODULES:
         if name == "step":  # its own CPU path: the GPU check's dry run

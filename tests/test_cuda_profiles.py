@@ -111,6 +111,18 @@ def test_layernorm_backward_under_profile(profile, dtype):
             case.check(case.run("cuda"))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("profile", ["sm_86", "sm_75"])
+def test_rmsnorm_backward_under_profile(profile, dtype):
+    """RMSNorm's backward (its (C,) floats of partial sums, its groups of lanes) on a 99 KB GPU and
+    on the T4, at its largest register row and at QK-norm's head dim."""
+    sim()
+    with cuda_sim.device_profile(profile):
+        for shape, weight in (((5, 3072), True), ((37, 64), True), ((37, 128), False)):
+            case = testing.rmsnorm_case(shape, DTYPES[dtype], "cpu", fused=True, weight=weight)
+            case.check(case.run("cuda"))
+
+
 def test_dq_tiles_fit_the_99kb_gpus_and_stay_fast_elsewhere():
     """At D = 128 the fast dQ tiles need 104,448 B: more than sm_86 / sm_89 / sm_120 allow. There the
     launcher takes 32-key tiles; where the fast ones fit, it keeps them."""
@@ -160,7 +172,8 @@ def test_every_launch_fits_every_gpu(name):
     same as at any size) runs on each GPU, and each launch stays within its shared-memory limit."""
     sim()
     small = [c for c in cuda_driver.all_cases()
-             if ("attention" in c.name and "T=1 " in c.name) or ("layernorm" in c.name and "C=1600" in c.name)]
+             if ("attention" in c.name and "T=1 " in c.name) or ("layernorm" in c.name and "C=1600" in c.name)
+             or ("rmsnorm" in c.name and "C=768" in c.name) or c.name.startswith("swiglu packed 5x64")]
     small += [cuda_driver.Case("attention B=1 H=1 T=1 D=128 bf16", torch.bfloat16,
                                partial(testing.attention_case, (1, 1, 1, 128)))]
     assert len(small) >= 8
@@ -198,7 +211,8 @@ def test_sm75_runs_float32_attention_and_every_other_op():
     cases = [c for c in cuda_driver.all_cases() if "50257" not in c.name and "8200" not in c.name
              and c.dtype != torch.float16 and ("attention" not in c.name or c.dtype == torch.float32)]
     assert {c.name.split()[0] for c in cases} == {"gelu", "layernorm", "fused_residual_layernorm", "cross_entropy",
-                                                  "attention", "adamw"}
+                                                  "attention", "adamw", "rmsnorm", "fused_residual_rmsnorm",
+                                                  "swiglu", "relu2"}
     with cuda_sim.device_profile("sm_75"):
         for index, case in enumerate(cases):
             op_case = case.op_case(torch.device("cpu"), seed=index)

@@ -157,7 +157,8 @@ def launch_spy(monkeypatch):
         finally:
             inside.pop()
 
-    for name in ("_common", "attention", "cross_entropy", "gelu", "layernorm"):  # the modules, not the ops
+    # the modules, not the ops
+    for name in ("_common", "attention", "cross_entropy", "gelu", "layernorm", "rmsnorm", "swiglu"):
         monkeypatch.setattr(importlib.import_module(f"pyllmc.ops.{name}"), "triton_launch", spy)
     run_class = type(attention_kernels.attention_forward_kernel)  # JITFunction, or the interpreter's
     original_run = run_class.run
@@ -175,10 +176,16 @@ def _every_triton_launch_path(device):
     and an optimizer step, on the triton backend."""
     x = torch.randn(4, 8, 32, device=device, requires_grad=True)
     ops.gelu(x, backend="triton").sum().backward()
+    ops.swiglu(*x.chunk(2, dim=-1), backend="triton").sum().backward()
+    ops.swiglu_packed(x, backend="triton").sum().backward()
+    ops.relu2(x, backend="triton").sum().backward()
     w, b = torch.randn(32, device=device, requires_grad=True), torch.randn(32, device=device, requires_grad=True)
     ops.layernorm(x, w, b, backend="triton").sum().backward()
     residual = torch.randn(4, 8, 32, device=device, requires_grad=True)
     h, y = ops.fused_residual_layernorm(residual, x, w, b, backend="triton")
+    (h.sum() + y.sum()).backward()
+    ops.rmsnorm(x, w, backend="triton").sum().backward()
+    h, y = ops.fused_residual_rmsnorm(residual, x, backend="triton")
     (h.sum() + y.sum()).backward()
     q, k, v = (torch.randn(1, 2, 40, 16, device=device, requires_grad=True) for _ in range(3))
     ops.attention(q, k, v, backend="triton").sum().backward()
@@ -204,10 +211,12 @@ def test_every_triton_launch_runs_on_the_tensors_device(launch_spy):
     _every_triton_launch_path(device)
     kernels = {name for name, _ in launch_spy}
     for expected in ("gelu_forward_kernel", "gelu_backward_kernel", "layernorm_forward_kernel",
-                     "layernorm_backward_kernel", "attention_forward_kernel", "attention_dkdv_kernel",
+                     "layernorm_backward_kernel", "rmsnorm_forward_kernel", "rmsnorm_backward_kernel",
+                     "rmsnorm_reduce_partials_kernel", "attention_forward_kernel", "attention_dkdv_kernel",
                      "attention_dq_kernel", "attention_delta_kernel", "cross_entropy_forward_kernel",
                      "cross_entropy_backward_kernel", "cross_entropy_fused_kernel",
-                     "cross_entropy_scale_grad_kernel", "adamw_step_kernel"):
+                     "cross_entropy_scale_grad_kernel", "adamw_step_kernel", "swiglu_forward_kernel",
+                     "swiglu_backward_kernel", "relu2_forward_kernel", "relu2_backward_kernel"):
         assert expected in kernels, f"{expected} never launched: the spy misses a launch path"
     outside = [name for name, where in launch_spy if where != device]
     assert not outside, f"Triton launches outside triton_launch({device}): {sorted(set(outside))}"

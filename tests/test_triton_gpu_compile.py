@@ -17,7 +17,7 @@ compiler produced:
 - the memory-bound kernels move 128-bit vectors (ld/st.global.v4.b32 in the PTX) in their main
   loops: cross-entropy's forward, backward, fused and scale kernels (a loop whose every global
   load is 128-bit: the masked tail is a loop of its own), the LayerNorm backward's row loop,
-  and the loop-free LayerNorm forward, GELU and AdamW (aligned kinds);
+  and the loop-free LayerNorm forward, GELU, SwiGLU, relu^2 and AdamW (aligned kinds);
 - every launch passes enable_fp_fusion (on; off for AdamW, which is bitwise equal to CUDA);
 - the approximate instructions in each kernel's PTX are exactly those of APPROX below;
 - on every architecture (sm_75, 80, 86, 89, 90, 100, 120) the attention launches use the tiles
@@ -40,6 +40,9 @@ What the GPU's fast math is, per kernel (PTX at these launches; Triton 3.6 and 3
 | gelu forward / backward        | ex2.approx (tl.exp), div.full (1 / (1 + e)) | -                       |
 | layernorm forward              | div.full (/ C, 1 / sqrt), sqrt.approx       | -                       |
 | layernorm backward             | div.full (/ C)                              | -                       |
+| rmsnorm forward                | div.full (/ C, 1 / sqrt), sqrt.approx       | -                       |
+| rmsnorm backward               | div.full (/ C)                              | -                       |
+| swiglu forward / backward      | ex2.approx (tl.exp), div.full (1 / (1 + e)) | -                       |
 | cross_entropy forward          | ex2.approx (tl.exp2; tl.log is libdevice's) | -                       |
 | cross_entropy backward / fused | ex2.approx                                  | div.rn (scale / n_valid) |
 | cross_entropy mean             | -                                           | div.rn (sum / n_valid)  |
@@ -77,7 +80,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "dev" / "triton_report.py"
 GPU_TRITON = "3.6"  # the GPU machine's Triton (major.minor)
 GPU_TRITON_ENV = "PYLLMC_GPU_TRITON_PATH"
-KERNEL_MODULES = ("gelu", "layernorm", "cross_entropy", "attention", "adamw")
+KERNEL_MODULES = ("gelu", "layernorm", "rmsnorm", "cross_entropy", "attention", "adamw", "swiglu")
 EXTRA_ARCHS = (75, 80, 86, 89, 100, 120)  # attention only, installed Triton only (see above)
 ATTENTION_KERNELS = {"attention_forward_kernel": "fwd", "attention_dkdv_kernel": "dkdv", "attention_dq_kernel": "dq"}
 
@@ -85,9 +88,16 @@ ATTENTION_KERNELS = {"attention_forward_kernel": "fwd", "attention_dkdv_kernel":
 APPROX = {
     "gelu_forward_kernel": {"ex2.approx", "div.full"},
     "gelu_backward_kernel": {"ex2.approx", "div.full"},
+    "swiglu_forward_kernel": {"ex2.approx", "div.full"},
+    "swiglu_backward_kernel": {"ex2.approx", "div.full"},
+    "relu2_forward_kernel": set(),
+    "relu2_backward_kernel": set(),
     "layernorm_forward_kernel": {"div.full", "sqrt.approx"},
     "layernorm_backward_kernel": {"div.full"},
     "layernorm_reduce_partials_kernel": set(),
+    "rmsnorm_forward_kernel": {"div.full", "sqrt.approx"},
+    "rmsnorm_backward_kernel": {"div.full"},
+    "rmsnorm_reduce_partials_kernel": set(),
     "cross_entropy_forward_kernel": {"ex2.approx"},
     "cross_entropy_backward_kernel": {"ex2.approx", "div.rn"},
     "cross_entropy_fused_kernel": {"ex2.approx", "div.rn"},
@@ -110,8 +120,11 @@ ROW_LOOPS = {
     "cross_entropy_fused_kernel": (2, 1),
     "cross_entropy_scale_grad_kernel": (1, 1),
 }
-LOOP_LOADS = {"layernorm_backward_kernel"}  # a loop with 128-bit loads (the per-row mean, rstd are scalars)
-NO_LOOP = {"layernorm_forward_kernel", "gelu_forward_kernel", "gelu_backward_kernel", "adamw_step_kernel"}
+# a loop with 128-bit loads (the per-row mean, rstd are scalars)
+LOOP_LOADS = {"layernorm_backward_kernel", "rmsnorm_backward_kernel"}
+NO_LOOP = {"layernorm_forward_kernel", "rmsnorm_forward_kernel", "gelu_forward_kernel", "gelu_backward_kernel",
+           "adamw_step_kernel", "swiglu_forward_kernel", "swiglu_backward_kernel", "relu2_forward_kernel",
+           "relu2_backward_kernel"}
 
 
 def _start(json_path: Path, pythonpath: str = "", attention_archs=()):

@@ -8,6 +8,8 @@ from .attention import attention, qkv_attention
 from .cross_entropy import cross_entropy, deferred_target_checks
 from .gelu import gelu
 from .layernorm import fused_residual_layernorm, layernorm
+from .rmsnorm import fused_residual_rmsnorm, rmsnorm
+from .swiglu import relu2, swiglu, swiglu_packed
 
 __all__ = ["gelu", "layernorm", "fused_residual_layernorm", "cross_entropy", "deferred_target_checks", "attention",
-           "qkv_attention"]
+           "qkv_attention", "rmsnorm", "fused_residual_rmsnorm", "swiglu", "swiglu_packed", "relu2"]
