@@ -28,6 +28,8 @@ import dataclasses
 import functools
 from typing import Optional
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -105,6 +107,19 @@ def row_tile_rows(rows: int, block_c: int, device: torch.device) -> int:
 
 def row_tile_warps(block_rows: int, block_c: int) -> int:
     return max(1, min(16, block_rows * block_c // 512))
+
+
+def column_sum_tile_rows(rows_per_program: int, block_c: int, device: torch.device) -> int:
+    """Rows per tile of a backward that sums columns (dweight, dbias) into a (BLOCK_ROWS, BLOCK_C) float32
+    accumulator, one running sum per row slot, summed over the slots once at the end. On a GPU the
+    forward's tiles (that last sum is a tree). The interpreter sums a tile's columns one row after another
+    (numpy along axis 0), so there a tile has about sqrt(rows_per_program) rows: both float32 chains,
+    across the tiles and within one, stay ~sqrt(rows_per_program) adds long instead of rows_per_program.
+    Measured at 1,031 x 64 fp32, 30 draws: RMSNorm's dweight went from 1.45 to 0.64 of the flash bound."""
+    tile_rows = row_tile_rows(rows_per_program, block_c, device)
+    if gpu_of(device) is not None:
+        return tile_rows
+    return min(tile_rows, triton.next_power_of_2(max(1, math.isqrt(rows_per_program))))
 
 
 def row_programs(rows: int, block_rows: int, device: torch.device) -> int:

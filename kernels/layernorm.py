@@ -93,8 +93,10 @@ def layernorm_backward_kernel(
     cols = tl.arange(0, BLOCK_C)
     col_mask = cols < C
     w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dweight = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dbias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # (BLOCK_ROWS, BLOCK_C): one running sum per row slot, summed over the slots at the end
+    # (_common.column_sum_tile_rows says why)
+    dweight = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
 
     row_begin = pid * rows_per_program
     row_end = tl.minimum(row_begin + rows_per_program, rows)
@@ -118,11 +120,11 @@ def layernorm_backward_kernel(
             dx += tl.load(dh_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offsets, _to_storage(dx, dx_ptr.dtype.element_ty), mask=mask)
 
-        dweight += tl.sum(dy * xhat, axis=0)
-        dbias += tl.sum(dy, axis=0)
+        dweight += dy * xhat
+        dbias += dy  # masked elements are 0
 
-    tl.store(partial_ptr + pid * C + cols, dweight, mask=col_mask)
-    tl.store(partial_ptr + (num_partials + pid) * C + cols, dbias, mask=col_mask)
+    tl.store(partial_ptr + pid * C + cols, tl.sum(dweight, axis=0), mask=col_mask)
+    tl.store(partial_ptr + (num_partials + pid) * C + cols, tl.sum(dbias, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -191,9 +193,9 @@ def _backward(dy, dh_out, x, weight, mean, rstd):
     C = x.shape[-1]
     rows = x.numel() // C
     block_c = _block_c(C)
-    block_rows = _block_rows(rows, block_c, x.device)
     partials = num_partials(rows, C, x.device)
     rows_per_program = max(1, triton.cdiv(rows, partials))
+    block_rows = _common.column_sum_tile_rows(rows_per_program, block_c, x.device)
     dx = torch.empty_like(x)
     dweight = torch.empty_like(weight)
     dbias = torch.empty_like(weight)

@@ -87,7 +87,9 @@ def rmsnorm_backward_kernel(
     col_mask = cols < C
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dweight = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # (BLOCK_ROWS, BLOCK_C): one running sum per row slot of the tile, summed over the slots once at the
+    # end. Each float32 chain is rows_per_program / BLOCK_ROWS adds, then BLOCK_ROWS (a tree on a GPU)
+    dweight = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
 
     row_begin = pid * rows_per_program
     row_end = tl.minimum(row_begin + rows_per_program, rows)
@@ -111,10 +113,10 @@ def rmsnorm_backward_kernel(
         if HAS_RESIDUAL:
             dx += tl.load(dh_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offsets, _to_storage(dx, dx_ptr.dtype.element_ty), mask=mask)
-        dweight += tl.sum(dy * xhat, axis=0)
+        dweight += dy * xhat
 
     if HAS_WEIGHT:
-        tl.store(partial_ptr + pid * C + cols, dweight, mask=col_mask)
+        tl.store(partial_ptr + pid * C + cols, tl.sum(dweight, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -174,9 +176,9 @@ def _backward(dy, dh_out, x, weight, rstd):
     C = x.shape[-1]
     rows = x.numel() // C
     block_c = _block_c(C)
-    block_rows = _common.row_tile_rows(rows, block_c, x.device)
-    partials = _common.row_programs(rows, block_rows, x.device)
+    partials = num_partials(rows, C, x.device)
     rows_per_program = max(1, triton.cdiv(rows, partials))
+    block_rows = _common.column_sum_tile_rows(rows_per_program, block_c, x.device)
     dx = torch.empty_like(x)
     has_weight = weight is not None
     # without a weight nothing is summed over rows: the scratch argument is a placeholder never touched
