@@ -23,6 +23,8 @@ register with `register(name, from_spec)`. Built in:
     ids           no decoder: samples are printed as token ids (shards that declare nothing and
                   are not GPT-2's, e.g. llm.c's uint32 Llama-3 shards)
     mulaw         8-bit mu-law audio at a sample rate (pyllmc.audio)
+    sentencepiece a BPE vocabulary trained on your text with sentencepiece, llama2.c's way (the Llama
+                  family's; pyllmc.sentencepiece_tokenizer); the .model file's bytes are the spec
 
 GPT-2 BPE, offline.
 
@@ -375,7 +377,8 @@ _REGISTRY: dict[str, Callable[[dict], Tokenizer]] = {
     "gpt2-trimmed": lambda spec: TrimmedGPT2Tokenizer(spec["gpt2_ids"]),
     "ids": lambda spec: TokenIds(spec.get("vocab_size")),
 }
-_PROVIDERS = {"mulaw": "pyllmc.audio"}  # registered when their module is imported
+_PROVIDERS = {"mulaw": "pyllmc.audio",  # registered when their module is imported
+              "sentencepiece": "pyllmc.sentencepiece_tokenizer"}
 
 
 def register(name: str, from_spec: Callable[[dict], Tokenizer]) -> None:
