@@ -32,6 +32,13 @@
 //   dK += dS^T Q directly; a dQ kernel (CTA = 64 query rows) walks the key tiles up to the
 //   diagonal: dQ += dS K. No atomics: every output element is owned by exactly one thread,
 //   and each is reduced in a fixed order, so results are deterministic.
+// - Grouped-query attention (GQA; H_kv = 1 is multi-query): k, v, dk, dv have H_kv heads, H_kv dividing H;
+//   query head h reads kv head h / (H / H_kv) in place (kv_head_of: a pointer offset, K/V are never repeated).
+//   The forward and dQ grids stay per query head. The dK/dV grid is per kv head: a CTA owns 64 keys of one kv
+//   head and walks (query head, query tile) steps, the group's H / H_kv query heads in head order, each from
+//   its diagonal tile to the end, accumulating in the same fp32 registers; the double buffer prefetches across
+//   head boundaries. Deterministic (fixed order, no atomics); no extra registers or shared memory beyond a few
+//   indices; H_kv = H is exactly the multi-head kernel.
 // - The ordering of the grid: heavy CTAs (long causal loops) are scheduled first.
 // - Shared memory per CTA (bytes, 16-bit elements, rows padded to D + 8): forward 5 * 64 rows
 //   (46,080 at D=64, 87,040 at D=128); dK/dV 2 * 64 + 4 * kBr rows + 4 * kBr floats (56,320 / 70,144);
@@ -54,8 +61,8 @@
 // per row (the lanes split D), keys visited one at a time from global memory (L2-resident).
 // Slow but simple; it exists so float32 models and tests run, not for speed.
 //
-// Layout: q, k, v, out, dout, dq, dk, dv are (B, H, T, D) with D contiguous and any batch, head
-// and position strides (HeadStrides), so GPT-2 needs no copies: q, k, v are views of the c_attn
+// Layout: q, out, dout, dq are (B, H, T, D), k, v, dk, dv (B, H_kv, T, D), with D contiguous and any batch,
+// head and position strides (HeadStrides), so GPT-2 needs no copies: q, k, v are views of the c_attn
 // output (B, T, 3C) (position stride 3C), dq, dk, dv views of one (B, T, 3, H, D) buffer (the
 // qkv gradient), out a (B, T, H, D) buffer, i.e. (B, T, C) with the heads side by side. The
 // tensor-core path copies 16-byte chunks, so there every stride must be a multiple of 8 elements
@@ -83,6 +90,14 @@ struct HeadStrides {
 template <typename P>
 __device__ __forceinline__ P* head_of(P* base, const HeadStrides& s, int bh, int num_heads) {
     return base + static_cast<long long>(bh / num_heads) * s.b + static_cast<long long>(bh % num_heads) * s.h;
+}
+
+// Grouped-query attention: the first element of the key/value head that query head bh = b * num_heads + h
+// reads, head h / group of batch b in `base` (B, num_heads / group, T, D); group = 1 is multi-head attention.
+// K and V are indexed in place, never repeated per query head.
+template <typename P>
+__device__ __forceinline__ P* kv_head_of(P* base, const HeadStrides& s, int bh, int num_heads, int group) {
+    return base + static_cast<long long>(bh / num_heads) * s.b + static_cast<long long>(bh % num_heads / group) * s.h;
 }
 
 // ----------------------------------------------------------------------------
@@ -296,8 +311,8 @@ template <typename Elem, int D>
 __global__ void __launch_bounds__(kTcThreads, 1)
 attention_forward_tc_kernel(Elem* __restrict__ out, float* __restrict__ lse, const Elem* __restrict__ q,
                             const Elem* __restrict__ k, const Elem* __restrict__ v, HeadStrides out_s,
-                            HeadStrides q_s, HeadStrides k_s, HeadStrides v_s, int num_heads, int seq_len,
-                            float scale_log2) {
+                            HeadStrides q_s, HeadStrides k_s, HeadStrides v_s, int num_heads, int group,
+                            int seq_len, float scale_log2) {
     using Tiles = FwdTiles<D>;
     constexpr int kBr = Tiles::kBr, kBc = Tiles::kBc, S = kStride<D>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -308,8 +323,8 @@ attention_forward_tc_kernel(Elem* __restrict__ out, float* __restrict__ lse, con
     const int q_tile = gridDim.y - 1 - blockIdx.y;  // longest causal loops first
     const int q_start = q_tile * kBr;
     q = head_of(q, q_s, blockIdx.x, num_heads);
-    k = head_of(k, k_s, blockIdx.x, num_heads);
-    v = head_of(v, v_s, blockIdx.x, num_heads);
+    k = kv_head_of(k, k_s, blockIdx.x, num_heads, group);
+    v = kv_head_of(v, v_s, blockIdx.x, num_heads, group);
     out = head_of(out, out_s, blockIdx.x, num_heads);
     lse += static_cast<size_t>(blockIdx.x) * seq_len;
 
@@ -489,17 +504,20 @@ struct DkdvTiles {
     static constexpr int kSmemFloats = 4 * kBr;
 };
 
-// Async loads of query tile `qt` (rows qt*kBr ...) into `stage`: q, dout via cp.async; lse (in log2
-// units) and delta via plain loads (rows >= T get 0; their P is masked to 0 anyway).
+// Async loads of query tile `qt` (rows qt*kBr ...) of query head bh = b * num_heads + h into `stage`: q, dout
+// via cp.async; lse (in log2 units) and delta via plain loads (rows >= T get 0; their P is masked to 0 anyway).
+// q, dout, lse, delta: the whole tensors ((B, H, T, D) and (B, H, T)).
 template <int D, typename Elem>
 __device__ __forceinline__ void dkdv_load_q_stage(Elem* q_stage, Elem* do_stage, float* lse_stage,
-                                                  float* delta_stage, const Elem* q, long long q_row_stride,
-                                                  const Elem* dout, long long dout_row_stride, const float* lse,
-                                                  const float* delta, int qt, int seq_len) {
+                                                  float* delta_stage, const Elem* q, const HeadStrides& q_s,
+                                                  const Elem* dout, const HeadStrides& dout_s, const float* lse,
+                                                  const float* delta, int bh, int num_heads, int qt, int seq_len) {
     constexpr int kBr = DkdvTiles<D>::kBr;
     const int row0 = qt * kBr;
-    load_tile_async<kBr, D, kTcThreads>(q_stage, q, q_row_stride, row0, seq_len);
-    load_tile_async<kBr, D, kTcThreads>(do_stage, dout, dout_row_stride, row0, seq_len);
+    load_tile_async<kBr, D, kTcThreads>(q_stage, head_of(q, q_s, bh, num_heads), q_s.t, row0, seq_len);
+    load_tile_async<kBr, D, kTcThreads>(do_stage, head_of(dout, dout_s, bh, num_heads), dout_s.t, row0, seq_len);
+    lse += static_cast<size_t>(bh) * seq_len;
+    delta += static_cast<size_t>(bh) * seq_len;
     for (int i = threadIdx.x; i < kBr; i += kTcThreads) {
         const int row = row0 + i;
         lse_stage[i] = row < seq_len ? lse[row] * kLog2e : 0.0f;
@@ -507,8 +525,9 @@ __device__ __forceinline__ void dkdv_load_q_stage(Elem* q_stage, Elem* do_stage,
     }
 }
 
-// dk, dv: (B, H, T, D) written; dout, q, k, v: (B, H, T, D); lse, delta: (B, H, T).
-// grid (B*H, ceil(T / kBc)), block 128.
+// dk, dv: (B, H_kv, T, D) written; k, v: (B, H_kv, T, D); dout, q: (B, H, T, D); lse, delta: (B, H, T).
+// grid (B*H_kv, ceil(T / kBc)), block 128. Grouped-query attention: one CTA owns kBc keys of one kv head and
+// sums their dK, dV over the kv head's group of H / H_kv query heads, in head order, in its fp32 accumulators.
 template <typename Elem, int D>
 __global__ void __launch_bounds__(kTcThreads, 1)
 attention_backward_dkdv_tc_kernel(Elem* __restrict__ dk, Elem* __restrict__ dv, const Elem* __restrict__ dout,
@@ -516,7 +535,7 @@ attention_backward_dkdv_tc_kernel(Elem* __restrict__ dk, Elem* __restrict__ dv, 
                                   const Elem* __restrict__ q, const Elem* __restrict__ k,
                                   const Elem* __restrict__ v, HeadStrides dk_s, HeadStrides dv_s,
                                   HeadStrides dout_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s,
-                                  int num_heads, int seq_len, float scale_log2, float scale) {
+                                  int num_heads, int num_kv_heads, int seq_len, float scale_log2, float scale) {
     using Tiles = DkdvTiles<D>;
     constexpr int kBr = Tiles::kBr, kBc = Tiles::kBc, S = kStride<D>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -528,14 +547,13 @@ attention_backward_dkdv_tc_kernel(Elem* __restrict__ dk, Elem* __restrict__ dv, 
     float* delta_smem = lse_smem + 2 * kBr;                             // (2, kBr)
 
     const int key_start = blockIdx.y * kBc;  // early key tiles have the longest loops: scheduled first
-    q = head_of(q, q_s, blockIdx.x, num_heads);
-    k = head_of(k, k_s, blockIdx.x, num_heads);
-    v = head_of(v, v_s, blockIdx.x, num_heads);
-    dout = head_of(dout, dout_s, blockIdx.x, num_heads);
-    dk = head_of(dk, dk_s, blockIdx.x, num_heads);
-    dv = head_of(dv, dv_s, blockIdx.x, num_heads);
-    lse += static_cast<size_t>(blockIdx.x) * seq_len;
-    delta += static_cast<size_t>(blockIdx.x) * seq_len;
+    // blockIdx.x = b * num_kv_heads + kv head; its query heads are bh0 .. bh0 + group - 1 (bh = b * num_heads + h)
+    const int group = num_heads / num_kv_heads;
+    const int bh0 = blockIdx.x / num_kv_heads * num_heads + blockIdx.x % num_kv_heads * group;
+    k = head_of(k, k_s, blockIdx.x, num_kv_heads);
+    v = head_of(v, v_s, blockIdx.x, num_kv_heads);
+    dk = head_of(dk, dk_s, blockIdx.x, num_kv_heads);
+    dv = head_of(dv, dv_s, blockIdx.x, num_kv_heads);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
@@ -544,11 +562,15 @@ attention_backward_dkdv_tc_kernel(Elem* __restrict__ dk, Elem* __restrict__ dv, 
     // Query tiles that can attend these keys: from the one holding key_start (rows >= key_start) to the end.
     const int first_q_tile = key_start / kBr;  // exact: kBr divides kBc
     const int num_q_tiles = ceil_div_dev(seq_len, kBr);
+    // One step per (query head, query tile), head-major: query head bh0 + step / tiles_per_head, tile
+    // first_q_tile + step % tiles_per_head. The double buffer prefetches across head boundaries too.
+    const int tiles_per_head = num_q_tiles - first_q_tile;
+    const int num_steps = group * tiles_per_head;
 
     load_tile_async<kBc, D, kTcThreads>(k_smem, k, k_s.t, key_start, seq_len);
     load_tile_async<kBc, D, kTcThreads>(v_smem, v, v_s.t, key_start, seq_len);
-    dkdv_load_q_stage<D>(q_smem, do_smem, lse_smem, delta_smem, q, q_s.t, dout, dout_s.t, lse, delta, first_q_tile,
-                         seq_len);
+    dkdv_load_q_stage<D>(q_smem, do_smem, lse_smem, delta_smem, q, q_s, dout, dout_s, lse, delta, bh0, num_heads,
+                         first_q_tile, seq_len);
     cp_async_commit();
 
     float dk_acc[D / 8][4], dv_acc[D / 8][4];  // (16 keys, D)
@@ -558,12 +580,14 @@ attention_backward_dkdv_tc_kernel(Elem* __restrict__ dk, Elem* __restrict__ dv, 
         for (int e = 0; e < 4; ++e) dk_acc[nt][e] = dv_acc[nt][e] = 0.0f;
     }
 
-    for (int qt = first_q_tile; qt < num_q_tiles; ++qt) {
-        const int stage = (qt - first_q_tile) & 1;
-        if (qt + 1 < num_q_tiles) {  // prefetch into the other stage (last read in the previous iteration)
+    for (int step = 0; step < num_steps; ++step) {
+        const int stage = step & 1;
+        if (step + 1 < num_steps) {  // prefetch into the other stage (last read in the previous iteration)
             const int next = stage ^ 1;
             dkdv_load_q_stage<D>(q_smem + next * kBr * S, do_smem + next * kBr * S, lse_smem + next * kBr,
-                                 delta_smem + next * kBr, q, q_s.t, dout, dout_s.t, lse, delta, qt + 1, seq_len);
+                                 delta_smem + next * kBr, q, q_s, dout, dout_s, lse, delta,
+                                 bh0 + (step + 1) / tiles_per_head, num_heads,
+                                 first_q_tile + (step + 1) % tiles_per_head, seq_len);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -603,7 +627,7 @@ attention_backward_dkdv_tc_kernel(Elem* __restrict__ dk, Elem* __restrict__ dv, 
         // P^T and dS^T in place. Element e of n-tile nt: key key_a + 8 * (e / 2), query column
         // 8 nt + 2t + e % 2 of the tile. Masked (P = 0): key > query (causal) or query >= T; keys >= T
         // are only ever seen with query < T <= key, so the causal test covers them.
-        const int q_start = qt * kBr;
+        const int q_start = (first_q_tile + step % tiles_per_head) * kBr;
         const bool needs_mask = (key_start + kBc - 1 > q_start) || (q_start + kBr > seq_len);
 #pragma unroll
         for (int nt = 0; nt < kBr / 8; ++nt) {
@@ -687,7 +711,7 @@ attention_backward_dq_tc_kernel(Elem* __restrict__ dq, const Elem* __restrict__ 
                                 const float* __restrict__ delta, const Elem* __restrict__ q,
                                 const Elem* __restrict__ k, const Elem* __restrict__ v, HeadStrides dq_s,
                                 HeadStrides dout_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s, int num_heads,
-                                int seq_len, float scale_log2, float scale) {
+                                int group, int seq_len, float scale_log2, float scale) {
     using Tiles = DqTiles<D, BC>;
     constexpr int kBr = Tiles::kBr, kBc = Tiles::kBc, S = kStride<D>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -699,8 +723,8 @@ attention_backward_dq_tc_kernel(Elem* __restrict__ dq, const Elem* __restrict__ 
     const int q_tile = gridDim.y - 1 - blockIdx.y;  // longest causal loops first
     const int q_start = q_tile * kBr;
     q = head_of(q, q_s, blockIdx.x, num_heads);
-    k = head_of(k, k_s, blockIdx.x, num_heads);
-    v = head_of(v, v_s, blockIdx.x, num_heads);
+    k = kv_head_of(k, k_s, blockIdx.x, num_heads, group);
+    v = kv_head_of(v, v_s, blockIdx.x, num_heads, group);
     dout = head_of(dout, dout_s, blockIdx.x, num_heads);
     dq = head_of(dq, dq_s, blockIdx.x, num_heads);
     lse += static_cast<size_t>(blockIdx.x) * seq_len;
@@ -831,16 +855,16 @@ template <int D>
 __global__ void __launch_bounds__(kFp32Threads, 1)
 attention_forward_fp32_kernel(float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q,
                               const float* __restrict__ k, const float* __restrict__ v, HeadStrides out_s,
-                              HeadStrides q_s, HeadStrides k_s, HeadStrides v_s, int num_heads, int seq_len,
-                              float scale) {
+                              HeadStrides q_s, HeadStrides k_s, HeadStrides v_s, int num_heads, int group,
+                              int seq_len, float scale) {
     constexpr int C = D / 32;
     static_assert(D % 32 == 0, "lanes split D evenly");
     const int row = (gridDim.y - 1 - blockIdx.y) * kFp32RowsPerBlock + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (row >= seq_len) return;  // warp-uniform; no block-level sync in this kernel
     q = head_of(q, q_s, blockIdx.x, num_heads);
-    k = head_of(k, k_s, blockIdx.x, num_heads);
-    v = head_of(v, v_s, blockIdx.x, num_heads);
+    k = kv_head_of(k, k_s, blockIdx.x, num_heads, group);
+    v = kv_head_of(v, v_s, blockIdx.x, num_heads, group);
     out = head_of(out, out_s, blockIdx.x, num_heads);
     lse += static_cast<size_t>(blockIdx.x) * seq_len;
 
@@ -877,16 +901,16 @@ attention_backward_dq_fp32_kernel(float* __restrict__ dq, const float* __restric
                                   const float* __restrict__ lse, const float* __restrict__ delta,
                                   const float* __restrict__ q, const float* __restrict__ k,
                                   const float* __restrict__ v, HeadStrides dq_s, HeadStrides dout_s,
-                                  HeadStrides q_s, HeadStrides k_s, HeadStrides v_s, int num_heads, int seq_len,
-                                  float scale) {
+                                  HeadStrides q_s, HeadStrides k_s, HeadStrides v_s, int num_heads, int group,
+                                  int seq_len, float scale) {
     constexpr int C = D / 32;
     static_assert(D % 32 == 0, "lanes split D evenly");
     const int row = (gridDim.y - 1 - blockIdx.y) * kFp32RowsPerBlock + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (row >= seq_len) return;
     q = head_of(q, q_s, blockIdx.x, num_heads);
-    k = head_of(k, k_s, blockIdx.x, num_heads);
-    v = head_of(v, v_s, blockIdx.x, num_heads);
+    k = kv_head_of(k, k_s, blockIdx.x, num_heads, group);
+    v = kv_head_of(v, v_s, blockIdx.x, num_heads, group);
     dout = head_of(dout, dout_s, blockIdx.x, num_heads);
     dq = head_of(dq, dq_s, blockIdx.x, num_heads);
     lse += static_cast<size_t>(blockIdx.x) * seq_len;
@@ -918,7 +942,9 @@ attention_backward_dq_fp32_kernel(float* __restrict__ dq, const float* __restric
     for (int c = 0; c < C; ++c) dq[row * dq_s.t + lane + 32 * c] = dq_reg[c] * scale;
 }
 
-// dk, dv: (B, H, T, D); one warp per key j: dv_j = sum_{i>=j} P_ij dO_i, dk_j = scale * sum_{i>=j} dS_ij q_i.
+// dk, dv: (B, H_kv, T, D); k, v: (B, H_kv, T, D); q, dout: (B, H, T, D); lse, delta: (B, H, T).
+// grid (B*H_kv, ceil(T / 4)); one warp per key j of a kv head: dv_j = sum_h sum_{i>=j} P_ij dO_i and
+// dk_j = scale * sum_h sum_{i>=j} dS_ij q_i, h over the kv head's query heads, in head order.
 template <int D>
 __global__ void __launch_bounds__(kFp32Threads, 1)
 attention_backward_dkdv_fp32_kernel(float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ dout,
@@ -926,20 +952,19 @@ attention_backward_dkdv_fp32_kernel(float* __restrict__ dk, float* __restrict__ 
                                     const float* __restrict__ q, const float* __restrict__ k,
                                     const float* __restrict__ v, HeadStrides dk_s, HeadStrides dv_s,
                                     HeadStrides dout_s, HeadStrides q_s, HeadStrides k_s, HeadStrides v_s,
-                                    int num_heads, int seq_len, float scale) {
+                                    int num_heads, int num_kv_heads, int seq_len, float scale) {
     constexpr int C = D / 32;
     static_assert(D % 32 == 0, "lanes split D evenly");
     const int key = blockIdx.y * kFp32RowsPerBlock + threadIdx.x / 32;  // early keys have the longest loops
     const int lane = threadIdx.x % 32;
     if (key >= seq_len) return;
-    q = head_of(q, q_s, blockIdx.x, num_heads);
-    k = head_of(k, k_s, blockIdx.x, num_heads);
-    v = head_of(v, v_s, blockIdx.x, num_heads);
-    dout = head_of(dout, dout_s, blockIdx.x, num_heads);
-    dk = head_of(dk, dk_s, blockIdx.x, num_heads);
-    dv = head_of(dv, dv_s, blockIdx.x, num_heads);
-    lse += static_cast<size_t>(blockIdx.x) * seq_len;
-    delta += static_cast<size_t>(blockIdx.x) * seq_len;
+    // blockIdx.x = b * num_kv_heads + kv head; its query heads are bh0 .. bh0 + group - 1 (bh = b * num_heads + h)
+    const int group = num_heads / num_kv_heads;
+    const int bh0 = blockIdx.x / num_kv_heads * num_heads + blockIdx.x % num_kv_heads * group;
+    k = head_of(k, k_s, blockIdx.x, num_kv_heads);
+    v = head_of(v, v_s, blockIdx.x, num_kv_heads);
+    dk = head_of(dk, dk_s, blockIdx.x, num_kv_heads);
+    dv = head_of(dv, dv_s, blockIdx.x, num_kv_heads);
 
     float k_reg[C], v_reg[C], dk_reg[C], dv_reg[C];
 #pragma unroll
@@ -948,21 +973,27 @@ attention_backward_dkdv_fp32_kernel(float* __restrict__ dk, float* __restrict__ 
         v_reg[c] = v[key * v_s.t + lane + 32 * c];
         dk_reg[c] = dv_reg[c] = 0.0f;
     }
-    for (int row = key; row < seq_len; ++row) {
-        float qk = 0.0f, dov = 0.0f;
+    for (int bh = bh0; bh < bh0 + group; ++bh) {
+        const float* q_h = head_of(q, q_s, bh, num_heads);
+        const float* dout_h = head_of(dout, dout_s, bh, num_heads);
+        const float* lse_h = lse + static_cast<size_t>(bh) * seq_len;
+        const float* delta_h = delta + static_cast<size_t>(bh) * seq_len;
+        for (int row = key; row < seq_len; ++row) {
+            float qk = 0.0f, dov = 0.0f;
 #pragma unroll
-        for (int c = 0; c < C; ++c) {
-            qk += q[row * q_s.t + lane + 32 * c] * k_reg[c];
-            dov += dout[row * dout_s.t + lane + 32 * c] * v_reg[c];
-        }
-        qk = warp_reduce_sum(qk);
-        dov = warp_reduce_sum(dov);
-        const float p = expf(qk * scale - lse[row]);
-        const float ds = p * (dov - delta[row]);
+            for (int c = 0; c < C; ++c) {
+                qk += q_h[row * q_s.t + lane + 32 * c] * k_reg[c];
+                dov += dout_h[row * dout_s.t + lane + 32 * c] * v_reg[c];
+            }
+            qk = warp_reduce_sum(qk);
+            dov = warp_reduce_sum(dov);
+            const float p = expf(qk * scale - lse_h[row]);
+            const float ds = p * (dov - delta_h[row]);
 #pragma unroll
-        for (int c = 0; c < C; ++c) {
-            dv_reg[c] += p * dout[row * dout_s.t + lane + 32 * c];
-            dk_reg[c] += ds * q[row * q_s.t + lane + 32 * c];
+            for (int c = 0; c < C; ++c) {
+                dv_reg[c] += p * dout_h[row * dout_s.t + lane + 32 * c];
+                dk_reg[c] += ds * q_h[row * q_s.t + lane + 32 * c];
+            }
         }
     }
 #pragma unroll
@@ -1026,8 +1057,11 @@ void dispatch_head_dim(int D, const char* name, F&& f) {
 }
 
 // Shared size checks; returns false when there is nothing to compute.
-bool check_sizes(int B, int H, int T, int D, const char* name, int rows_per_cta) {
+bool check_sizes(int B, int H, int H_kv, int T, int D, const char* name, int rows_per_cta) {
     require(B >= 0 && H >= 0 && T >= 0 && D > 0, std::string(name) + ": sizes must be non-negative (D > 0)");
+    require((H_kv > 0 && H % H_kv == 0) || (H == 0 && H_kv == 0),
+            std::string(name) + ": H_kv (the key/value heads) must be positive and divide H = " + std::to_string(H) +
+                ", got " + std::to_string(H_kv));
     if (B == 0 || H == 0 || T == 0) return false;
     require(static_cast<long long>(B) * H <= 0x7fffffffLL, std::string(name) + ": B * H too large for one launch");
     require(ceil_div(T, rows_per_cta) <= 65535, std::string(name) + ": T too large for one launch");
@@ -1065,14 +1099,16 @@ std::array<HeadStrides, N> read_strides(const long long* strides, const void* co
 
 }  // namespace
 
-// out: (B, H, T, D) in dtype; lse: (B, H, T) float32, contiguous; q, k, v: (B, H, T, D) in dtype.
+// out: (B, H, T, D) in dtype; lse: (B, H, T) float32, contiguous; q: (B, H, T, D), k, v: (B, H_kv, T, D) in
+// dtype, H_kv dividing H (grouped-query attention: query head h reads kv head h / (H / H_kv)).
 // strides: (batch, head, position) element strides of out, q, k, v, in that order (12 values).
 void attention_forward(void* out, float* lse, const void* q, const void* k, const void* v, const long long* strides,
-                       int B, int H, int T, int D, int dtype, cudaStream_t stream) {
+                       int B, int H, int H_kv, int T, int D, int dtype, cudaStream_t stream) {
     const DType type = to_dtype(dtype);
     const int rows_per_cta = type == DType::kFloat32 ? kFp32RowsPerBlock : 64;
     if (type != DType::kFloat32) require_tensor_cores("attention_forward");
-    if (!check_sizes(B, H, T, D, "attention_forward", rows_per_cta)) return;
+    if (!check_sizes(B, H, H_kv, T, D, "attention_forward", rows_per_cta)) return;
+    const int group = H / H_kv;
     const auto s = read_strides<4>(strides, {out, q, k, v}, type != DType::kFloat32, "attention_forward",
                                    {"out", "q", "k", "v"});
     const float scale = 1.0f / sqrtf(static_cast<float>(D));
@@ -1084,7 +1120,7 @@ void attention_forward(void* out, float* lse, const void* q, const void* k, cons
                 const dim3 grid(B * H, ceil_div(T, kFp32RowsPerBlock));
                 attention_forward_fp32_kernel<kD><<<grid, kFp32Threads, 0, stream>>>(
                     static_cast<float*>(out), lse, static_cast<const float*>(q), static_cast<const float*>(k),
-                    static_cast<const float*>(v), s[0], s[1], s[2], s[3], H, T, scale);
+                    static_cast<const float*>(v), s[0], s[1], s[2], s[3], H, group, T, scale);
                 PYLLMC_LAUNCH_CHECK("attention_forward_fp32_kernel");
             } else {
                 using Tiles = FwdTiles<kD>;
@@ -1094,23 +1130,25 @@ void attention_forward(void* out, float* lse, const void* q, const void* k, cons
                 const dim3 grid(B * H, ceil_div(T, Tiles::kBr));
                 forward_kernel<<<grid, kTcThreads, smem, stream>>>(
                     static_cast<Elem*>(out), lse, static_cast<const Elem*>(q), static_cast<const Elem*>(k),
-                    static_cast<const Elem*>(v), s[0], s[1], s[2], s[3], H, T, scale * kLog2e);
+                    static_cast<const Elem*>(v), s[0], s[1], s[2], s[3], H, group, T, scale * kLog2e);
                 PYLLMC_LAUNCH_CHECK("attention_forward_tc_kernel");
             }
         });
     });
 }
 
-// dq, dk, dv: (B, H, T, D) in dtype, fully written; delta: (B, H, T) float32 workspace (filled here);
-// dout, out, q, k, v: (B, H, T, D) in dtype; lse: (B, H, T) float32 from attention_forward.
+// dq: (B, H, T, D), dk, dv: (B, H_kv, T, D) in dtype, fully written (dk, dv summed over each kv head's query
+// heads, in a fixed order: deterministic); delta: (B, H, T) float32 workspace (filled here);
+// dout, out, q: (B, H, T, D), k, v: (B, H_kv, T, D) in dtype; lse: (B, H, T) float32 from attention_forward.
 // strides: (batch, head, position) element strides of dq, dk, dv, dout, out, q, k, v (24 values).
 void attention_backward(void* dq, void* dk, void* dv, float* delta, const void* dout, const void* out,
                         const float* lse, const void* q, const void* k, const void* v, const long long* strides,
-                        int B, int H, int T, int D, int dtype, cudaStream_t stream) {
+                        int B, int H, int H_kv, int T, int D, int dtype, cudaStream_t stream) {
     const DType type = to_dtype(dtype);
     const int rows_per_cta = type == DType::kFloat32 ? kFp32RowsPerBlock : 64;
     if (type != DType::kFloat32) require_tensor_cores("attention_backward");
-    if (!check_sizes(B, H, T, D, "attention_backward", rows_per_cta)) return;
+    if (!check_sizes(B, H, H_kv, T, D, "attention_backward", rows_per_cta)) return;
+    const int group = H / H_kv;
     const auto s = read_strides<8>(strides, {dq, dk, dv, dout, out, q, k, v}, type != DType::kFloat32,
                                    "attention_backward", {"dq", "dk", "dv", "dout", "out", "q", "k", "v"});
     const HeadStrides &dq_s = s[0], &dk_s = s[1], &dv_s = s[2], &dout_s = s[3], &out_s = s[4], &q_s = s[5],
@@ -1129,16 +1167,17 @@ void attention_backward(void* dq, void* dk, void* dv, float* delta, const void* 
             PYLLMC_LAUNCH_CHECK("attention_backward_delta_kernel");
 
             if constexpr (std::is_same_v<Elem, float>) {
-                const dim3 grid(B * H, ceil_div(T, kFp32RowsPerBlock));
-                attention_backward_dkdv_fp32_kernel<kD><<<grid, kFp32Threads, 0, stream>>>(
+                const dim3 kv_grid(B * H_kv, ceil_div(T, kFp32RowsPerBlock));
+                attention_backward_dkdv_fp32_kernel<kD><<<kv_grid, kFp32Threads, 0, stream>>>(
                     static_cast<float*>(dk), static_cast<float*>(dv), static_cast<const float*>(dout), lse, delta,
                     static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v), dk_s,
-                    dv_s, dout_s, q_s, k_s, v_s, H, T, scale);
+                    dv_s, dout_s, q_s, k_s, v_s, H, H_kv, T, scale);
                 PYLLMC_LAUNCH_CHECK("attention_backward_dkdv_fp32_kernel");
+                const dim3 grid(B * H, ceil_div(T, kFp32RowsPerBlock));
                 attention_backward_dq_fp32_kernel<kD><<<grid, kFp32Threads, 0, stream>>>(
                     static_cast<float*>(dq), static_cast<const float*>(dout), lse, delta,
                     static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v), dq_s,
-                    dout_s, q_s, k_s, v_s, H, T, scale);
+                    dout_s, q_s, k_s, v_s, H, group, T, scale);
                 PYLLMC_LAUNCH_CHECK("attention_backward_dq_fp32_kernel");
             } else {
                 {
@@ -1146,11 +1185,11 @@ void attention_backward(void* dq, void* dk, void* dv, float* delta, const void* 
                     const size_t smem = Tiles::kSmemElems * sizeof(Elem) + Tiles::kSmemFloats * sizeof(float);
                     auto dkdv_kernel = attention_backward_dkdv_tc_kernel<Elem, kD>;
                     set_smem_and_check(dkdv_kernel, smem, "attention_backward (dK/dV)");
-                    const dim3 grid(B * H, ceil_div(T, Tiles::kBc));
+                    const dim3 grid(B * H_kv, ceil_div(T, Tiles::kBc));
                     dkdv_kernel<<<grid, kTcThreads, smem, stream>>>(
                         static_cast<Elem*>(dk), static_cast<Elem*>(dv), static_cast<const Elem*>(dout), lse, delta,
                         static_cast<const Elem*>(q), static_cast<const Elem*>(k), static_cast<const Elem*>(v), dk_s,
-                        dv_s, dout_s, q_s, k_s, v_s, H, T, scale * kLog2e, scale);
+                        dv_s, dout_s, q_s, k_s, v_s, H, H_kv, T, scale * kLog2e, scale);
                     PYLLMC_LAUNCH_CHECK("attention_backward_dkdv_tc_kernel");
                 }
                 // dQ: 64-key tiles where they fit the device's shared memory, else 32-key tiles.
@@ -1164,7 +1203,7 @@ void attention_backward(void* dq, void* dk, void* dv, float* delta, const void* 
                     dq_kernel<<<grid, kTcThreads, smem, stream>>>(
                         static_cast<Elem*>(dq), static_cast<const Elem*>(dout), lse, delta,
                         static_cast<const Elem*>(q), static_cast<const Elem*>(k), static_cast<const Elem*>(v), dq_s,
-                        dout_s, q_s, k_s, v_s, H, T, scale * kLog2e, scale);
+                        dout_s, q_s, k_s, v_s, H, group, T, scale * kLog2e, scale);
                     PYLLMC_LAUNCH_CHECK("attention_backward_dq_tc_kernel");
                 };
                 if constexpr (kD == 64) {

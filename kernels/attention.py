@@ -23,8 +23,14 @@ tile from Q, K and the saved lse.
 Rows past the end of the sequence load lse = +inf, so their P is exactly 0 and they add
 nothing; the kernels never read or write outside [0, T).
 
-Layout: q, k, v (and dO) may be any strided (B, H, T, D) views (GPT-2's qkv split gives
-rows of stride 3C); every tensor comes with its own four strides. out, dq, dk, dv are
+Grouped-query attention (GQA): k, v (and dk, dv) have H_kv heads, H_kv dividing H; query head
+h reads kv head h // GROUP, GROUP = H // H_kv, straight from k and v (no repeated copy). The
+forward and dQ grids run per query head. The dK/dV grid runs per kv head: a program owns
+BLOCK_N keys of one kv head and loops over the GROUP query heads in head order, accumulating
+into the same fp32 dK, dV: the group's sum in a fixed order, no atomics.
+
+Layout: q, k, v (and dO) may be any strided (B, H, T, D) views (k, v: (B, H_kv, T, D); GPT-2's
+qkv split gives rows of stride 3C); every tensor comes with its own four strides. out, dq, dk, dv are
 allocated contiguous here; lse and delta are contiguous float32 (B, H, T). The batch and
 head offsets are computed in int64; the within-head offsets (t * stride_t + d * stride_d)
 are checked to fit in int32 by the launchers.
@@ -266,13 +272,13 @@ def attention_forward_kernel(
     out_ptr,  # (B, H, T, D)
     lse_ptr,  # (B, H, T) float32, contiguous
     q_ptr,    # (B, H, T, D)
-    k_ptr,    # (B, H, T, D)
-    v_ptr,    # (B, H, T, D)
+    k_ptr,    # (B, H_kv, T, D)
+    v_ptr,    # (B, H_kv, T, D)
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
-    H, T, qk_scale_log2,
+    H, GROUP, T, qk_scale_log2,  # GROUP = H // H_kv: query heads per kv head
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
     # the last query tiles do the most work: launch them first
@@ -284,9 +290,10 @@ def attention_forward_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
 
+    off_kv = off_h // GROUP  # this query head's kv head
     q_head = q_ptr + off_b * stride_qb + off_h * stride_qh
-    k_head = k_ptr + off_b * stride_kb + off_h * stride_kh
-    v_head = v_ptr + off_b * stride_vb + off_h * stride_vh
+    k_head = k_ptr + off_b * stride_kb + off_kv * stride_kh
+    v_head = v_ptr + off_b * stride_vb + off_kv * stride_vh
     q = tl.load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
 
@@ -372,11 +379,11 @@ def _dkdv_inner(
 
 @triton.jit
 def attention_dkdv_kernel(
-    dk_ptr,     # (B, H, T, D)
-    dv_ptr,     # (B, H, T, D)
+    dk_ptr,     # (B, H_kv, T, D)
+    dv_ptr,     # (B, H_kv, T, D)
     q_ptr,      # (B, H, T, D)
-    k_ptr,      # (B, H, T, D)
-    v_ptr,      # (B, H, T, D)
+    k_ptr,      # (B, H_kv, T, D)
+    v_ptr,      # (B, H_kv, T, D)
     dout_ptr,   # (B, H, T, D)
     lse_ptr,    # (B, H, T) float32, contiguous
     delta_ptr,  # (B, H, T) float32, contiguous
@@ -385,12 +392,12 @@ def attention_dkdv_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_gb, stride_gh, stride_gt, stride_gd,
     stride_db, stride_dh, stride_dt, stride_dd,  # dk and dv (same layout)
-    H, T, qk_scale_log2, sm_scale,
+    H, GROUP, T, qk_scale_log2, sm_scale,  # GROUP = H // H_kv: query heads per kv head
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
     # the first key tiles see the most queries; program 0 is launched first
     start_n = tl.program_id(0) * BLOCK_N
-    off_h = tl.program_id(1).to(tl.int64)
+    off_h = tl.program_id(1).to(tl.int64)  # the kv head
     off_b = tl.program_id(2).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -402,24 +409,27 @@ def attention_dkdv_kernel(
     v = tl.load(v_ptr + off_b * stride_vb + off_h * stride_vh
                 + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                 mask=key_ok[:, None], other=0.0)  # (BLOCK_N, D)
-    q_head = q_ptr + off_b * stride_qb + off_h * stride_qh
-    do_head = dout_ptr + off_b * stride_gb + off_h * stride_gh
-    row0 = (off_b * H + off_h) * T
-    lse_head = lse_ptr + row0
-    delta_head = delta_ptr + row0
 
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-    # query tiles crossing the diagonal: [start_n, min(start_n + BLOCK_N, T)), causal mask
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, lse_head, delta_head,
-                         stride_qt, stride_qd, stride_gt, stride_gd, offs_n,
-                         start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale_log2,
-                         HEAD_DIM, BLOCK_M, BLOCK_N, True, IEEE)
-    # query tiles fully below the diagonal: [start_n + BLOCK_N, T), no causal mask
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, lse_head, delta_head,
-                         stride_qt, stride_qd, stride_gt, stride_gd, offs_n,
-                         start_n + BLOCK_N, T, T, qk_scale_log2,
-                         HEAD_DIM, BLOCK_M, BLOCK_N, False, IEEE)
+    # the kv head's query heads off_h * GROUP + g, in order: dK, dV are their sum
+    for g in range(0, GROUP):
+        off_hq = off_h * GROUP + g
+        q_head = q_ptr + off_b * stride_qb + off_hq * stride_qh
+        do_head = dout_ptr + off_b * stride_gb + off_hq * stride_gh
+        row0 = (off_b * H + off_hq) * T
+        lse_head = lse_ptr + row0
+        delta_head = delta_ptr + row0
+        # query tiles crossing the diagonal: [start_n, min(start_n + BLOCK_N, T)), causal mask
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, lse_head, delta_head,
+                             stride_qt, stride_qd, stride_gt, stride_gd, offs_n,
+                             start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale_log2,
+                             HEAD_DIM, BLOCK_M, BLOCK_N, True, IEEE)
+        # query tiles fully below the diagonal: [start_n + BLOCK_N, T), no causal mask
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, lse_head, delta_head,
+                             stride_qt, stride_qd, stride_gt, stride_gd, offs_n,
+                             start_n + BLOCK_N, T, T, qk_scale_log2,
+                             HEAD_DIM, BLOCK_M, BLOCK_N, False, IEEE)
     d_offsets = off_b * stride_db + off_h * stride_dh + offs_n[:, None] * stride_dt + offs_d[None, :] * stride_dd
     tl.store(dk_ptr + d_offsets, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=key_ok[:, None])
     tl.store(dv_ptr + d_offsets, dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None])
@@ -462,8 +472,8 @@ def _dq_inner(
 def attention_dq_kernel(
     dq_ptr,     # (B, H, T, D)
     q_ptr,      # (B, H, T, D)
-    k_ptr,      # (B, H, T, D)
-    v_ptr,      # (B, H, T, D)
+    k_ptr,      # (B, H_kv, T, D)
+    v_ptr,      # (B, H_kv, T, D)
     dout_ptr,   # (B, H, T, D)
     lse_ptr,    # (B, H, T) float32, contiguous
     delta_ptr,  # (B, H, T) float32, contiguous
@@ -472,7 +482,7 @@ def attention_dq_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_gb, stride_gh, stride_gt, stride_gd,
     stride_db, stride_dh, stride_dt, stride_dd,
-    H, T, qk_scale_log2, sm_scale,
+    H, GROUP, T, qk_scale_log2, sm_scale,  # GROUP = H // H_kv: query heads per kv head
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
     # the last query tiles see the most keys: launch them first
@@ -494,8 +504,9 @@ def attention_dq_kernel(
     # lse = +inf past T: those rows get P = 0 (they are not stored either)
     lse_log2 = tl.load(lse_ptr + row0 + offs_m, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(delta_ptr + row0 + offs_m, mask=row_ok, other=0.0)
-    k_head = k_ptr + off_b * stride_kb + off_h * stride_kh
-    v_head = v_ptr + off_b * stride_vb + off_h * stride_vh
+    off_kv = off_h // GROUP  # this query head's kv head
+    k_head = k_ptr + off_b * stride_kb + off_kv * stride_kh
+    v_head = v_ptr + off_b * stride_vb + off_kv * stride_vh
 
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     # key tiles fully left of the diagonal: [0, start_m), no mask
@@ -524,22 +535,28 @@ def _check_head_extent(name: str, t: torch.Tensor) -> None:
     require(extent < 2**31, f"{name}: one head spans {extent} elements; at most 2**31 - 1 are supported")
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    require(q.dim() == 4 and q.shape == k.shape == v.shape,
-            f"q, k, v must be (B, H, T, D) of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """The checks of the launchers; returns GROUP = H // H_kv."""
+    heads_ok = q.dim() == 4 and k.dim() == 4 and (q.shape[1] == k.shape[1] == 0
+                                                  or (k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0))
+    require(heads_ok and k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:],
+            f"q must be (B, H, T, D) and k, v (B, H_kv, T, D) with H_kv dividing H; got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}")
     require(q.shape[3] in HEAD_DIMS, f"head dim D={q.shape[3]} is not one of the Triton kernel's {HEAD_DIMS}")
     require(q.dtype == k.dtype == v.dtype, "q, k, v must share one dtype")
     # heads and batches are grid axes 1 and 2, at most 65535 programs each
     require(q.shape[0] <= 65535 and q.shape[1] <= 65535, f"B and H must be <= 65535; got {tuple(q.shape)}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_head_extent(name, t)
+    return q.shape[1] // k.shape[1] if k.shape[1] else 1
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor] = None):
-    """Causal attention of (B, H, T, D) q, k, v (any strides) -> (out (B, H, T, D), lse (B, H, T)
-    float32: the natural-log log-sum-exp of each row of scaled scores). out: written in place
-    when given (any strides, e.g. the (B, T, H, D) layout the model's c_proj reads), else new."""
-    _check_qkv(q, k, v)
+    """Causal attention of q (B, H, T, D), k, v (B, H_kv, T, D) (any strides; query head h reads kv
+    head h // (H // H_kv)) -> (out (B, H, T, D), lse (B, H, T) float32: the natural-log log-sum-exp
+    of each row of scaled scores). out: written in place when given (any strides, e.g. the
+    (B, T, H, D) layout the model's c_proj reads), else new."""
+    group = _check_qkv(q, k, v)
     B, H, T, D = q.shape
     if out is None:
         out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
@@ -555,7 +572,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Op
     attention_forward_kernel[grid](
         out, lse, q, k, v,
         *out.stride(), *q.stride(), *k.stride(), *v.stride(),
-        H, T, sm_scale * LOG2E.value,
+        H, group, T, sm_scale * LOG2E.value,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
         num_warps=warps, num_stages=stages, enable_fp_fusion=_common.FP_FUSION,
     )
@@ -565,11 +582,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Op
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, dq: Optional[torch.Tensor] = None,
                        dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None):
-    """Gradients (dq, dk, dv), (B, H, T, D), of causal attention; out and lse from
-    attention_forward; dout (B, H, T, D), any strides. dq, dk, dv: written in place when given
-    (any strides, dk and dv alike: e.g. views of one (B, T, 3, H, D) qkv gradient), else new
-    contiguous tensors. Deterministic (no atomics)."""
-    _check_qkv(q, k, v)
+    """Gradients dq (B, H, T, D) and dk, dv (B, H_kv, T, D) (summed over each kv head's query
+    heads) of causal attention; out and lse from attention_forward; dout (B, H, T, D), any
+    strides. dq, dk, dv: written in place when given (any strides, dk and dv alike: e.g. views of
+    one (B, T, 3, H, D) qkv gradient), else new contiguous tensors. Deterministic (no atomics)."""
+    group = _check_qkv(q, k, v)
     B, H, T, D = q.shape
     require(dout.shape == q.shape and out.shape == q.shape, "dout and out must have q's shape")
     require(dout.dtype == q.dtype and out.dtype == q.dtype, "dout and out must have q's dtype")
@@ -578,9 +595,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     _check_head_extent("dout", dout)
     _check_head_extent("out", out)
     if dq is None:
-        dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
-    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
-        require(t is not None and t.shape == q.shape and t.dtype == q.dtype, f"{name} must have q's shape and dtype")
+        dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+        dk, dv = (torch.empty(k.shape, dtype=q.dtype, device=q.device) for _ in range(2))
+    for name, t, like in (("dq", dq, "q"), ("dk", dk, "k"), ("dv", dv, "v")):
+        require(t is not None and t.shape == {"q": q, "k": k, "v": v}[like].shape and t.dtype == q.dtype,
+                f"{name} must have {like}'s shape and dtype")
         _check_head_extent(name, t)
     require(dk.stride() == dv.stride(), "dk and dv must have the same strides (one launch writes both)")
     if dq.numel() == 0:
@@ -597,10 +616,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
     block_m, block_n, warps, stages = block_config("dkdv", D, q.dtype, q.device, T)
     assert block_n % block_m == 0
-    attention_dkdv_kernel[(triton.cdiv(T, block_n), H, B)](
+    attention_dkdv_kernel[(triton.cdiv(T, block_n), H // group, B)](  # one program per kv head
         dk, dv, q, k, v, dout, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
-        H, T, sm_scale * LOG2E.value, sm_scale,
+        H, group, T, sm_scale * LOG2E.value, sm_scale,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
         num_warps=warps, num_stages=stages, enable_fp_fusion=_common.FP_FUSION,
     )
@@ -610,7 +629,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     attention_dq_kernel[(triton.cdiv(T, block_m), H, B)](
         dq, q, k, v, dout, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        H, T, sm_scale * LOG2E.value, sm_scale,
+        H, group, T, sm_scale * LOG2E.value, sm_scale,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
         num_warps=warps, num_stages=stages, enable_fp_fusion=_common.FP_FUSION,
     )

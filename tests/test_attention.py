@@ -6,6 +6,7 @@ kernel's dtype, plus a small epsilon (pyllmc.testing: the case and the criterion
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -141,6 +142,188 @@ def test_qkv_attention_matches_reference(kernel_backend, backend_name, dtype, B,
     same = _packed_reference(qkv, H, dy, dtype)
     assert_flash_close(y.detach(), truth[0], same[0], "qkv_attention y")
     assert_flash_close(qkv.grad, truth[1], same[1], "qkv_attention d(qkv)")
+
+
+# ---- grouped-query attention (k, v with H_kv heads, H_kv dividing H) ----------------------------
+
+# (B, H, H_kv, T, D, dtype): H_kv = H / 2, 2 and 1 (multi-query); odd T; one query tile (T < 64) and
+# several (T = 130: the CUDA dK/dV kernel's double buffer crosses from one query head to the next
+# mid-stream); D = 64, 128 and small (32: the CUDA float32 path; 16: Triton only). "16-bit" is
+# bfloat16, or float16 under the Triton interpreter (its bf16 dots are wrong: DESIGN.md).
+GQA_CASES = [(2, 4, 2, 37, 64, "fp32"), (1, 6, 1, 29, 32, "fp32"), (1, 2, 1, 20, 16, "fp32"),
+             (1, 8, 4, 33, 64, "16-bit"), (1, 4, 1, 130, 64, "16-bit"), (1, 4, 2, 70, 128, "16-bit")]
+
+
+def gqa_dtype(label, name, device):
+    if label == "fp32":
+        return torch.float32
+    return torch.float16 if interpreted(name, device) else torch.bfloat16
+
+
+def gqa_operands(B, H, H_kv, T, D, device, dtype, requires_grad=True):
+    """q (B, H, T, D), k, v (B, H_kv, T, D), dout (B, H, T, D), all N(0, 1)."""
+    q = torch.randn(B, H, T, D, device=device).to(dtype).requires_grad_(requires_grad)
+    k, v = (torch.randn(B, H_kv, T, D, device=device).to(dtype).requires_grad_(requires_grad) for _ in range(2))
+    return q, k, v, torch.randn(B, H, T, D, device=device).to(dtype)
+
+
+@pytest.mark.parametrize("backend_name", ["kernel", "torch"])
+@pytest.mark.parametrize("B, H, H_kv, T, D, dtype_label", GQA_CASES)
+def test_gqa_matches_reference(kernel_backend, backend_name, B, H, H_kv, T, D, dtype_label):
+    """out, dq and dk, dv (B, H_kv, T, D): the sums over each group's query heads, against plain math
+    with K/V repeated per query head."""
+    name, device = kernel_backend
+    if backend_name == "torch":
+        if name != "triton":
+            pytest.skip("the torch backend runs once (with the triton parametrization)")
+        name, device = "torch", torch.device("cpu")
+    dtype = gqa_dtype(dtype_label, name, device)
+    skip_unsupported(name, device, (B, H, T, D), dtype)
+    q, k, v, dout = gqa_operands(B, H, H_kv, T, D, device, dtype)
+    check_against_reference(name, q, k, v, dout, f" (GQA H={H} H_kv={H_kv})")
+    assert k.grad.shape == v.grad.shape == (B, H_kv, T, D)
+
+
+def test_gqa_one_kv_head_per_query_head_is_multi_head(kernel_backend):
+    """H_kv = H through the GQA reference is the multi-head reference, and the group sum is a sum: a
+    kv head shared by two query heads gets the sum of the dk, dv each query head alone would give."""
+    name, device = kernel_backend
+    B, H, T, D = 1, 2, 21, 64
+    q, k, v, dout = gqa_operands(B, H, 1, T, D, device, torch.float32, requires_grad=False)
+    out, lse = torch.ops.pyllmc.attention_forward(q, k, v, name)
+    dq, dk, dv = torch.ops.pyllmc.attention_backward(dout, q, k, v, out, lse, name)
+    k2, v2 = k.expand(B, H, T, D).contiguous(), v.expand(B, H, T, D).contiguous()
+    out2, lse2 = torch.ops.pyllmc.attention_forward(q, k2, v2, name)
+    dq2, dk2, dv2 = torch.ops.pyllmc.attention_backward(dout, q, k2, v2, out2, lse2, name)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2) and torch.equal(dq, dq2)
+    torch.testing.assert_close(dk, dk2.sum(1, keepdim=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dv, dv2.sum(1, keepdim=True), rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_backward_is_deterministic(kernel_backend):
+    """dK/dV sum a group's query heads in a fixed order (no atomics): bitwise equal twice."""
+    name, device = kernel_backend
+    dtype = torch.float16 if interpreted(name, device) else torch.bfloat16
+    B, H, H_kv, T, D = (1, 4, 2, 100, 64) if device.type == "cpu" else (4, 12, 4, 1024, 64)
+    q, k, v, dout = gqa_operands(B, H, H_kv, T, D, device, dtype, requires_grad=False)
+    out, lse = torch.ops.pyllmc.attention_forward(q, k, v, name)
+    first = torch.ops.pyllmc.attention_backward(dout, q, k, v, out, lse, name)
+    second = torch.ops.pyllmc.attention_backward(dout, q, k, v, out, lse, name)
+    for label, a, b in zip(("dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{label} differs between two identical GQA backward calls"
+    assert first[1].shape == (B, H_kv, T, D)
+
+
+def _packed_gqa_reference(qkv, H, H_kv, dy, dtype):
+    """(y (B, T, C), d(qkv)) by plain-math attention in `dtype` on the [q | k | v] heads of qkv."""
+    B, T, width = qkv.shape
+    D = width // (H + 2 * H_kv)
+    leaf = qkv.detach().to(dtype).requires_grad_(True)
+    q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in leaf.split((H * D, H_kv * D, H_kv * D), dim=2))
+    y = attention_reference(q, k, v, compute_dtype=dtype).transpose(1, 2).reshape(B, T, H * D)
+    y.backward(dy.to(dtype))
+    return y.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("backend_name", ["kernel", "torch"])
+@pytest.mark.parametrize("B, T, H, H_kv, D, dtype_label", [(2, 37, 4, 2, 64, "fp32"), (1, 70, 4, 1, 64, "16-bit"),
+                                                           (1, 45, 6, 3, 32, "fp32")])
+def test_qkv_attention_gqa(kernel_backend, backend_name, B, T, H, H_kv, D, dtype_label):
+    """The packed layout with num_kv_heads: qkv (B, T, (H + 2 H_kv) D) = [q heads | k heads | v heads]
+    in, (B, T, H D) out, the gradient of qkv in one buffer."""
+    name, device = kernel_backend
+    if backend_name == "torch":
+        if name != "triton":
+            pytest.skip("the torch backend runs once (with the triton parametrization)")
+        name, device = "torch", torch.device("cpu")
+    dtype = gqa_dtype(dtype_label, name, device)
+    skip_unsupported(name, device, (B, H, T, D), dtype)
+    qkv = torch.randn(B, T, (H + 2 * H_kv) * D, device=device).to(dtype).requires_grad_(True)
+    dy = torch.randn(B, T, H * D, device=device).to(dtype)
+    y = ops.qkv_attention(qkv, H, num_kv_heads=H_kv, backend=name)
+    y.backward(dy)
+    assert y.shape == (B, T, H * D) and y.dtype == dtype and y.is_contiguous()
+    assert qkv.grad.shape == qkv.shape and qkv.grad.is_contiguous()
+    truth = _packed_gqa_reference(qkv, H, H_kv, dy, torch.float64)
+    same = _packed_gqa_reference(qkv, H, H_kv, dy, dtype)
+    assert_flash_close(y.detach(), truth[0], same[0], "qkv_attention (GQA) y")
+    assert_flash_close(qkv.grad, truth[1], same[1], "qkv_attention (GQA) d(qkv)")
+
+
+def test_qkv_attention_default_kv_heads_is_multi_head():
+    """num_kv_heads=None and num_kv_heads=num_heads are one layout (B, T, 3, H, D): the same views, the same bits."""
+    from pyllmc.ops.attention import split_heads
+
+    B, T, H, D = 2, 9, 3, 16
+    qkv = torch.randn(B, T, 3 * H * D)
+    for a, b in zip(split_heads(qkv, H), split_heads(qkv, H, H)):
+        assert a.shape == b.shape == (B, H, T, D) and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
+    wanted = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+    assert all(torch.equal(got, want) for got, want in zip(split_heads(qkv, H), wanted))
+    leaf = qkv.requires_grad_(True)
+    y = ops.qkv_attention(leaf, H, backend="torch")
+    y2 = ops.qkv_attention(leaf, H, num_kv_heads=H, backend="torch")
+    assert torch.equal(y, y2)
+
+
+def test_gqa_custom_op_registration(kernel_backend):
+    """register_fake gives dk, dv k's and v's shape (B, H_kv, T, D), as the kernels do."""
+    name, device = kernel_backend
+    q, k, v, dout = gqa_operands(1, 2, 1, 9, 64, device, torch.float32)
+    torch.library.opcheck(torch.ops.pyllmc.attention_forward.default, (q, k, v, name),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    with torch.no_grad():
+        out, lse = torch.ops.pyllmc.attention_forward(q, k, v, name)
+    torch.library.opcheck(torch.ops.pyllmc.attention_backward.default,
+                          (dout, q.detach(), k.detach(), v.detach(), out, lse, name),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend_name", ["cuda", "triton", "torch"])
+def test_gqa_rejects_bad_kv_shapes(backend_name):
+    q = torch.randn(2, 4, 8, 64)
+    kv = torch.randn(2, 2, 8, 64)
+    with pytest.raises(ValueError, match=r"k must have q's shape .* with H_kv dividing H = 4 .*got \(2, 3, 8, 64\)"):
+        ops.attention(q, torch.randn(2, 3, 8, 64), torch.randn(2, 3, 8, 64), backend=backend_name)
+    for bad in ((1, 2, 8, 64), (2, 2, 9, 64), (2, 2, 8, 32)):  # B, T, D differ from q's
+        with pytest.raises(ValueError, match=rf"k must have q's shape .*got {re.escape(str(bad))}"):
+            ops.attention(q, torch.randn(bad), torch.randn(bad), backend=backend_name)
+    with pytest.raises(ValueError, match=r"v must have q's shape"):
+        ops.attention(q, kv, torch.randn(2, 2, 8, 32), backend=backend_name)
+    with pytest.raises(ValueError, match=r"v must have k's shape \(B, H_kv, T, D\) = \(2, 2, 8, 64\); "
+                                         r"got \(2, 1, 8, 64\)"):
+        ops.attention(q, kv, torch.randn(2, 1, 8, 64), backend=backend_name)
+    with pytest.raises(ValueError, match=r"k must have q's shape"):
+        ops.attention(q, torch.randn(2, 0, 8, 64), torch.randn(2, 0, 8, 64), backend=backend_name)
+
+
+def test_qkv_attention_rejects_bad_kv_heads():
+    with pytest.raises(ValueError, match="num_kv_heads must be a positive int dividing num_heads=4; got 3"):
+        ops.qkv_attention(torch.randn(1, 4, 10 * 16), 4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="num_kv_heads must be a positive int dividing num_heads=4; got 0"):
+        ops.qkv_attention(torch.randn(1, 4, 10 * 16), 4, num_kv_heads=0)
+    with pytest.raises(ValueError, match=r"qkv's last dim must be \(num_heads \+ 2 \* num_kv_heads\) \* D; "
+                                         r"got 100 for num_heads=4, num_kv_heads=2"):
+        ops.qkv_attention(torch.randn(1, 4, 100), 4, num_kv_heads=2)
+
+
+def test_cuda_launchers_check_kv_heads():
+    """The raw launchers refuse an H_kv that does not divide H before any launch, whatever the caller
+    (checked on the simulator's build of csrc/, the same launcher code as pyllmc._C)."""
+    from pyllmc import cuda_sim
+
+    if not cuda_sim.enabled():
+        pytest.skip("the CUDA simulator is off here")
+    module = cuda_sim.load()
+    p = 256  # any non-null address: the checks run first
+    for bad in (3, 0):
+        with pytest.raises(ValueError, match=rf"attention_forward: H_kv .* must be positive and divide H = 4, "
+                                             rf"got {bad}"):
+            module.attention_forward(out=p, lse=p, q=p, k=p, v=p, strides=[1024, 256, 32] * 4, B=1, H=4, T=8, D=32,
+                                     dtype=0, stream=0, H_kv=bad)
+        with pytest.raises(ValueError, match=rf"attention_backward: H_kv .* must be positive and divide H = 4"):
+            module.attention_backward(dq=p, dk=p, dv=p, delta=p, dout=p, out=p, lse=p, q=p, k=p, v=p,
+                                      strides=[1024, 256, 32] * 8, B=1, H=4, T=8, D=32, dtype=0, stream=0, H_kv=bad)
 
 
 def test_qkv_attention_rejects_bad_input():

@@ -104,13 +104,14 @@ def test_layernorm_layouts(kernel_backend, layout, fused):
     check_layout(LayerNormCase(inputs, grads), LayerNormCase(_contiguous(inputs), grads), name, layout)
 
 
-ATTENTION_LAYOUTS = ["transposed", "row slice", "step slice", "expanded"]
+ATTENTION_LAYOUTS = ["transposed", "row slice", "step slice", "expanded", "grouped kv"]
 
 
 @pytest.mark.parametrize("layout", ATTENTION_LAYOUTS)
 def test_attention_layouts(kernel_backend, layout):
-    """q, k, v (B, H, T, D) views: D strided (transposed, step slice), a row stride (row slice) and
-    k, v shared by the heads (expanded: stride 0 along H)."""
+    """q, k, v (B, H, T, D) views: D strided (transposed, step slice), a row stride (row slice),
+    k, v shared by the heads (expanded: stride 0 along H), and grouped-query k, v (B, 1, T, D) as
+    row slices of a packed buffer."""
     name, device = kernel_backend
     B, H, T, D = 1, 2, 19, 32
     if layout == "transposed":
@@ -119,9 +120,12 @@ def test_attention_layouts(kernel_backend, layout):
         q, k, v = (torch.randn(B, H, T, D + 8, device=device)[..., :D] for _ in range(3))
     elif layout == "step slice":
         q, k, v = (torch.randn(B, H, T, 2 * D, device=device)[..., ::2] for _ in range(3))
-    else:
+    elif layout == "expanded":
         q = torch.randn(B, H, T, D, device=device)
         k, v = (torch.randn(B, 1, T, D, device=device).expand(B, H, T, D) for _ in range(2))
+    else:
+        q = torch.randn(B, H, T, D, device=device)
+        k, v = torch.randn(B, 1, T, 2 * D, device=device).split(D, dim=3)  # (B, H_kv = 1, T, D) each
     dout = torch.randn(B, H, T, D, device=device)
     inputs = {"q": q, "k": k, "v": v}
     check_layout(AttentionCase(inputs, {"out": dout}), AttentionCase(_contiguous(inputs), {"out": dout}),

@@ -6,6 +6,10 @@ FLOPs, counted explicitly: the forward does two (T x T x D) matmuls per head, 4 
 halved for the causal mask; the backward does five, so forward+backward = 3.5 x forward.
 Every implementation runs through autograd (torch.autograd.grad: no .grad accumulation),
 so the forward+backward rows time the same work for all of them.
+
+One grouped-query row (attention_gqa_forward_backward): D=64, H=12 query heads sharing H_kv=4
+kv heads (groups of GQA_GROUP = 3), forward+backward, against plain math (K/V repeated per query head) and
+SDPA's own GQA (enable_gqa=True). Same FLOPs as multi-head attention at H=12.
 """
 
 import torch
@@ -17,6 +21,7 @@ else:  # imported by dev/bench/run.py run as a script: this folder is on sys.pat
 
 B, T, C = 16, 1024, 768
 HEAD_DIMS = (64, 128)
+GQA_GROUP = 3  # query heads per kv head in the grouped-query row (D = 64, H = C / 64)
 SDPA_BACKENDS = (("sdpa flash", "FLASH_ATTENTION"), ("sdpa cudnn", "CUDNN_ATTENTION"))
 
 
@@ -85,4 +90,39 @@ def run(device="cuda", dtype=torch.bfloat16) -> list[Row]:
                             shape=shape, note="forward + autograd backward"))
         del q, k, v, dout
         torch.cuda.empty_cache()
+    return rows + _gqa_rows(device, dtype)
+
+
+def _gqa_rows(device, dtype) -> list[Row]:
+    """attention_gqa_forward_backward: q (B, H, T, D), k, v (B, H_kv, T, D), D = 64, H = C / D, H_kv = H / GQA_GROUP."""
+    import torch.nn.functional as F
+
+    from pyllmc import ops
+    from pyllmc.ops.attention import attention_reference, supports_head_dim
+
+    d = 64
+    h = C // d
+    h_kv = h // GQA_GROUP if h % GQA_GROUP == 0 else 1
+    shape = f"q ({B}, {h}, {T}, {d}), k, v ({B}, {h_kv}, {T}, {d}) {str(dtype).replace('torch.', '')} causal"
+    q = torch.randn(B, h, T, d, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, h_kv, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    dout = torch.randn(B, h, T, d, device=device, dtype=dtype)
+    impls = [("torch eager", lambda a, b_, c: attention_reference(a, b_, c).to(a.dtype)),
+             ("sdpa enable_gqa", lambda a, b_, c: F.scaled_dot_product_attention(a, b_, c, is_causal=True,
+                                                                                 enable_gqa=True))]
+    impls += [(impl, lambda a, b_, c, impl=impl: ops.attention(a, b_, c, backend=impl))
+              for impl in available_impls() if supports_head_dim(impl, d, dtype)]
+    rows = []
+    for impl, fn in impls:
+        try:
+            fwd_bwd = lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout)  # noqa: E731
+            fwd_bwd()  # unsupported (an older torch without enable_gqa) fails here
+            ms = bench_ms(fwd_bwd)
+        except Exception as err:  # noqa: BLE001 - an unavailable baseline is skipped, not fatal
+            print(f"attention GQA: {impl} skipped: {type(err).__name__}: {str(err).strip()[:200]}")
+            continue
+        rows.append(Row("attention_gqa_forward_backward", impl, ms, flops=attention_flops(B, h, T, d, True),
+                        shape=shape, note=f"grouped-query: {h} query heads, {h_kv} kv heads"))
+    del q, k, v, dout
+    torch.cuda.empty_cache()
     return rows

@@ -1,5 +1,10 @@
 """ops.attention and ops.qkv_attention: causal multi-head self-attention,
-softmax(Q K^T / sqrt(D) + causal mask) V.
+softmax(Q K^T / sqrt(D) + causal mask) V, with grouped-query attention (GQA).
+
+GQA: k and v may have fewer heads than q, H_kv dividing H (H_kv = H: multi-head attention;
+H_kv = 1: multi-query). Query head h attends with kv head h // (H // H_kv). The kernels index
+that kv head in place (no repeated K/V in memory); the backward's dk, dv (B, H_kv, T, D) are
+the sums over each group's query heads, computed in a fixed order (deterministic, no atomics).
 
 Input checks, then the raw kernel calls per backend, then the custom ops + autograd glue
 (torch.library.custom_op so the ops survive torch.compile), as in pyllmc/ops/gelu.py. The
@@ -8,12 +13,13 @@ each row of scaled scores, is what the backward needs to recompute P tile by til
 "torch" backend is plain math in float32 (it builds the T x T score matrix): the reference.
 
 Two entry points on the same kernels:
-- attention(q, k, v): (B, H, T, D) tensors of any strides -> a new (B, H, T, D) output.
-- qkv_attention(qkv, num_heads): GPT-2's layout. qkv (B, T, 3C) is the c_attn output
-  [q | k | v] with the heads side by side; the result (B, T, C) is what c_proj reads. The
-  kernels read q, k, v in place (position stride 3C), write the output straight in
-  (B, T, H, D) order and, in the backward, dq, dk, dv straight into one (B, T, 3C) buffer,
-  the gradient of qkv: no transpose copies, no stacking of three gradients, one autograd node.
+- attention(q, k, v): q (B, H, T, D), k, v (B, H_kv, T, D), any strides -> a new (B, H, T, D) output.
+- qkv_attention(qkv, num_heads, num_kv_heads=None): GPT-2's layout. qkv (B, T, (H + 2 H_kv) D)
+  is the c_attn output [q heads | k heads | v heads] with the heads side by side (3C when
+  H_kv = H); the result (B, T, C), C = H D, is what c_proj reads. The kernels read q, k, v in
+  place (position stride (H + 2 H_kv) D), write the output straight in (B, T, H, D) order and,
+  in the backward, dq, dk, dv straight into one buffer of qkv's shape, the gradient of qkv: no
+  transpose copies, no stacking of three gradients, one autograd node.
 
 Strides: the Triton kernels read any strides (stride 0 too: an expanded k or v shared by the
 heads). The CUDA kernels need the head dim D contiguous (stride 1); the tensor-core kernels
@@ -103,18 +109,30 @@ def _resolve(backend: Optional[str], device: torch.device, head_dim: int, dtype:
     return name
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
-    """Causal attention of q, k, v (B, H, T, D), scale 1/sqrt(D) -> (B, H, T, D) in q's dtype.
+def _check_kv_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """k and v: (B, H_kv, T, D) with q's B, T, D and H_kv dividing q's H; the same shape."""
+    B, H, T, D = q.shape
+    for name, t in (("k", k), ("v", v)):
+        b, h_kv, t_len, d = t.shape
+        if (b, t_len, d) != (B, T, D) or (h_kv == 0 and H != 0) or (h_kv and H % h_kv):
+            raise ValueError(f"{name} must have q's shape (B, H, T, D) = {tuple(q.shape)}, or (B, H_kv, T, D) with "
+                             f"H_kv dividing H = {H} (grouped-query attention); got {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"v must have k's shape (B, H_kv, T, D) = {tuple(k.shape)}; got {tuple(v.shape)}")
 
-    float32 / bfloat16 / float16; q, k, v of one shape, dtype and device; any strides.
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Causal attention, scale 1/sqrt(D) -> (B, H, T, D) in q's dtype.
+
+    q (B, H, T, D); k, v (B, H_kv, T, D) with H_kv dividing H: grouped-query attention, query
+    head h attends with kv head h // (H // H_kv) (H_kv = H: multi-head; H_kv = 1: multi-query).
+    float32 / bfloat16 / float16; one dtype and device; any strides.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4, contiguous=False)
     check_same_dtype(q=q, k=k, v=v)
     device = check_same_device(q=q, k=k, v=v)
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape (B, H, T, D) = {tuple(q.shape)}; got {tuple(t.shape)}")
+    _check_kv_shapes(q, k, v)
     name = _resolve(backend, device, q.shape[3], q.dtype, "q")
     if name == "torch":
         return attention_reference(q, k, v).to(q.dtype)
@@ -122,38 +140,60 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: Opt
     return out
 
 
-def qkv_attention(qkv: torch.Tensor, num_heads: int, *, backend: Optional[str] = None) -> torch.Tensor:
-    """GPT-2's causal self-attention on the packed c_attn output.
+def qkv_attention(qkv: torch.Tensor, num_heads: int, *, num_kv_heads: Optional[int] = None,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """GPT-2's causal self-attention on the packed c_attn output, with grouped-query attention.
 
-    qkv: (B, T, 3C), float32 / bfloat16 / float16: q, k, v side by side, each (B, T, C) with
-        C = num_heads * D, head h in columns [h D, (h + 1) D). Any batch and position strides
-        are read in place; a last dim with a stride other than 1 is copied to a contiguous
-        tensor first (one extra read + write of qkv; the kernels load a head's D elements as
-        one contiguous run).
-    Returns (B, T, C): the attention output with the heads side by side (the layout c_proj
-    takes). Its gradient is one (B, T, 3C) buffer.
+    qkv: (B, T, (H + 2 H_kv) D), float32 / bfloat16 / float16, H = num_heads, H_kv =
+        num_kv_heads (default: num_heads, GPT-2's (B, T, 3C)): the H query heads, then the
+        H_kv key heads, then the H_kv value heads, side by side, head h of each part in its
+        columns [h D, (h + 1) D). H_kv must divide H; query head h attends with kv head
+        h // (H // H_kv). Any batch and position strides are read in place; a last dim with a
+        stride other than 1 is copied to a contiguous tensor first (one extra read + write of
+        qkv; the kernels load a head's D elements as one contiguous run).
+    Returns (B, T, C), C = H D: the attention output with the heads side by side (the layout
+    c_proj takes). Its gradient is one buffer of qkv's shape.
     """
     check_tensor("qkv", qkv, ndim=3, contiguous=False)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int; got {num_heads!r}")
+    if num_kv_heads is None:
+        num_kv_heads = num_heads
+    if (isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1
+            or num_heads % num_kv_heads):
+        raise ValueError(f"num_kv_heads must be a positive int dividing num_heads={num_heads}; got {num_kv_heads!r}")
     B, T, C3 = qkv.shape
-    if C3 % (3 * num_heads):
-        raise ValueError(f"qkv's last dim must be 3 * num_heads * D; got {C3} for num_heads={num_heads}")
+    heads = num_heads + 2 * num_kv_heads
+    if C3 % heads:
+        parts = "3 * num_heads" if num_kv_heads == num_heads else "(num_heads + 2 * num_kv_heads)"
+        raise ValueError(f"qkv's last dim must be {parts} * D; got {C3} for num_heads={num_heads}, "
+                         f"num_kv_heads={num_kv_heads}")
     if C3 > 1 and qkv.stride(2) != 1:
         qkv = qkv.contiguous()  # an autograd op: the gradient comes back in qkv's shape through it
-    name = _resolve(backend, qkv.device, C3 // (3 * num_heads), qkv.dtype, "qkv")
-    y, _ = torch.ops.pyllmc.qkv_attention_forward(qkv, num_heads, name)
+    name = _resolve(backend, qkv.device, C3 // heads, qkv.dtype, "qkv")
+    y, _ = torch.ops.pyllmc.qkv_attention_forward(qkv, num_heads, num_kv_heads, name)
     return y
+
+
+def repeat_kv(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, H_kv, T, D) -> (B, num_heads, T, D): kv head j repeated for its num_heads // H_kv query
+    heads (a copy; for the plain-math reference only: the kernels index the kv head in place).
+    Its gradient sums over each group's query heads."""
+    if t.shape[1] in (0, num_heads):
+        return t
+    return t.repeat_interleave(num_heads // t.shape[1], dim=1)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Plain math causal attention computed in `compute_dtype` (result in compute_dtype).
 
-    Builds the (B, H, T, T) scores: the reference the kernels are tested against, not a
-    fast path. Differentiable with ordinary autograd.
+    q (B, H, T, D); k, v (B, H_kv, T, D), H_kv dividing H (grouped-query: K/V repeated per
+    query head). Builds the (B, H, T, T) scores: the reference the kernels are tested
+    against, not a fast path. Differentiable with ordinary autograd.
     """
     q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     T, D = q.shape[-2], q.shape[-1]
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
@@ -169,14 +209,22 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 # ---- layouts ---------------------------------------------------------------------------
 
-def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B, H, T, D): views of qkv (B, T, 3C), position stride 3C, no copy."""
+def split_heads(qkv: torch.Tensor, num_heads: int,
+                num_kv_heads: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, H, T, D) and k, v (B, H_kv, T, D): views of qkv (B, T, (H + 2 H_kv) D) laid out
+    [q heads | k heads | v heads], position stride (H + 2 H_kv) D, no copy. H_kv defaults to H
+    (GPT-2's (B, T, 3C))."""
     B, T, C3 = qkv.shape
-    return qkv.view(B, T, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    if num_kv_heads is None or num_kv_heads == num_heads:
+        return qkv.view(B, T, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    D = C3 // (num_heads + 2 * num_kv_heads)
+    q, k, v = qkv.split((num_heads * D, num_kv_heads * D, num_kv_heads * D), dim=2)
+    return heads_of(q, num_heads), heads_of(k, num_kv_heads), heads_of(v, num_kv_heads)
 
 
 def heads_of(y: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """The (B, H, T, D) view of a (B, T, C) tensor with the heads side by side."""
+    """The (B, H, T, D) view of a (B, T, C) tensor (C = H D; any position stride, unit last stride)
+    with the heads side by side."""
     B, T, C = y.shape
     return y.view(B, T, num_heads, C // num_heads).transpose(1, 2)
 
@@ -202,7 +250,7 @@ def _cuda_input(t: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_into(out, q, k, v, backend: str) -> torch.Tensor:
-    """out (B, H, T, D) = attention(q, k, v); returns lse (B, H, T) float32."""
+    """out (B, H, T, D) = attention(q, k, v), k, v (B, H_kv, T, D); returns lse (B, H, T) float32."""
     B, H, T, D = q.shape
     if backend == "triton":
         with triton_launch(q):
@@ -218,14 +266,15 @@ def _forward_into(out, q, k, v, backend: str) -> torch.Tensor:
             cuda_ext().attention_forward(out=target.data_ptr(), lse=lse.data_ptr(),
                                          q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
                                          strides=sum((_head_strides(t) for t in (target, q, k, v)), []),
-                                         B=B, H=H, T=T, D=D, dtype=dtype_code(q), stream=stream)
+                                         B=B, H=H, H_kv=k.shape[1], T=T, D=D, dtype=dtype_code(q), stream=stream)
     if target is not out:
         out.copy_(target)
     return lse
 
 
 def _backward_into(dq, dk, dv, dout, q, k, v, out, lse, backend: str) -> None:
-    """dq, dk, dv (B, H, T, D) = the gradients of attention(q, k, v) for dout."""
+    """dq (B, H, T, D), dk, dv (B, H_kv, T, D) = the gradients of attention(q, k, v) for dout: dk, dv
+    summed over each kv head's query heads."""
     B, H, T, D = q.shape
     if backend == "triton":
         with triton_launch(q):
@@ -234,7 +283,7 @@ def _backward_into(dq, dk, dv, dout, q, k, v, out, lse, backend: str) -> None:
     if backend == "torch":
         _torch_backward_into(dq, dk, dv, dout, q, k, v)
         return
-    targets = [g if _cuda_ready(g) else torch.empty_like(q, memory_format=torch.contiguous_format)
+    targets = [g if _cuda_ready(g) else torch.empty_like(g, memory_format=torch.contiguous_format)
                for g in (dq, dk, dv)]
     dout, q, k, v, out = (_cuda_input(t) for t in (dout, q, k, v, out))
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)  # the kernel's rowsum(dout * out)
@@ -246,14 +295,14 @@ def _backward_into(dq, dk, dv, dout, q, k, v, out, lse, backend: str) -> None:
                                           lse=lse.contiguous().data_ptr(),
                                           q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
                                           strides=sum((_head_strides(t) for t in (*targets, dout, out, q, k, v)), []),
-                                          B=B, H=H, T=T, D=D, dtype=dtype_code(q), stream=stream)
+                                          B=B, H=H, H_kv=k.shape[1], T=T, D=D, dtype=dtype_code(q), stream=stream)
     for g, target in zip((dq, dk, dv), targets):
         if target is not g:
             g.copy_(target)
 
 
 def _torch_scores(q, k):
-    """Scaled, causally masked scores (B, H, T, T) in float32."""
+    """Scaled, causally masked scores (B, H, T, T) in float32; k (B, H, T, D), already repeated per query head."""
     T, D = q.shape[-2], q.shape[-1]
     scores = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(D))
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
@@ -261,23 +310,31 @@ def _torch_scores(q, k):
 
 
 def _torch_forward_into(out, q, k, v) -> torch.Tensor:
-    scores = _torch_scores(q, k)
+    H = q.shape[1]
+    scores = _torch_scores(q, repeat_kv(k, H))
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, T)
-    out.copy_(torch.exp(scores - lse[..., None]) @ v.float())
+    out.copy_(torch.exp(scores - lse[..., None]) @ repeat_kv(v, H).float())
     return lse
 
 
 def _torch_backward_into(dq, dk, dv, dout, q, k, v) -> None:
     """The textbook backward in float32: dV = P^T dO, dS = P (dP - rowsum(dP P)), dQ = dS K / sqrt(D),
     dK = dS^T Q / sqrt(D), with P = softmax(scores) and dP = dO V^T."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    scale = 1.0 / math.sqrt(D)
+    k, v = repeat_kv(k, H), repeat_kv(v, H)  # (B, H, T, D)
     p = torch.softmax(_torch_scores(q, k), dim=-1)  # (B, H, T, T)
     do = dout.float()
-    dv.copy_(p.transpose(-2, -1) @ do)
+
+    def group_sum(g):  # (B, H, T, D) per query head -> (B, H_kv, T, D), summed over each group
+        return g.view(B, H_kv, H // H_kv, T, D).sum(dim=2)
+
+    dv.copy_(group_sum(p.transpose(-2, -1) @ do))
     dp = do @ v.float().transpose(-2, -1)
     ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
     dq.copy_((ds @ k.float()) * scale)
-    dk.copy_((ds.transpose(-2, -1) @ q.float()) * scale)
+    dk.copy_(group_sum((ds.transpose(-2, -1) @ q.float()) * scale))
 
 
 # ---- custom ops and autograd -------------------------------------------------------------
@@ -308,14 +365,14 @@ def _(q, k, v, backend):
 def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           out: torch.Tensor, lse: torch.Tensor,
                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _new_like(q), _new_like(q), _new_like(q)
+    dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)
     _backward_into(dq, dk, dv, dout, q, k, v, out, lse, backend)
     return dq, dk, dv
 
 
 @attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, backend):
-    return _new_like(q), _new_like(q), _new_like(q)
+    return _new_like(q), _new_like(k), _new_like(v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -341,41 +398,47 @@ def _qkv_lse_like(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return qkv.new_empty((B, num_heads, T), dtype=torch.float32)
 
 
-@torch.library.custom_op("pyllmc::qkv_attention_forward", mutates_args=())
-def qkv_attention_forward_op(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y (B, T, C), lse (B, H, T)) for qkv (B, T, 3C)."""
+def _qkv_out_like(qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """y (B, T, C), C = H D, for qkv (B, T, (H + 2 H_kv) D)."""
     B, T, C3 = qkv.shape
-    y = qkv.new_empty((B, T, C3 // 3))
-    lse = _forward_into(heads_of(y, num_heads), *split_heads(qkv, num_heads), backend)
+    return qkv.new_empty((B, T, C3 // (num_heads + 2 * num_kv_heads) * num_heads))
+
+
+@torch.library.custom_op("pyllmc::qkv_attention_forward", mutates_args=())
+def qkv_attention_forward_op(qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
+                             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y (B, T, C), lse (B, H, T)) for qkv (B, T, (H + 2 H_kv) D), C = H D."""
+    y = _qkv_out_like(qkv, num_heads, num_kv_heads)
+    lse = _forward_into(heads_of(y, num_heads), *split_heads(qkv, num_heads, num_kv_heads), backend)
     return y, lse
 
 
 @qkv_attention_forward_op.register_fake
-def _(qkv, num_heads, backend):
-    B, T, C3 = qkv.shape
-    return qkv.new_empty((B, T, C3 // 3)), _qkv_lse_like(qkv, num_heads)
+def _(qkv, num_heads, num_kv_heads, backend):
+    return _qkv_out_like(qkv, num_heads, num_kv_heads), _qkv_lse_like(qkv, num_heads)
 
 
 @torch.library.custom_op("pyllmc::qkv_attention_backward", mutates_args=())
 def qkv_attention_backward_op(dy: torch.Tensor, qkv: torch.Tensor, y: torch.Tensor, lse: torch.Tensor,
-                              num_heads: int, backend: str) -> torch.Tensor:
-    """dqkv (B, T, 3C): dq, dk, dv written straight into one buffer."""
+                              num_heads: int, num_kv_heads: int, backend: str) -> torch.Tensor:
+    """dqkv (B, T, (H + 2 H_kv) D): dq, dk, dv written straight into one buffer."""
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    _backward_into(*split_heads(dqkv, num_heads), heads_of(dy, num_heads), *split_heads(qkv, num_heads),
-                   heads_of(y, num_heads), lse, backend)
+    _backward_into(*split_heads(dqkv, num_heads, num_kv_heads), heads_of(dy, num_heads),
+                   *split_heads(qkv, num_heads, num_kv_heads), heads_of(y, num_heads), lse, backend)
     return dqkv
 
 
 @qkv_attention_backward_op.register_fake
-def _(dy, qkv, y, lse, num_heads, backend):
+def _(dy, qkv, y, lse, num_heads, num_kv_heads, backend):
     return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
 
 
 def _qkv_setup_context(ctx, inputs, output):
-    qkv, num_heads, backend = inputs
+    qkv, num_heads, num_kv_heads, backend = inputs
     y, lse = output
-    ctx.save_for_backward(qkv, y, lse)
+    ctx.save_for_backward(qkv, y, lse)  # lse (B, H, T): one row per query head
     ctx.num_heads = num_heads
+    ctx.num_kv_heads = num_kv_heads
     ctx.backend = backend
     ctx.mark_non_differentiable(lse)
 
@@ -383,7 +446,8 @@ def _qkv_setup_context(ctx, inputs, output):
 def _qkv_autograd_backward(ctx, dy, _dlse):
     qkv, y, lse = ctx.saved_tensors
     # dy (B, T, C) comes from c_proj's matmul: already contiguous (then this copies nothing)
-    return qkv_attention_backward_op(dy.contiguous(), qkv, y, lse, ctx.num_heads, ctx.backend), None, None
+    dqkv = qkv_attention_backward_op(dy.contiguous(), qkv, y, lse, ctx.num_heads, ctx.num_kv_heads, ctx.backend)
+    return dqkv, None, None, None
 
 
 qkv_attention_forward_op.register_autograd(_qkv_autograd_backward, setup_context=_qkv_setup_context)
