@@ -45,6 +45,19 @@ dlogits in one kernel: pass 1 reads the row for the max and sum, pass 2 reads it
 that of the scaled loss, for dloss = 1, so loss.backward() moves no more bytes. Only an
 upstream gradient other than 1 costs cross_entropy_scale_grad, a pass over (N, V).
 
+Options (Liger-Kernel's; ops.cross_entropy's docstring has the math), all in float32:
+
+    z_ij   = softcap * tanh(x_ij / softcap)                    soft-capped logits, softcap > 0
+    loss_i = (1 - eps) (lse_i - z_i,t_i) + eps (lse_i - mean_j z_ij) + zs lse_i^2
+    dz_ij  = exp(z_ij - m_i) * (1 / d_i) (1 + 2 zs lse_i) - (1 - eps) [j == t_i] - eps / V
+    dx_ij  = dz_ij * (1 - t_ij)(1 + t_ij),  t_ij = tanh(x_ij / softcap)
+
+They are constexpr specializations: OPTS (label smoothing or z-loss or a cap) and SOFTCAP; with
+both False the kernels compile to the plain loss, the same code as without options. The row's
+scale is dloss / n_valid for reduction "mean" (constexpr MEAN), dloss for "sum", dloss[row] for
+"none" (dloss_stride 1: a runtime stride, once per row). tanh is computed from exp (the interpreter has no libdevice): an odd
+polynomial below |u| = 0.3, where (1 - e) / (1 + e) would cancel.
+
 Targets outside [0, V) other than ignore_index are rejected by the op layer; the kernels
 never read out of bounds for them anyway (the target column is matched, never indexed) and
 their row loss comes out NaN.
@@ -72,6 +85,27 @@ REDUCE_BLOCK = 1024   # chunk of the single-program reductions over rows
 
 
 @triton.jit
+def _tanh(u):
+    """tanh(u) in float32 to a few ulp: (1 - e) / (1 + e) with e = exp(-2|u|) where |u| >= 0.3 (1 - e
+    then loses at most 2 bits: e <= 0.55), its Taylor series to u^11 below (truncation < 1e-9 relative)."""
+    a = tl.abs(u)
+    e = tl.exp2(a * -2.8853900817779268)  # exp(-2|u|): 2 log2(e); 0 for |u| = inf
+    big = tl.div_rn(1.0 - e, 1.0 + e)
+    u2 = u * u
+    series = u * (1.0 + u2 * (-0.3333333333333333 + u2 * (0.13333333333333333 + u2 * (
+        -0.05396825396825397 + u2 * (0.021869488536155203 + u2 * -0.008863235529902197)))))
+    return tl.where(a < 0.3, series, tl.where(u < 0.0, -big, big))
+
+
+@triton.jit
+def _cap(x, softcap, inv_softcap, SOFTCAP: tl.constexpr):
+    """The logit the softmax sees: softcap * tanh(x / softcap), or x."""
+    if SOFTCAP:
+        x = softcap * _tanh(x * inv_softcap)
+    return x
+
+
+@triton.jit
 def _online_step(x, cols, target, running_max, lane_sum, lane_target):
     """Fold one chunk x (BLOCK,) float32 into the running max, the per-lane sums of
     exp(x - running max) and the per-lane pick of x[target]."""
@@ -87,9 +121,14 @@ def _row_stats(
     row_ptr,  # (V,) one row of logits
     V,
     target,
+    softcap,
+    inv_softcap,
     BLOCK: tl.constexpr,
+    OPTS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
-    """(row max, sum of exp(x - row max), x[target]) for one row, in float32.
+    """(row max, sum of exp(x - row max), x[target], sum of x) for one row, in float32; x the capped
+    logits with SOFTCAP; the sum of x only with OPTS (label smoothing's mean logit), else 0.
 
     x[target] is picked up by matching the column while the row streams past, never by
     indexing with the target: a bad id cannot read out of bounds, and in the fused kernel
@@ -105,15 +144,23 @@ def _row_stats(
     running_max = tl.full((), -1.0e38, tl.float32)
     lane_sum = tl.zeros((BLOCK,), tl.float32)
     lane_target = tl.zeros((BLOCK,), tl.float32)
+    sum_z = tl.full((), 0.0, tl.float32)  # a running scalar (one tree sum per chunk): no lane vector to keep
     for start in range(0, n_full, BLOCK):
         cols = start + offsets
-        x = tl.load(row_ptr + cols).to(tl.float32)
+        x = _cap(tl.load(row_ptr + cols).to(tl.float32), softcap, inv_softcap, SOFTCAP)
+        if OPTS:
+            sum_z += tl.sum(x, axis=0)
         running_max, lane_sum, lane_target = _online_step(x, cols, target, running_max, lane_sum, lane_target)
     for start in range(n_full, V, BLOCK):  # the partial chunk: at most one iteration
         cols = start + offsets
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        in_row = cols < V
+        x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        if SOFTCAP:  # the cap would turn the masked lanes' -inf into -softcap
+            x = tl.where(in_row, _cap(x, softcap, inv_softcap, SOFTCAP), float("-inf"))
+        if OPTS:
+            sum_z += tl.sum(tl.where(in_row, x, 0.0), axis=0)
         running_max, lane_sum, lane_target = _online_step(x, cols, target, running_max, lane_sum, lane_target)
-    return running_max, tl.sum(lane_sum, axis=0), tl.sum(lane_target, axis=0)
+    return running_max, tl.sum(lane_sum, axis=0), tl.sum(lane_target, axis=0), sum_z
 
 
 @triton.jit
@@ -125,9 +172,58 @@ def _row_loss(row_max, row_sum, x_target, in_range):
 
 
 @triton.jit
+def _row_loss_opts(row_max, row_sum, x_target, sum_z, in_range, V_float, smoothing, z_scale):
+    """The loss of a row that is not ignored, with label smoothing and z-loss (x_target: capped)."""
+    log_sum = tl.log(row_sum)
+    nll = (row_max - x_target) + log_sum
+    smooth = (row_max - tl.div_rn(sum_z, V_float)) + log_sum  # mean_j (lse - z_j)
+    loss = tl.where(smoothing != 0.0, (1.0 - smoothing) * nll + smoothing * smooth, nll)
+    lse = row_max + log_sum
+    loss = loss + z_scale * lse * lse
+    return tl.where(in_range, loss, float("nan"))
+
+
+@triton.jit
 def _row_grad(x, cols, row_max, inv_sum, target, scale):
     p = tl.exp2((x - row_max) * 1.4426950408889634) * inv_sum  # exp(x - m) / d
     return (p - tl.where(cols == target, 1.0, 0.0)) * scale
+
+
+@triton.jit
+def _logit_grad(x, cols, row_max, p_scale, target, scale, target_w, uniform, softcap, inv_softcap,
+                OPTS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """The gradient of logits x: _row_grad's without options (p_scale = 1 / d); with OPTS
+    (p exp(z - m) p_scale - target_w [j == t] - uniform) * scale, times tanh' = (1 - t)(1 + t) with SOFTCAP."""
+    if OPTS:
+        z = x
+        dcap = x  # replaced below with SOFTCAP; unused without
+        if SOFTCAP:
+            t = _tanh(x * inv_softcap)
+            z = softcap * t
+            dcap = (1.0 - t) * (1.0 + t)  # 1 - t^2 without its cancellation near |t| = 1
+        p = tl.exp2((z - row_max) * 1.4426950408889634) * p_scale
+        grad = ((p - tl.where(cols == target, target_w, 0.0)) - uniform) * scale
+        if SOFTCAP:
+            grad = grad * dcap
+    else:
+        grad = _row_grad(x, cols, row_max, p_scale, target, scale)
+    return grad
+
+
+@triton.jit
+def _grad_row(row_max, row_sum, V_float, smoothing, z_scale, OPTS: tl.constexpr):
+    """A row's gradient constants (p_scale, target_w, uniform): (1 / d, 1, 0) without options, else
+    ((1 / d)(1 + 2 zs lse), 1 - eps, eps / V)."""
+    inv_sum = tl.div_rn(1.0, row_sum)  # once per row: IEEE, as the interpreter
+    p_scale = inv_sum
+    target_w = tl.full((), 1.0, tl.float32)
+    uniform = tl.full((), 0.0, tl.float32)
+    if OPTS:
+        lse = row_max + tl.log(row_sum)
+        p_scale = inv_sum * (1.0 + 2.0 * z_scale * lse)
+        target_w = 1.0 - smoothing
+        uniform = tl.div_rn(smoothing, V_float)
+    return p_scale, target_w, uniform
 
 
 @triton.jit
@@ -137,11 +233,17 @@ def _write_row_grad(
     V,
     pad_end,      # zeros go to columns [V, pad_end)
     row_max,      # the row's max m
-    inv_sum,      # 1 / d, d = sum of exp(x - m) over the row
+    p_scale,      # 1 / d, d = sum of exp(x - m) over the row (with OPTS times 1 + 2 zs lse)
     target,
     scale,
     valid,
+    target_w,     # with OPTS: 1 - eps
+    uniform,      # with OPTS: eps / V
+    softcap,
+    inv_softcap,
     BLOCK: tl.constexpr,
+    OPTS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """dlogits of one row: (softmax - onehot) * scale over [0, V), zeros over [V, pad_end);
     all zeros, reading nothing, for an ignored row (valid false: a scalar branch).
@@ -154,13 +256,15 @@ def _write_row_grad(
         for start in range(0, n_full, BLOCK):
             cols = start + offsets
             x = tl.load(in_row_ptr + cols).to(tl.float32)
-            grad = _row_grad(x, cols, row_max, inv_sum, target, scale)
+            grad = _logit_grad(x, cols, row_max, p_scale, target, scale, target_w, uniform, softcap, inv_softcap,
+                               OPTS, SOFTCAP)
             tl.store(out_row_ptr + cols, to_storage(grad, out_row_ptr.dtype.element_ty))
         for start in range(n_full, pad_end, BLOCK):
             cols = start + offsets
             in_row = cols < V
             x = tl.load(in_row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-            grad = tl.where(in_row, _row_grad(x, cols, row_max, inv_sum, target, scale), 0.0)
+            grad = tl.where(in_row, _logit_grad(x, cols, row_max, p_scale, target, scale, target_w, uniform,
+                                                softcap, inv_softcap, OPTS, SOFTCAP), 0.0)
             tl.store(out_row_ptr + cols, to_storage(grad, out_row_ptr.dtype.element_ty), mask=cols < pad_end)
     else:
         zeros = tl.zeros((BLOCK,), tl.float32).to(out_row_ptr.dtype.element_ty)
@@ -180,7 +284,14 @@ def cross_entropy_forward_kernel(
     V,
     row_stride,
     ignore_index,
+    V_float,        # V as a float32 (OPTS: the divisions by V; an int V = 1 would be a constexpr)
+    smoothing,      # label smoothing eps (OPTS)
+    z_scale,        # z-loss scale zs (OPTS)
+    softcap,        # (SOFTCAP)
+    inv_softcap,    # 1 / softcap (SOFTCAP)
     BLOCK: tl.constexpr,
+    OPTS: tl.constexpr,     # label smoothing, z-loss or a cap: else the plain loss
+    SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
@@ -189,8 +300,12 @@ def cross_entropy_forward_kernel(
     loss = tl.full((), 0.0, tl.float32)
     if target != ignore_index:
         in_range = (target >= 0) & (target < V)
-        row_max, row_sum, x_target = _row_stats(logits_ptr + row * row_stride, V, target, BLOCK)
-        loss = _row_loss(row_max, row_sum, x_target, in_range)
+        row_max, row_sum, x_target, sum_z = _row_stats(logits_ptr + row * row_stride, V, target, softcap,
+                                                       inv_softcap, BLOCK, OPTS, SOFTCAP)
+        if OPTS:
+            loss = _row_loss_opts(row_max, row_sum, x_target, sum_z, in_range, V_float, smoothing, z_scale)
+        else:
+            loss = _row_loss(row_max, row_sum, x_target, in_range)
     tl.store(stats_ptr + 2 * row, row_max)
     tl.store(stats_ptr + 2 * row + 1, row_sum)
     tl.store(row_loss_ptr + row, loss)
@@ -203,26 +318,40 @@ def cross_entropy_backward_kernel(
     targets_ptr,   # (N,) int64
     stats_ptr,     # (N, 2) float32: (row max, sum of exp(x - max)) from the forward
     n_valid_ptr,   # () float32
-    dloss_ptr,     # () float32
+    dloss_ptr,     # () float32, or (N,) with dloss_stride 1 (reduction "none")
+    dloss_stride,
     V,
     row_stride,
     pad_end,
     ignore_index,
+    V_float,
+    smoothing,
+    z_scale,
+    softcap,
+    inv_softcap,
     BLOCK: tl.constexpr,
+    OPTS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    MEAN: tl.constexpr,  # reduction "mean": divide by n_valid
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
-    scale = tl.div_rn(tl.load(dloss_ptr), tl.maximum(tl.load(n_valid_ptr), 1.0))
+    dloss = tl.load(dloss_ptr + row * dloss_stride)
+    scale = dloss
+    if MEAN:
+        scale = tl.div_rn(dloss, tl.maximum(tl.load(n_valid_ptr), 1.0))
     row_max = tl.load(stats_ptr + 2 * row)
-    inv_sum = tl.div_rn(1.0, tl.load(stats_ptr + 2 * row + 1))  # once per row: IEEE, as the interpreter
-    _write_row_grad(dlogits_ptr + row * row_stride, logits_ptr + row * row_stride, V, pad_end, row_max, inv_sum,
-                    target, scale, valid, BLOCK)
+    p_scale, target_w, uniform = _grad_row(row_max, tl.load(stats_ptr + 2 * row + 1), V_float, smoothing, z_scale,
+                                           OPTS)
+    _write_row_grad(dlogits_ptr + row * row_stride, logits_ptr + row * row_stride, V, pad_end, row_max, p_scale,
+                    target, scale, valid, target_w, uniform, softcap, inv_softcap, BLOCK, OPTS, SOFTCAP)
 
 
 @triton.jit
 def cross_entropy_fused_kernel(
     row_loss_ptr,  # (N,) float32
+    stats_ptr,     # (N, 2) float32 (row max, sum of exp(x - max)), written with WRITE_STATS
     logits_ptr,    # (N, V), rows row_stride apart: read as logits, overwritten with dlogits
     targets_ptr,   # (N,) int64
     n_valid_ptr,   # () float32, counted before this kernel runs
@@ -230,8 +359,17 @@ def cross_entropy_fused_kernel(
     row_stride,
     pad_end,
     ignore_index,
-    loss_scale,    # float32: the gradient is that of loss_scale * mean loss
+    loss_scale,    # float32: the gradient is that of loss_scale * the reduced loss
+    V_float,
+    smoothing,
+    z_scale,
+    softcap,
+    inv_softcap,
     BLOCK: tl.constexpr,
+    OPTS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    MEAN: tl.constexpr,  # reduction "mean": divide by n_valid ("sum", "none": each row's own gradient)
+    WRITE_STATS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
@@ -242,24 +380,35 @@ def cross_entropy_fused_kernel(
     loss = tl.full((), 0.0, tl.float32)
     if valid:
         in_range = (target >= 0) & (target < V)
-        row_max, row_sum, x_target = _row_stats(row_ptr, V, target, BLOCK)
-        loss = _row_loss(row_max, row_sum, x_target, in_range)
+        row_max, row_sum, x_target, sum_z = _row_stats(row_ptr, V, target, softcap, inv_softcap, BLOCK, OPTS,
+                                                       SOFTCAP)
+        if OPTS:
+            loss = _row_loss_opts(row_max, row_sum, x_target, sum_z, in_range, V_float, smoothing, z_scale)
+        else:
+            loss = _row_loss(row_max, row_sum, x_target, in_range)
     tl.store(row_loss_ptr + row, loss)
-    scale = tl.div_rn(loss_scale, tl.maximum(tl.load(n_valid_ptr), 1.0))
-    inv_sum = tl.div_rn(1.0, row_sum)
-    _write_row_grad(row_ptr, row_ptr, V, pad_end, row_max, inv_sum, target, scale, valid, BLOCK)
+    if WRITE_STATS:
+        tl.store(stats_ptr + 2 * row, row_max)
+        tl.store(stats_ptr + 2 * row + 1, row_sum)
+    scale = loss_scale
+    if MEAN:
+        scale = tl.div_rn(loss_scale, tl.maximum(tl.load(n_valid_ptr), 1.0))
+    p_scale, target_w, uniform = _grad_row(row_max, row_sum, V_float, smoothing, z_scale, OPTS)
+    _write_row_grad(row_ptr, row_ptr, V, pad_end, row_max, p_scale, target, scale, valid, target_w, uniform,
+                    softcap, inv_softcap, BLOCK, OPTS, SOFTCAP)
 
 
 @triton.jit
 def cross_entropy_scale_grad_kernel(
     dlogits_ptr,  # (N, V), rows row_stride apart
-    dloss_ptr,    # () float32
+    dloss_ptr,    # () float32, or (N,) with dloss_stride 1 (reduction "none": row i scaled by dloss[i])
+    dloss_stride,
     V,
     row_stride,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    scale = tl.load(dloss_ptr)
+    scale = tl.load(dloss_ptr + row * dloss_stride)
     if scale != 1.0:  # the usual case (loss.backward()) moves no bytes
         row_ptr = dlogits_ptr + row * row_stride
         offsets = tl.arange(0, BLOCK)
@@ -298,15 +447,19 @@ def cross_entropy_mean_kernel(
     row_loss_ptr,  # (N,) float32
     n_valid_ptr,   # () float32
     N,
-    loss_scale,    # float32: loss = loss_scale * mean
+    loss_scale,    # float32: loss = loss_scale * mean (or sum)
     BLOCK: tl.constexpr,
+    MEAN: tl.constexpr,  # divide by n_valid (reduction "mean"), else the sum
 ):
     offsets = tl.arange(0, BLOCK)
     total = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, N, BLOCK):
         idx = start + offsets
         total += tl.load(row_loss_ptr + idx, mask=idx < N, other=0.0)
-    tl.store(loss_ptr, tl.div_rn(tl.sum(total, axis=0), tl.maximum(tl.load(n_valid_ptr), 1.0)) * loss_scale)
+    reduced = tl.sum(total, axis=0)
+    if MEAN:
+        reduced = tl.div_rn(reduced, tl.maximum(tl.load(n_valid_ptr), 1.0))
+    tl.store(loss_ptr, reduced * loss_scale)
 
 
 # ---- launchers ---------------------------------------------------------------------------
@@ -346,16 +499,44 @@ def _check_layout(logits: torch.Tensor, targets: Optional[torch.Tensor] = None) 
         raise ValueError(f"targets must be a contiguous int64 ({N},); got {targets.dtype} {tuple(targets.shape)}")
 
 
-def _finish_mean(loss, row_losses, n_valid, N, loss_scale=1.0):
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _option_args(reduction: str, label_smoothing: float, lse_square_scale: float, softcap: float) -> tuple:
+    """(runtime args smoothing, z_scale, softcap, inv_softcap; constexprs OPTS, SOFTCAP) of the per-row
+    kernels, after checking what their math assumes; softcap 0 means none."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
+    if not 0.0 <= lse_square_scale < float("inf"):
+        raise ValueError(f"lse_square_scale must be a finite float >= 0; got {lse_square_scale!r}")
+    if not 0.0 <= softcap < float("inf"):
+        raise ValueError(f"softcap must be > 0 (or 0: none); got {softcap!r}")
+    opts = label_smoothing != 0.0 or lse_square_scale != 0.0 or softcap != 0.0
+    inv_softcap = 1.0 / softcap if softcap else 0.0
+    return (float(label_smoothing), float(lse_square_scale), float(softcap), inv_softcap), \
+        dict(OPTS=opts, SOFTCAP=softcap != 0.0)
+
+
+def _mean(reduction: str) -> dict:
+    return dict(MEAN=reduction == "mean")
+
+
+def _finish_mean(loss, row_losses, n_valid, N, loss_scale=1.0, reduction="mean"):
     cross_entropy_mean_kernel[(1,)](loss, row_losses, n_valid, N, float(loss_scale), BLOCK=REDUCE_BLOCK,
-                                    enable_fp_fusion=_common.FP_FUSION)
+                                    enable_fp_fusion=_common.FP_FUSION, **_mean(reduction))
 
 
-def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    """(loss (), stats (N, 2), n_valid ()) all float32, for logits (N, V) with stride(1) == 1 and
-    any row stride >= V, targets (N,) int64 contiguous. stats: each row's (max, sum of exp(x - max)),
-    (0, 1) for ignored rows, for the backward."""
+def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, *,
+                          reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                          softcap: float = 0.0):
+    """(loss, stats (N, 2), n_valid ()) all float32, for logits (N, V) with stride(1) == 1 and
+    any row stride >= V, targets (N,) int64 contiguous. loss: () for reduction "mean" / "sum", the
+    per-row losses (N,) for "none" (0 for ignored rows). stats: each row's (max, sum of exp(z - max))
+    over the (capped) logits z, (0, 1) for ignored rows, for the backward."""
     _check_layout(logits, targets)
+    args, flags = _option_args(reduction, label_smoothing, lse_square_scale, softcap)
     N, V = logits.shape
     device = logits.device
     loss = torch.empty((), device=device, dtype=torch.float32)
@@ -364,33 +545,45 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_in
     row_losses = torch.empty(N, device=device, dtype=torch.float32)
     if N:
         cross_entropy_forward_kernel[(N,)](stats, row_losses, logits, targets, V, row_stride_of(logits),
-                                           ignore_index, **_row_options(V, device))
+                                           ignore_index, float(V), *args, **flags, **_row_options(V, device))
     cross_entropy_count_kernel[(1,)](n_valid, targets, N, ignore_index, BLOCK=REDUCE_BLOCK,
                                      enable_fp_fusion=_common.FP_FUSION)
-    _finish_mean(loss, row_losses, n_valid, N)
+    if reduction == "none":
+        return row_losses, stats, n_valid
+    _finish_mean(loss, row_losses, n_valid, N, reduction=reduction)
     return loss, stats, n_valid
 
 
-def cross_entropy_backward(logits, targets, stats, n_valid, dloss, ignore_index: int) -> torch.Tensor:
+def cross_entropy_backward(logits, targets, stats, n_valid, dloss, ignore_index: int, *, reduction: str = "mean",
+                           label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                           softcap: float = 0.0) -> torch.Tensor:
     """dlogits with logits' layout (same row stride; padding columns zeroed); stats: (N, 2) float32
-    contiguous from cross_entropy_forward; dloss: () float32."""
+    contiguous from cross_entropy_forward; dloss: () float32, or (N,) contiguous for reduction "none"."""
     _check_layout(logits, targets)
+    args, flags = _option_args(reduction, label_smoothing, lse_square_scale, softcap)
     N, V = logits.shape
     row_stride = row_stride_of(logits)
     buffer = torch.empty(N * row_stride, device=logits.device, dtype=logits.dtype)
     dlogits = buffer.as_strided((N, V), (row_stride, 1))
     if N:
-        cross_entropy_backward_kernel[(N,)](dlogits, logits, targets, stats, n_valid, dloss, V, row_stride,
-                                            row_stride, ignore_index, **_row_options(V, logits.device))
+        cross_entropy_backward_kernel[(N,)](dlogits, logits, targets, stats, n_valid, dloss,
+                                            int(reduction == "none"), V, row_stride, row_stride, ignore_index,
+                                            float(V), *args, **flags, **_mean(reduction),
+                                            **_row_options(V, logits.device))
     return dlogits
 
 
 def cross_entropy_fused_forward_backward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                                         pad_end: int, loss_scale: float = 1.0):
-    """The fused classifier: returns (loss_scale * mean loss (), n_valid ()) and overwrites
-    logits (N, V) with the gradient of that scaled loss (dloss = 1); also zeros each row's
-    columns [V, pad_end), pad_end <= the row stride: padding the caller owns."""
+                                         pad_end: int, loss_scale: float = 1.0, *, reduction: str = "mean",
+                                         label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                                         softcap: float = 0.0, stats: Optional[torch.Tensor] = None):
+    """The fused classifier: returns (loss_scale * reduced loss, n_valid ()) and overwrites
+    logits (N, V) with the gradient of that scaled loss (dloss = 1; for reduction "none", each row's
+    gradient of loss_scale times its own loss, and the first result is the per-row losses (N,), not
+    yet times loss_scale); also zeros each row's columns [V, pad_end), pad_end <= the row stride:
+    padding the caller owns. stats: an (N, 2) float32 buffer for each row's (max, sum), or None."""
     _check_layout(logits, targets)
+    args, flags = _option_args(reduction, label_smoothing, lse_square_scale, softcap)
     N, V = logits.shape
     device = logits.device
     loss = torch.empty((), device=device, dtype=torch.float32)
@@ -402,17 +595,22 @@ def cross_entropy_fused_forward_backward(logits: torch.Tensor, targets: torch.Te
         row_stride = row_stride_of(logits)
         if not V <= pad_end <= row_stride:
             raise ValueError(f"pad_end must be in [V, row_stride] = [{V}, {row_stride}]; got {pad_end}")
-        cross_entropy_fused_kernel[(N,)](row_losses, logits, targets, n_valid, V, row_stride,
-                                         pad_end, ignore_index, float(loss_scale), **_row_options(V, device))
-    _finish_mean(loss, row_losses, n_valid, N, loss_scale)
+        cross_entropy_fused_kernel[(N,)](row_losses, row_losses if stats is None else stats, logits, targets,
+                                         n_valid, V, row_stride, pad_end, ignore_index, float(loss_scale),
+                                         float(V), *args, **flags, **_mean(reduction),
+                                         WRITE_STATS=stats is not None, **_row_options(V, device))
+    if reduction == "none":
+        return row_losses, n_valid
+    _finish_mean(loss, row_losses, n_valid, N, loss_scale, reduction)
     return loss, n_valid
 
 
 def cross_entropy_scale_grad(dlogits: torch.Tensor, dloss: torch.Tensor) -> None:
-    """dlogits *= dloss in place (columns [0, V) of each row); each program reads dloss and
-    moves nothing when it is 1, so the usual loss.backward() costs no pass and no host sync."""
+    """dlogits *= dloss in place (columns [0, V) of each row); dloss () or, for reduction "none",
+    (N,) contiguous (row i times dloss[i]). Each program reads its factor and moves nothing when it
+    is 1, so the usual loss.backward() costs no pass and no host sync."""
     _check_layout(dlogits)
     N, V = dlogits.shape
     if N:
-        cross_entropy_scale_grad_kernel[(N,)](dlogits, dloss, V, row_stride_of(dlogits),
+        cross_entropy_scale_grad_kernel[(N,)](dlogits, dloss, int(dloss.dim() == 1), V, row_stride_of(dlogits),
                                               **_row_options(V, dlogits.device))
