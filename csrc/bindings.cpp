@@ -50,6 +50,15 @@ void swiglu_backward(void* da, void* db, const void* dout, const void* a, const 
                      long long a_stride, long long b_stride, int dtype, cudaStream_t stream);
 void relu2_forward(void* out, const void* inp, long long n, int dtype, cudaStream_t stream);
 void relu2_backward(void* dinp, const void* inp, const void* dout, long long n, int dtype, cudaStream_t stream);
+// rope.cu
+void rope_forward(void* out, const void* inp, const float* cosines, const float* sines, long long B, long long T,
+                  long long H, long long D, long long out_stride_b, long long out_stride_t, long long out_stride_h,
+                  long long inp_stride_b, long long inp_stride_t, long long inp_stride_h, long long start,
+                  long long table_rows, int dtype, cudaStream_t stream);
+void rope_backward(void* dinp, const void* dout, const float* cosines, const float* sines, long long B, long long T,
+                   long long H, long long D, long long dinp_stride_b, long long dinp_stride_t, long long dinp_stride_h,
+                   long long dout_stride_b, long long dout_stride_t, long long dout_stride_h, long long start,
+                   long long table_rows, int dtype, cudaStream_t stream);
 // adamw.cu
 void adamw_step(const void* tensors, int num_tensors, const void* chunk_to_tensor, long long num_chunks,
                 long long chunk_size, const void* hyper, int num_rows, cudaStream_t stream);
@@ -59,10 +68,10 @@ int adamw_chunk_size();
 int adamw_max_rows();
 // attention.cu
 void attention_forward(void* out, float* lse, const void* q, const void* k, const void* v, const long long* strides,
-                       int B, int H, int T, int D, int dtype, cudaStream_t stream);
+                       int B, int H, int H_kv, int T, int D, int dtype, cudaStream_t stream);
 void attention_backward(void* dq, void* dk, void* dv, float* delta, const void* dout, const void* out,
                         const float* lse, const void* q, const void* k, const void* v, const long long* strides,
-                        int B, int H, int T, int D, int dtype, cudaStream_t stream);
+                        int B, int H, int H_kv, int T, int D, int dtype, cudaStream_t stream);
 // layernorm.cu
 void layernorm_forward(void* out, void* mean, void* rstd, const void* inp, const void* weight, const void* bias,
                        long long rows, int C, float eps, int dtype, cudaStream_t stream);
@@ -90,16 +99,20 @@ void fused_residual_rmsnorm_backward(void* dh, void* dweight, void* scratch, con
 // cross_entropy.cu
 void cross_entropy_forward(float* loss, float* stats, float* n_valid, float* row_losses, const void* logits,
                            const long long* targets, long long N, long long V, long long row_stride,
-                           long long ignore_index, int dtype, cudaStream_t stream);
+                           long long ignore_index, int dtype, cudaStream_t stream, int reduction = 0,
+                           float label_smoothing = 0.0f, float lse_square_scale = 0.0f, float softcap = 0.0f);
 void cross_entropy_backward(void* dlogits, const void* logits, const long long* targets, const float* stats,
                             const float* n_valid, const float* dloss, long long N, long long V, long long row_stride,
-                            long long ignore_index, int dtype, cudaStream_t stream);
+                            long long ignore_index, int dtype, cudaStream_t stream, int reduction = 0,
+                            float label_smoothing = 0.0f, float lse_square_scale = 0.0f, float softcap = 0.0f);
 void cross_entropy_fused_forward_backward(float* loss, float* n_valid, float* row_losses, void* logits,
                                           const long long* targets, long long N, long long V, long long row_stride,
                                           long long pad_end, long long ignore_index, float loss_scale, int dtype,
-                                          cudaStream_t stream);
+                                          cudaStream_t stream, int reduction = 0, float label_smoothing = 0.0f,
+                                          float lse_square_scale = 0.0f, float softcap = 0.0f,
+                                          float* stats = nullptr);
 void cross_entropy_scale_grad(void* dlogits, const float* dloss, long long N, long long V, long long row_stride,
-                              int dtype, cudaStream_t stream);
+                              int dtype, cudaStream_t stream, bool per_row = false);
 }  // namespace pyllmc
 
 namespace {
@@ -184,6 +197,31 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
     }, py::kw_only(), py::arg("dinp"), py::arg("inp"), py::arg("dout"), py::arg("n"), py::arg("dtype"),
        py::arg("stream"));
 
+    // ---- rope ((B, T, H, D) tensors, the last dim contiguous, strides of B, T, H in elements; cos, sin: float32
+    // (table_rows, D / 2) contiguous, rows start..start+T-1 used)
+    m.def("rope_forward", [](ptr_t out, ptr_t inp, ptr_t cos, ptr_t sin, long long B, long long T, long long H,
+                             long long D, long long out_stride_b, long long out_stride_t, long long out_stride_h,
+                             long long inp_stride_b, long long inp_stride_t, long long inp_stride_h, long long start,
+                             long long table_rows, int dtype, ptr_t stream) {
+        pyllmc::rope_forward(as_ptr(out), as_ptr(inp), as_ptr<const float>(cos), as_ptr<const float>(sin), B, T, H,
+                             D, out_stride_b, out_stride_t, out_stride_h, inp_stride_b, inp_stride_t, inp_stride_h,
+                             start, table_rows, dtype, as_stream(stream));
+    }, py::kw_only(), py::arg("out"), py::arg("inp"), py::arg("cos"), py::arg("sin"), py::arg("B"), py::arg("T"),
+       py::arg("H"), py::arg("D"), py::arg("out_stride_b"), py::arg("out_stride_t"), py::arg("out_stride_h"),
+       py::arg("inp_stride_b"), py::arg("inp_stride_t"), py::arg("inp_stride_h"), py::arg("start"),
+       py::arg("table_rows"), py::arg("dtype"), py::arg("stream"));
+    m.def("rope_backward", [](ptr_t dinp, ptr_t dout, ptr_t cos, ptr_t sin, long long B, long long T, long long H,
+                              long long D, long long dinp_stride_b, long long dinp_stride_t, long long dinp_stride_h,
+                              long long dout_stride_b, long long dout_stride_t, long long dout_stride_h,
+                              long long start, long long table_rows, int dtype, ptr_t stream) {
+        pyllmc::rope_backward(as_ptr(dinp), as_ptr(dout), as_ptr<const float>(cos), as_ptr<const float>(sin), B, T,
+                              H, D, dinp_stride_b, dinp_stride_t, dinp_stride_h, dout_stride_b, dout_stride_t,
+                              dout_stride_h, start, table_rows, dtype, as_stream(stream));
+    }, py::kw_only(), py::arg("dinp"), py::arg("dout"), py::arg("cos"), py::arg("sin"), py::arg("B"), py::arg("T"),
+       py::arg("H"), py::arg("D"), py::arg("dinp_stride_b"), py::arg("dinp_stride_t"), py::arg("dinp_stride_h"),
+       py::arg("dout_stride_b"), py::arg("dout_stride_t"), py::arg("dout_stride_h"), py::arg("start"),
+       py::arg("table_rows"), py::arg("dtype"), py::arg("stream"));
+
     // ---- adamw (hyper is a HOST pointer: its rows are copied into the launch's parameters)
     m.def("adamw_step", [](ptr_t tensors, int num_tensors, ptr_t chunk_to_tensor, long long num_chunks,
                            long long chunk_size, ptr_t hyper, int num_hyper_rows, ptr_t stream) {
@@ -202,24 +240,26 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
     m.def("adamw_max_rows", &pyllmc::adamw_max_rows, "Hyperparameter rows one adamw_step launch takes.");
 
     // ---- attention (causal, scale 1/sqrt(D); lse and delta are float32 (B, H, T) contiguous; strides: a list
-    // of the (batch, head, position) element strides of every (B, H, T, D) operand, in the launcher's order)
+    // of the (batch, head, position) element strides of every (B, H or H_kv, T, D) operand, in the launcher's
+    // order; k, v, dk, dv have H_kv heads (grouped-query attention, H_kv dividing H; the default -1 means H)
     m.def("attention_forward", [](ptr_t out, ptr_t lse, ptr_t q, ptr_t k, ptr_t v, const std::vector<long long>& strides,
-                                  int B, int H, int T, int D, int dtype, ptr_t stream) {
+                                  int B, int H, int T, int D, int dtype, ptr_t stream, int H_kv) {
         if (strides.size() != 12) throw std::invalid_argument("pyllmc: attention_forward: strides must hold 12 values");
         pyllmc::attention_forward(as_ptr(out), as_ptr<float>(lse), as_ptr(q), as_ptr(k), as_ptr(v), strides.data(), B,
-                                  H, T, D, dtype, as_stream(stream));
+                                  H, H_kv < 0 ? H : H_kv, T, D, dtype, as_stream(stream));
     }, py::kw_only(), py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("strides"),
-       py::arg("B"), py::arg("H"), py::arg("T"), py::arg("D"), py::arg("dtype"), py::arg("stream"));
+       py::arg("B"), py::arg("H"), py::arg("T"), py::arg("D"), py::arg("dtype"), py::arg("stream"),
+       py::arg("H_kv") = -1);
     m.def("attention_backward", [](ptr_t dq, ptr_t dk, ptr_t dv, ptr_t delta, ptr_t dout, ptr_t out, ptr_t lse,
                                    ptr_t q, ptr_t k, ptr_t v, const std::vector<long long>& strides, int B, int H,
-                                   int T, int D, int dtype, ptr_t stream) {
+                                   int T, int D, int dtype, ptr_t stream, int H_kv) {
         if (strides.size() != 24) throw std::invalid_argument("pyllmc: attention_backward: strides must hold 24 values");
         pyllmc::attention_backward(as_ptr(dq), as_ptr(dk), as_ptr(dv), as_ptr<float>(delta), as_ptr(dout),
                                    as_ptr(out), as_ptr<const float>(lse), as_ptr(q), as_ptr(k), as_ptr(v),
-                                   strides.data(), B, H, T, D, dtype, as_stream(stream));
+                                   strides.data(), B, H, H_kv < 0 ? H : H_kv, T, D, dtype, as_stream(stream));
     }, py::kw_only(), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("dout"), py::arg("out"),
        py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("strides"), py::arg("B"), py::arg("H"),
-       py::arg("T"), py::arg("D"), py::arg("dtype"), py::arg("stream"));
+       py::arg("T"), py::arg("D"), py::arg("dtype"), py::arg("stream"), py::arg("H_kv") = -1);
 
     // ---- layernorm
     m.def("layernorm_forward", [](ptr_t out, ptr_t mean, ptr_t rstd, ptr_t inp, ptr_t weight, ptr_t bias,
@@ -291,38 +331,48 @@ PYBIND11_MODULE(PYLLMC_EXTENSION_NAME, m) {
     // ---- cross_entropy
     m.def("cross_entropy_forward", [](ptr_t loss, ptr_t stats, ptr_t n_valid, ptr_t row_losses, ptr_t logits,
                                       ptr_t targets, long long N, long long V, long long row_stride,
-                                      long long ignore_index, int dtype, ptr_t stream) {
+                                      long long ignore_index, int dtype, ptr_t stream, int reduction,
+                                      float label_smoothing, float lse_square_scale, float softcap) {
         pyllmc::cross_entropy_forward(as_ptr<float>(loss), as_ptr<float>(stats), as_ptr<float>(n_valid),
                                       as_ptr<float>(row_losses), as_ptr(logits), as_ptr<const long long>(targets), N,
-                                      V, row_stride, ignore_index, dtype, as_stream(stream));
+                                      V, row_stride, ignore_index, dtype, as_stream(stream), reduction,
+                                      label_smoothing, lse_square_scale, softcap);
     }, py::kw_only(), py::arg("loss"), py::arg("stats"), py::arg("n_valid"), py::arg("row_losses"), py::arg("logits"),
        py::arg("targets"), py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("ignore_index"), py::arg("dtype"),
-       py::arg("stream"));
+       py::arg("stream"), py::arg("reduction") = 0, py::arg("label_smoothing") = 0.0f,
+       py::arg("lse_square_scale") = 0.0f, py::arg("softcap") = 0.0f);
     m.def("cross_entropy_backward", [](ptr_t dlogits, ptr_t logits, ptr_t targets, ptr_t stats, ptr_t n_valid,
                                        ptr_t dloss, long long N, long long V, long long row_stride,
-                                       long long ignore_index, int dtype, ptr_t stream) {
+                                       long long ignore_index, int dtype, ptr_t stream, int reduction,
+                                       float label_smoothing, float lse_square_scale, float softcap) {
         pyllmc::cross_entropy_backward(as_ptr(dlogits), as_ptr(logits), as_ptr<const long long>(targets),
                                        as_ptr<const float>(stats), as_ptr<const float>(n_valid),
                                        as_ptr<const float>(dloss), N, V, row_stride, ignore_index, dtype,
-                                       as_stream(stream));
+                                       as_stream(stream), reduction, label_smoothing, lse_square_scale, softcap);
     }, py::kw_only(), py::arg("dlogits"), py::arg("logits"), py::arg("targets"), py::arg("stats"), py::arg("n_valid"),
        py::arg("dloss"), py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("ignore_index"), py::arg("dtype"),
-       py::arg("stream"));
+       py::arg("stream"), py::arg("reduction") = 0, py::arg("label_smoothing") = 0.0f,
+       py::arg("lse_square_scale") = 0.0f, py::arg("softcap") = 0.0f);
     m.def("cross_entropy_fused_forward_backward", [](ptr_t loss, ptr_t n_valid, ptr_t row_losses, ptr_t logits,
                                                      ptr_t targets, long long N, long long V, long long row_stride,
                                                      long long pad_end, long long ignore_index, float loss_scale,
-                                                     int dtype, ptr_t stream) {
+                                                     int dtype, ptr_t stream, int reduction, float label_smoothing,
+                                                     float lse_square_scale, float softcap, ptr_t stats) {
         pyllmc::cross_entropy_fused_forward_backward(as_ptr<float>(loss), as_ptr<float>(n_valid),
                                                      as_ptr<float>(row_losses), as_ptr(logits),
                                                      as_ptr<const long long>(targets), N, V, row_stride, pad_end,
-                                                     ignore_index, loss_scale, dtype, as_stream(stream));
+                                                     ignore_index, loss_scale, dtype, as_stream(stream), reduction,
+                                                     label_smoothing, lse_square_scale, softcap,
+                                                     as_ptr<float>(stats));
     }, py::kw_only(), py::arg("loss"), py::arg("n_valid"), py::arg("row_losses"), py::arg("logits"), py::arg("targets"),
        py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("pad_end"), py::arg("ignore_index"),
-       py::arg("loss_scale"), py::arg("dtype"), py::arg("stream"));
+       py::arg("loss_scale"), py::arg("dtype"), py::arg("stream"), py::arg("reduction") = 0,
+       py::arg("label_smoothing") = 0.0f, py::arg("lse_square_scale") = 0.0f, py::arg("softcap") = 0.0f,
+       py::arg("stats") = 0);
     m.def("cross_entropy_scale_grad", [](ptr_t dlogits, ptr_t dloss, long long N, long long V, long long row_stride,
-                                         int dtype, ptr_t stream) {
+                                         int dtype, ptr_t stream, bool per_row) {
         pyllmc::cross_entropy_scale_grad(as_ptr(dlogits), as_ptr<const float>(dloss), N, V, row_stride, dtype,
-                                         as_stream(stream));
+                                         as_stream(stream), per_row);
     }, py::kw_only(), py::arg("dlogits"), py::arg("dloss"), py::arg("N"), py::arg("V"), py::arg("row_stride"),
-       py::arg("dtype"), py::arg("stream"));
+       py::arg("dtype"), py::arg("stream"), py::arg("per_row") = false);
 }

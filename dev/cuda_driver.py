@@ -75,6 +75,12 @@ def all_cases() -> list[Case]:
                               partial(testing.swiglu_case, shape, layout=layout)))
         for n in (1, 37, 1029):
             cases.append(Case(f"relu2 n={n} {tag}", dtype, partial(testing.relu2_case, (n,))))
+        # rope (B, T, H, D): half = 3 (a pair per slot), 32 (vectors; the k heads of a packed qkv read in
+        # place, positions from start = 5) and 64 (Llama 2 7B's head dim)
+        for shape, layout, start in (((2, 37, 3, 6), "contiguous", 0), ((2, 9, 3, 64), "packed", 5),
+                                     ((1, 5, 2, 128), "contiguous", 0)):
+            cases.append(Case(f"rope {layout} {'x'.join(map(str, shape))} start={start} {tag}", dtype,
+                              partial(testing.rope_case, shape, layout=layout, start=start)))
         # C = 1 and 37: scalar chunks; 768: GPT-2 124M (vector chunks, row kept in registers); 1600:
         # GPT-2 XL (the backward reads the row twice); 8200: past the register kernels
         for rows, C in ((3, 1), (5, 37), (7, 768), (3, 1600), (2, 8200)):
@@ -105,6 +111,10 @@ def all_cases() -> list[Case]:
         for B, H, T, D in shapes:
             cases.append(Case(f"attention B={B} H={H} T={T} D={D} {tag}", dtype,
                               partial(testing.attention_case, (B, H, T, D))))
+        # grouped-query attention: 4 query heads on 2 kv heads (the dK/dV kernel's prefetch crosses query heads)
+        B, H, H_kv, T, D = (1, 4, 2, 70, 64) if dtype != torch.float32 else (1, 4, 2, 37, 64)
+        cases.append(Case(f"attention GQA B={B} H={H} H_kv={H_kv} T={T} D={D} {tag}", dtype,
+                          partial(testing.attention_case, (B, H, T, D), num_kv_heads=H_kv)))
         for stochastic in ((False, True) if dtype == torch.bfloat16 else (False,)):
             cases.append(Case(f"adamw{' stochastic' if stochastic else ''} {tag}", dtype,
                               partial(testing.adamw_case, ADAMW_SHAPES, decayed=ADAMW_DECAYED,

@@ -4,12 +4,12 @@
 
 What runs. Every op (gelu, layernorm, fused_residual_layernorm, cross_entropy plain and fused
 (inplace_backward=True), attention, AdamW, rmsnorm, fused_residual_rmsnorm, swiglu (two tensors, the
-views of one packed tensor, swiglu_packed), relu2) x backend {cuda, triton} x dtype {float32,
+views of one packed tensor, swiglu_packed), relu2, rope) x backend {cuda, triton} x dtype {float32,
 bfloat16}, forward and every gradient (AdamW: parameters and every state tensor after two
 steps), at GPT-2 124M's shapes (B*T = 8192, C = 768, 4C = 3072, V = 50257 viewed in 50304,
 B = 8, H = 12, T = 1024, D = 64; AdamW over the model's 148 tensors) and at odd ones (T = 1,
 37, 1023; C = 1, 37, 1600; V = 1 and 50257 unpadded); plus determinism where the design
-promises it (layernorm, rmsnorm and attention backward, cross_entropy, AdamW): two identical calls
+promises it (layernorm, rmsnorm and attention backward, cross_entropy, AdamW, rope): two identical calls
 must give the same bits. Without a GPU (dev/gpu_check.sh --dry-run) the same cases run at
 small shapes on CPU tensors: triton under its interpreter, cuda on the CPU simulator
 (PYLLMC_CUDA_SIM=1) when it builds here.
@@ -17,7 +17,7 @@ small shapes on CPU tensors: triton under its interpreter, cuda on the CPU simul
 Cases and criteria: pyllmc.testing's, the test suite's own (its inputs, references, table of
 tolerances and comparisons). The truth is the torch backend's math in float64; "PyTorch's own
 error" is the same math run in the kernel's dtype (AdamW: the torch backend in the same dtype).
-  elementwise (gelu, swiglu, relu2, the residual sum h, AdamW's tensors): |kernel - truth| <= atol + rtol |truth|
+  elementwise (gelu, swiglu, relu2, rope, the residual sum h, AdamW's tensors): |kernel - truth| <= atol + rtol |truth|
   flash-attention's (layernorm, rmsnorm, cross_entropy, attention): max |kernel - truth|
       <= 2 x max |torch in the same dtype - truth| + eps; cross-entropy gradients are
       compared after dividing by their largest reference entry (at V = 50257 they are ~1e-5,
@@ -37,7 +37,7 @@ and the next one runs; a case that kills its process (a fault, a hang past --cas
 is recorded as crash / timeout and the process restarts at the next case, so one broken
 kernel cannot hide the others. --time-limit bounds the whole run.
 
-Cost on an H200 (the GPU check gives this stage 90 s): 234 cases; the heaviest are the
+Cost on an H200 (the GPU check gives this stage 90 s): 258 cases; the heaviest are the
 cross-entropy references at (8192, 50257) (float64 logits: 3.3 GB, a few passes over them)
 and attention at (8, 12, 1024, 64) (float64 plain math: 6 matmuls of 13 GFLOP, 0.8 GB of
 scores); everything else is milliseconds of GPU time. The wall time is process start-up
@@ -66,7 +66,7 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 
 OPS = ("gelu", "layernorm", "fused_residual_layernorm", "cross_entropy", "cross_entropy_fused", "attention",
-       "adamw", "rmsnorm", "fused_residual_rmsnorm", "swiglu", "relu2")
+       "adamw", "rmsnorm", "fused_residual_rmsnorm", "swiglu", "relu2", "rope")
 BACKENDS = ("cuda", "triton")
 # Statuses that pass; "skip" passes only on the CPU (a GPU run must run everything).
 PASSING = ("pass",)
@@ -143,6 +143,15 @@ def _takes_num_classes() -> bool:
     from pyllmc import ops
 
     return "num_classes" in inspect.signature(ops.cross_entropy).parameters
+
+
+def _takes_options() -> bool:
+    """Whether ops.cross_entropy takes Liger-Kernel's options (reduction, label_smoothing, z-loss, softcap)."""
+    import inspect
+
+    from pyllmc import ops
+
+    return "softcap" in inspect.signature(ops.cross_entropy).parameters
 
 
 def _attention_check(ctx, D):
@@ -232,6 +241,11 @@ def build_cases(op: str, backend: str, small: bool) -> list[Case]:
         (N, V, Vp), g = shapes[0]
         if _takes_num_classes():  # and the whole padded buffer with num_classes=V, as the model calls it
             numeric.insert(1, (label(N, V, Vp, g) + " num_classes", numerics(make(N, V, Vp, whole=True))))
+        if _takes_options():  # Liger's options all at once (per-row losses, smoothing, z-loss, soft-cap)
+            oN, oV, oVp = (5, 37, 40) if small else (512, 50257, 50304)
+            numeric.append((label(oN, oV, oVp, False) + " options", numerics(partial(
+                testing.cross_entropy_case, (oN, oV), padded_vocab=oVp, inplace_backward=fused, logit_scale=4.0,
+                reduction="none", label_smoothing=0.1, lse_square_scale=1e-4, softcap=15.0))))
         deterministic = [(label(N, V, Vp, g), "float32" if small else "bfloat16", determinism(make(N, V, Vp)))]
     elif op in ("swiglu", "relu2"):
         # (B*T, 4C): GPT-2's MLP width (swiglu: the output's shape; its packed input is (B*T, 8C))
@@ -242,6 +256,20 @@ def build_cases(op: str, backend: str, small: bool) -> list[Case]:
         else:
             numeric = [(f"{_shape_label(s, g)} {layout}", numerics(partial(testing.swiglu_case, s, layout=layout)))
                        for s, g in shapes for layout in ("two", "views", "packed")]
+    elif op == "rope":
+        # (B, T, H, D, layout, start): Llama 2 110M's q or k (B = 8, T = 1024, H = 12, D = 64) as heads of a
+        # packed qkv buffer read in place; a decoding step (T = 1 at position 1023); Llama 2 7B's head dim;
+        # odd sizes (a pair per slot)
+        shapes = [((2, 37, 3, 64), "packed", 0), ((1, 1, 2, 6), "contiguous", 36)] if small else \
+            [((8, 1024, 12, 64), "packed", 0), ((8, 1, 12, 64), "packed", 1023), ((2, 37, 32, 128), "contiguous", 5),
+             ((3, 37, 3, 6), "contiguous", 0)]
+
+        def label(s, layout, start):
+            return f"{_shape_label(s)} {layout} start={start}" + (" (Llama 2 110M)" if s[1:] == (1024, 12, 64) else "")
+        numeric = [(label(*c), numerics(partial(testing.rope_case, c[0], layout=c[1], start=c[2]))) for c in shapes]
+        det = shapes[0]
+        deterministic = [(label(*det), "float32" if small else "bfloat16",
+                          determinism(partial(testing.rope_case, det[0], layout=det[1], start=det[2])))]
     elif op == "attention":
         shapes = [((1, 2, 37, 64), False), ((1, 1, 1, 64), False)] if small else \
             [((8, 12, 1024, 64), True), ((1, 12, 1, 64), False), ((2, 12, 37, 64), False), ((1, 12, 1023, 64), False)]
@@ -250,6 +278,13 @@ def build_cases(op: str, backend: str, small: bool) -> list[Case]:
         det, _ = shapes[0]
         deterministic = [(_shape_label(*shapes[0]), "float32" if small else "bfloat16",
                           determinism(partial(testing.attention_case, det), partial(_attention_check, D=det[3])))]
+        # grouped-query attention: k, v with H_kv heads (dK, dV summed over each group's query heads)
+        gqa, kv_heads = ((1, 4, 37, 64), 2) if small else ((4, 12, 1024, 64), 4)
+        gqa_make = partial(testing.attention_case, gqa, num_kv_heads=kv_heads)
+        numeric.append((f"{_shape_label(gqa)} GQA H_kv={kv_heads}",
+                        numerics(gqa_make, partial(_attention_check, D=gqa[3]))))
+        deterministic.append((f"{_shape_label(gqa)} GQA H_kv={kv_heads}", "float32" if small else "bfloat16",
+                              determinism(gqa_make, partial(_attention_check, D=gqa[3]))))
     elif op == "adamw":
         if small:
             def shapes_fn():

@@ -85,6 +85,10 @@ def cases():
             Case(f"swiglu packed rows=16 H=3072 {tag}", dtype,
                  partial(testing.swiglu_case, (16, 3072), layout="packed")),
             Case(f"relu2 n=16x3072 {tag}", dtype, partial(testing.relu2_case, (16 * 3072,))),
+            # rope on Llama 2 110M's q or k (H = 12, D = 64) as heads of a packed qkv buffer (position stride
+            # 3 H D), read in place, 16 positions; the cos / sin rows are shared by the heads
+            Case(f"rope packed B=1 T=16 H=12 D=64 {tag}", dtype,
+                 partial(testing.rope_case, (1, 16, 12, 64), layout="packed")),
             Case(f"layernorm rows=16 C=768 {tag}", dtype, partial(testing.layernorm_case, (16, 768))),
             Case(f"fused_residual_layernorm rows=16 C=768 {tag}", dtype,
                  partial(testing.layernorm_case, (16, 768), fused=True)),

@@ -79,7 +79,7 @@ def record_launches(dtypes=DTYPES, arch: int = 90) -> list[dict]:
     from triton.compiler.compiler import make_backend
     from triton.runtime import jit
 
-    from pyllmc.kernels import _common, adamw, attention, cross_entropy, gelu, layernorm, rmsnorm, swiglu
+    from pyllmc.kernels import _common, adamw, attention, cross_entropy, gelu, layernorm, rmsnorm, rope, swiglu
     from pyllmc.ops.attention import heads_of, split_heads
 
     if not isinstance(cross_entropy.cross_entropy_forward_kernel, jit.JITFunction):
@@ -111,6 +111,7 @@ def record_launches(dtypes=DTYPES, arch: int = 90) -> list[dict]:
             seen[key] = dict(shared_estimate=estimate,
                 module=self.fn.__module__, kernel=self.fn.__name__, fn=self, signature=signature,
                 constexprs=constexprs, attrs=attrs, options=options.__dict__, dtype=context["dtype"],
+                gqa=context.get("gqa", False),
                 grid=[int(g) for g in (grid if isinstance(grid, tuple) else grid(bound_args))],
                 divisible=divisible, fp_fusion_explicit="enable_fp_fusion" in kwargs,
                 constexpr_args={self.arg_names[p[0]]: _plain(v) for p, v in constexprs.items()},
@@ -162,6 +163,13 @@ def record_launches(dtypes=DTYPES, arch: int = 90) -> list[dict]:
             _, rstd = rmsnorm.rmsnorm_forward(q, None, 1e-6)
             rmsnorm.rmsnorm_backward(meta(N * H, C // H), q, None, rstd)
 
+            # RoPE on q of a Llama-style packed qkv viewed as (B, T, 3H, D) heads (read in place, position
+            # stride 3 H D), written to a fresh (B, T, H, D); the backward from a contiguous gradient
+            D = C // H
+            cos, sin = meta(T, D // 2, dt=torch.float32), meta(T, D // 2, dt=torch.float32)
+            rope.rope_forward(meta(B, T, 3 * H, D)[:, :, :H], cos, sin, meta(B, T, H, D))
+            rope.rope_backward(meta(B, T, H, D), cos, sin, meta(B, T, H, D))
+
             logits = meta(N, Vp)[:, :V]  # (N, V) view of the padded (N, Vp) logits
             targets = meta(N, dt=torch.int64)
             dloss = meta(dt=torch.float32)
@@ -175,6 +183,15 @@ def record_launches(dtypes=DTYPES, arch: int = 90) -> list[dict]:
             q, k, v = split_heads(qkv, H)
             out, lse = attention.attention_forward(q, k, v, out=heads_of(y, H))
             attention.attention_backward(heads_of(dy, H), q, k, v, out, lse, *split_heads(dqkv, H))
+            # grouped-query attention, H query heads on H / 3 kv heads: GROUP = 3 is a runtime loop count
+            # where GPT-2's GROUP = 1 is specialized away (its own binaries; the main archs only, see report())
+            H_kv = H // 3
+            qkv, dqkv = (meta(B, T, (H + 2 * H_kv) * (C // H)) for _ in range(2))  # (B, T, (H + 2 H_kv) D)
+            context["gqa"] = True
+            q, k, v = split_heads(qkv, H, H_kv)
+            out, lse = attention.attention_forward(q, k, v, out=heads_of(y, H))
+            attention.attention_backward(heads_of(dy, H), q, k, v, out, lse, *split_heads(dqkv, H, H_kv))
+            context["gqa"] = False
 
             sizes = _gpt2_parameter_sizes()
             chunk = adamw.block_size(torch.device("meta"))
@@ -306,8 +323,9 @@ def report(dtypes=DTYPES, archs=(90,), attention_archs=()) -> dict:
                      "only_attention": only_attention}
             try:
                 launches = record_launches(dtypes, arch)
-                if only_attention:
-                    launches = [launch for launch in launches if launch["kernel"] in ATTENTION_KERNELS]
+                if only_attention:  # GPT-2's attention launches (the GQA ones: the main archs only)
+                    launches = [launch for launch in launches
+                                if launch["kernel"] in ATTENTION_KERNELS and not launch["gqa"]]
                 entry["launches"] = [compile_launch(launch, arch) for launch in launches]
             except Exception as error:  # noqa: BLE001: only "this Triton cannot build for it" is tolerated
                 if "support" not in str(error).lower():

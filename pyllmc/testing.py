@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from pyllmc import ops
 from pyllmc.ops.attention import attention_reference
+from pyllmc.ops.rope import rope_reference
 from pyllmc.optim import AdamW
 
 # dtype -> (rtol, atol) for elementwise results
@@ -365,6 +366,27 @@ class Relu2Case(OpCase):
         return F.relu(x).square()
 
 
+class RopeCase(OpCase):
+    """ops.rope (rotary position embedding, "rotate halves"): inputs x (B, T, H, D) and the float32
+    tables cos, sin (T_max, D/2), positions start..start+T-1; results y, dx, both elementwise: each
+    output element is x1 c -/+ x2 s in float32, then one rounding. In float32 the kernels' error is
+    at most ~ulp(|x| max) / 2 + ulp(|y|) / 2 absolute (with or without an FMA), under atol for |x| < 8."""
+    op = "rope"
+    outputs = ("y",)
+    differentiable = ("x",)
+    elementwise = frozenset({"y", "dx"})
+
+    def __init__(self, inputs: dict, grad_outputs: dict, start: int = 0):
+        super().__init__(inputs, grad_outputs)
+        self.start = start
+
+    def call(self, backend, x, cos, sin):
+        return ops.rope(x, cos, sin, start=self.start, backend=backend)
+
+    def math(self, x, cos, sin):
+        return rope_reference(x, cos, sin, self.start)
+
+
 class LayerNormCase(OpCase):
     """ops.layernorm: inputs x, weight, bias; results y, dx, dweight, dbias. With a residual input,
     ops.fused_residual_layernorm: h = residual + x (judged elementwise: one rounding) and y = LN(h),
@@ -417,8 +439,9 @@ class RMSNormCase(OpCase):
         return h, F.rms_norm(h, (h.shape[-1],), weight, self.eps)
 
 class AttentionCase(OpCase):
-    """ops.attention (causal): inputs q, k, v (B, H, T, D); results out, dq, dk, dv, by the flash
-    criterion against plain-math attention (pyllmc.ops.attention.attention_reference)."""
+    """ops.attention (causal): inputs q (B, H, T, D), k, v (B, H_kv, T, D) (H_kv dividing H: grouped-query
+    attention; H_kv = H: multi-head); results out, dq, dk, dv, by the flash criterion against plain-math
+    attention (pyllmc.ops.attention.attention_reference, which repeats K/V per query head)."""
     op = "attention"
     outputs = ("out",)
     differentiable = ("q", "k", "v")
@@ -443,6 +466,11 @@ class CrossEntropyCase(OpCase):
     The criteria are flash-attention's, with one allowance for the loss's own rounding (below), and the
     references are computed a block of rows at a time: at GPT-2's size a float64 reference of the whole
     (8192, 50257) would need ~10 GB. Rows are independent and share only the 1 / n_valid factor.
+
+    Options (ops.cross_entropy's): reduction ("none": loss and dloss are (N,)), label_smoothing (the
+    reference is F.cross_entropy's own), lse_square_scale and softcap (PyTorch has none: the reference
+    adds zs * logsumexp^2 to F.cross_entropy's per-row loss and caps the logits with torch.tanh, by
+    autograd, in float64 for the truth).
     """
     op = "cross_entropy"
     outputs = ("loss",)
@@ -450,14 +478,17 @@ class CrossEntropyCase(OpCase):
 
     def __init__(self, logits: torch.Tensor, targets: torch.Tensor, dloss: Optional[torch.Tensor] = None, *,
                  ignore_index: int = -1, storage: Optional[torch.Tensor] = None, inplace_backward: bool = False,
-                 whole_buffer: bool = False):
+                 whole_buffer: bool = False, reduction: str = "mean", label_smoothing: float = 0.0,
+                 lse_square_scale: float = 0.0, softcap: Optional[float] = None):
         if dloss is None:
-            dloss = torch.ones((), device=logits.device)
+            dloss = torch.ones(logits.shape[:1] if reduction == "none" else (), device=logits.device)
         super().__init__({"logits": logits, "targets": targets}, {"loss": dloss})
         self.ignore_index = ignore_index
         self.storage = logits if storage is None else storage
         self.inplace_backward = inplace_backward
         self.whole_buffer = whole_buffer
+        self.options = dict(reduction=reduction, label_smoothing=label_smoothing,
+                            lse_square_scale=lse_square_scale, softcap=softcap)
 
     @property
     def dloss(self) -> torch.Tensor:
@@ -472,10 +503,10 @@ class CrossEntropyCase(OpCase):
         buffer = weight * 1.0  # an intermediate (the fused path refuses leaves); exact
         if self.whole_buffer:
             loss = ops.cross_entropy(buffer, self.inputs["targets"], self.ignore_index, num_classes=V,
-                                     inplace_backward=self.inplace_backward, backend=backend)
+                                     inplace_backward=self.inplace_backward, backend=backend, **self.options)
         else:
             loss = ops.cross_entropy(buffer[:, :V], self.inputs["targets"], self.ignore_index,
-                                     inplace_backward=self.inplace_backward, backend=backend)
+                                     inplace_backward=self.inplace_backward, backend=backend, **self.options)
         loss.backward(self.dloss.to(weight.device))
         results = {"loss": loss.detach(), "dlogits": weight.grad[:, :V]}
         if weight.shape[1] > V:
@@ -488,10 +519,26 @@ class CrossEntropyCase(OpCase):
         when all are), computed in dtype on the logits' device."""
         rows = rows or slice(None)
         x = self.inputs["logits"][rows].detach().to(dtype).requires_grad_(True)
-        loss = F.cross_entropy(x, self.inputs["targets"][rows].long(), ignore_index=self.ignore_index,
-                               reduction="sum") / self._n_valid()
-        loss.backward(self.dloss.to(device=x.device, dtype=dtype))
+        loss = self._loss_math(x, self.inputs["targets"][rows])
+        dloss = self.dloss[rows] if self.dloss.dim() else self.dloss
+        loss.backward(dloss.to(device=x.device, dtype=dtype))
         return {"loss": loss.detach(), "dlogits": x.grad}
+
+    def _loss_math(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of rows x (n, V) in x's dtype: F.cross_entropy (with label smoothing), the cap and the
+        z-loss in plain PyTorch; reduced as the options say (a part of the whole's mean for a block)."""
+        o = self.options
+        t = targets.long()
+        z = x if o["softcap"] is None else o["softcap"] * torch.tanh(x / o["softcap"])
+        rows = F.cross_entropy(z, t, ignore_index=self.ignore_index, reduction="none",
+                               label_smoothing=o["label_smoothing"])  # (n,), 0 for ignored rows
+        if o["lse_square_scale"]:
+            lse = torch.logsumexp(z, dim=1)
+            rows = rows + torch.where(t != self.ignore_index, o["lse_square_scale"] * lse * lse, 0.0)
+        if o["reduction"] == "none":
+            return rows
+        total = rows.sum()
+        return total / self._n_valid() if o["reduction"] == "mean" else total
 
     def _blocks(self) -> list:
         N, V = self.inputs["logits"].shape
@@ -504,13 +551,15 @@ class CrossEntropyCase(OpCase):
             raise KeyError(f"cross_entropy has no results {sorted(unknown)}")
         blocks = self._blocks()
         keep = len(blocks) == 1  # one block: its float64 reference serves both passes
-        truth_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        losses = []
         scale, kept = 0.0, None
         for rows in blocks:  # pass 1: the float64 loss and the gradient's largest entry
             ref = self.reference(torch.float64, rows)
-            truth_loss += ref["loss"]
+            losses.append(ref["loss"])
             scale = max(scale, float(ref["dlogits"].abs().max()) if ref["dlogits"].numel() else 0.0)
             kept = ref if keep else None
+        truth_loss = torch.cat(losses) if self.options["reduction"] == "none" else \
+            torch.stack(losses).sum() if losses else torch.zeros((), dtype=torch.float64, device=self.device)
         out = []
         for name, got in results.items():
             if name == "loss":
@@ -526,14 +575,13 @@ class CrossEntropyCase(OpCase):
         whose rounding alone is half an ulp of its size: at a confident wrong loss of ~1e4 that is
         5e-4, far above FLASH_EPS. PyTorch's fp32 result can land on the correctly rounded value by
         luck, so "2 x torch's error" does not cover it."""
-        if loss.dtype != torch.float32 or loss.dim() != 0:
+        if loss.dtype != torch.float32 or tuple(loss.shape) != tuple(truth.shape):
             return Comparison("loss", "shape", False, math.inf, math.inf, math.inf,
-                              f"got {tuple(loss.shape)} {loss.dtype}, want a float32 scalar")
+                              f"got {tuple(loss.shape)} {loss.dtype}, want float32 {tuple(truth.shape)}")
         with torch.no_grad():  # PyTorch's own loss in the logits' dtype, whole
-            same = F.cross_entropy(self.inputs["logits"].detach(), self.inputs["targets"].long(),
-                                   ignore_index=self.ignore_index, reduction="sum") / self._n_valid()
+            same = self._loss_math(self.inputs["logits"].detach(), self.inputs["targets"])
         flash = compare_flash(loss, truth, same, "loss")
-        ulps = 4 * _FP32_EPS * abs(float(truth))
+        ulps = 4 * _FP32_EPS * float(truth.abs().max()) if truth.numel() else 0.0
         if flash.ok or not math.isfinite(flash.max_abs_err) or flash.max_abs_err > ulps:
             return flash
         return Comparison("loss", "flash", True, flash.max_abs_err, flash.max_rel_err,
@@ -581,6 +629,40 @@ class CrossEntropyCase(OpCase):
         return Comparison("dlogits", "flash", ok, err * s, err, err / bound if finite else math.inf,
                           f"divided by {scale:.3g}; bound 2 x torch's {torch_err:.2e} + {eps:g}"
                           + ("" if finite else "; non-finite values"))
+
+
+class LinearCrossEntropyCase(OpCase):
+    """ops.linear_cross_entropy: inputs hidden (N, C), weight (W, C), targets (N,) and, when given,
+    bias (W,); results loss (float32, 0-dim), dhidden, dweight (, dbias), all by the flash criterion
+    against F.linear + F.cross_entropy (pyllmc's convention: mean over the rows not ignored, 0 when all
+    are; the first num_classes columns are classes, the rest padding)."""
+    op = "linear_cross_entropy"
+    outputs = ("loss",)
+
+    def __init__(self, inputs: dict, grad_outputs: dict, *, num_classes: int, loss_scale: float = 1.0,
+                 chunk_rows: Optional[int] = None, ignore_index: int = -1):
+        super().__init__(inputs, grad_outputs)
+        self.num_classes, self.loss_scale, self.chunk_rows = num_classes, loss_scale, chunk_rows
+        self.ignore_index = ignore_index
+        self.differentiable = tuple(name for name in ("hidden", "weight", "bias") if name in inputs)
+
+    def call(self, backend, hidden, weight, targets, bias=None):
+        return ops.linear_cross_entropy(hidden, weight, targets, self.ignore_index, bias=bias,
+                                        num_classes=self.num_classes, loss_scale=self.loss_scale,
+                                        chunk_rows=self.chunk_rows, backend=backend)
+
+    def math(self, hidden, weight, targets, bias=None):
+        logits = F.linear(hidden, weight, bias)[..., :self.num_classes]
+        t = targets.reshape(-1)
+        total = F.cross_entropy(logits.reshape(t.numel(), -1), t, ignore_index=self.ignore_index, reduction="sum")
+        return total * self.loss_scale / (t != self.ignore_index).sum().clamp(min=1)
+
+    def compare(self, results: dict) -> list:
+        truth = self.reference()
+        same = self.reference(self.dtype)
+        return [compare_flash(got, truth[name], same[name], name,
+                              dtype=torch.float32 if name == "loss" else self.dtype)
+                for name, got in results.items()]
 
 
 class AdamWCase:
@@ -671,6 +753,22 @@ def relu2_case(shape, dtype: torch.dtype, device="cpu", *, generator: Optional[t
     return Relu2Case({"x": _randn(shape, dtype, device, generator)}, {"y": _randn(shape, dtype, device, generator)})
 
 
+def rope_case(shape, dtype: torch.dtype, device="cpu", *, layout: str = "contiguous", start: int = 0,
+              extra_rows: int = 3, theta: float = 10000.0, generator: Optional[torch.Generator] = None) -> RopeCase:
+    """x = N(0, 1) of shape (B, T, H, D), dy = N(0, 1); cos, sin = rope_tables(start + T + extra_rows, D,
+    theta) (more rows than used). layout: "contiguous" (x its own tensor) or "packed" (x is the k
+    heads [H:2H] of a (B, T, 3H, D) qkv buffer: position stride 3 H D, read in place)."""
+    B, T, H, D = shape
+    if layout == "packed":
+        x = _randn((B, T, 3 * H, D), dtype, device, generator)[:, :, H:2 * H]
+    elif layout == "contiguous":
+        x = _randn(shape, dtype, device, generator)
+    else:
+        raise ValueError(f"layout must be 'contiguous' or 'packed'; got {layout!r}")
+    cos, sin = ops.rope_tables(start + T + extra_rows, D, theta, device=device)
+    return RopeCase({"x": x, "cos": cos, "sin": sin}, {"y": _randn(shape, dtype, device, generator)}, start)
+
+
 def layernorm_case(shape, dtype: torch.dtype, device="cpu", *, fused: bool = False, eps: float = 1e-5,
                    generator: Optional[torch.Generator] = None) -> LayerNormCase:
     """x = 2 N(0, 1) + 0.5 (..., C), weight = 1 + 0.5 N(0, 1) (C,), bias = 0.5 N(0, 1) (C,), dy = N(0, 1);
@@ -700,27 +798,51 @@ def rmsnorm_case(shape, dtype: torch.dtype, device="cpu", *, fused: bool = False
         grad_outputs["h"] = _randn(shape, dtype, device, generator)
     return RMSNormCase(inputs, grad_outputs, eps)
 
-def attention_case(shape, dtype: torch.dtype, device="cpu", *,
+def attention_case(shape, dtype: torch.dtype, device="cpu", *, num_kv_heads: Optional[int] = None,
                    generator: Optional[torch.Generator] = None) -> AttentionCase:
-    """q, k, v and dout all N(0, 1), of shape (B, H, T, D)."""
-    q, k, v, dout = (_randn(shape, dtype, device, generator) for _ in range(4))
+    """q and dout of shape (B, H, T, D), k and v (B, H_kv, T, D), H_kv = num_kv_heads (default H), all N(0, 1)."""
+    B, H, T, D = shape
+    kv_shape = (B, H if num_kv_heads is None else num_kv_heads, T, D)
+    q, k, v, dout = (_randn(s, dtype, device, generator) for s in (shape, kv_shape, kv_shape, shape))
     return AttentionCase({"q": q, "k": k, "v": v}, {"out": dout})
+
+
+def linear_cross_entropy_case(N: int, C: int, W: int, dtype: torch.dtype, device="cpu", *,
+                              num_classes: Optional[int] = None, bias: bool = False, ignore_every: int = 7,
+                              loss_scale: float = 1.0, chunk_rows: Optional[int] = None,
+                              generator: Optional[torch.Generator] = None) -> LinearCrossEntropyCase:
+    """hidden = N(0, 1) (N, C), weight = N(0, 1) / sqrt(C) (W, C) (logits ~ N(0, 1)), bias N(0, 1) (W,)
+    when asked; random targets in [0, num_classes) with every ignore_every-th row ignored (-1);
+    dloss N(0, 1)."""
+    V = num_classes or W
+    inputs = {"hidden": _randn((N, C), dtype, device, generator),
+              "weight": _randn((W, C), dtype, device, generator, scale=C ** -0.5)}
+    targets = _randint(V, (N,), device, generator)
+    if ignore_every:
+        targets[::ignore_every] = -1
+    inputs["targets"] = targets
+    if bias:
+        inputs["bias"] = _randn((W,), dtype, device, generator)
+    return LinearCrossEntropyCase(inputs, {"loss": _randn((), torch.float32, device, generator)}, num_classes=V,
+                                  loss_scale=loss_scale, chunk_rows=chunk_rows)
 
 
 def cross_entropy_case(shape, dtype: torch.dtype, device="cpu", *, padded_vocab: Optional[int] = None,
                        inplace_backward: bool = False, whole_buffer: bool = False, ignore_every: int = 7,
                        dloss: Optional[float] = None, logit_scale: float = 2.0,
-                       generator: Optional[torch.Generator] = None) -> CrossEntropyCase:
+                       generator: Optional[torch.Generator] = None, **options) -> CrossEntropyCase:
     """logits (N, V) = logit_scale N(0, 1), the first V columns of an (N, padded_vocab) buffer; random
-    targets with every ignore_every-th row ignored (-1); dloss N(0, 1) unless given."""
+    targets with every ignore_every-th row ignored (-1); dloss N(0, 1) unless given ((N,) for
+    reduction "none"). options: ops.cross_entropy's reduction, label_smoothing, lse_square_scale, softcap."""
     N, V = shape
     storage = _randn((N, padded_vocab or V), dtype, device, generator, scale=logit_scale)
     targets = _randint(V, (N,), device, generator)
     targets[::ignore_every] = -1
-    upstream = (_randn((), torch.float32, device, generator) if dloss is None
-                else torch.tensor(float(dloss), device=device))
+    dloss_shape = (N,) if options.get("reduction") == "none" else ()
+    upstream = (_randn(dloss_shape, torch.float32, device, generator) if dloss is None
+                else torch.full(dloss_shape, float(dloss), device=device))
     return CrossEntropyCase(storage[:, :V], targets, upstream, storage=storage, inplace_backward=inplace_backward,
-                            whole_buffer=whole_buffer)
+                            whole_buffer=whole_buffer, **options)
 
 
 def adamw_case(shapes: Sequence[tuple], dtype: torch.dtype, device="cpu", *, decayed: Optional[Sequence[bool]] = None,

@@ -79,7 +79,9 @@ def test_every_kernel_benchmark_runs_on_cpu(monkeypatch):
 
     monkeypatch.setattr(common, "_quick", True)  # eager baselines: no torch.compile on the CPU
     sizes = {"gelu": {"ROWS": 7, "COLS": 37}, "swiglu": {"ROWS": 7, "COLS": 37},
+             "rope": {"B": 2, "T": 5, "H": 3, "D": 8},
              "cross_entropy": {"ROWS": 3, "VOCAB": 37, "PADDED_VOCAB": 40},
+             "linear_cross_entropy": {"ROWS": 9, "EMBD": 8, "VOCAB": 37, "PADDED_VOCAB": 40},
              "layernorm": {"ROWS": 5, "C": 37}, "rmsnorm": {"ROWS": 5, "C": 37, "HEADS": 3},
              "attention": {"B": 1, "T": 37, "C": 128}}
     kernels = [name for name in ("cuda", "triton") if pyllmc.available_backends()[name].available]

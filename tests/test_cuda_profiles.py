@@ -101,6 +101,20 @@ def test_attention_under_profile(profile, dtype, head_dim):
         assert all(launch["smem"] <= info["smem_per_block_optin"] for launch in cuda_sim.launches())
 
 
+@pytest.mark.parametrize("profile", ["sm_86", "sm_80"])
+def test_grouped_query_attention_under_profile(profile):
+    """GQA (4 query heads on 2 kv heads) at D = 128: the 99 KB GPU's 32-key dQ tiles and the 163 KB one's
+    64-key tiles both read the shared kv head; the dK/dV kernel sums each group across query tiles."""
+    sim()
+    B, H, H_kv, T, D = 1, 4, 2, 130, 128
+    with cuda_sim.device_profile(profile) as info:
+        q = torch.randn(B, H, T, D).to(torch.bfloat16).requires_grad_(True)
+        k, v = (torch.randn(B, H_kv, T, D).to(torch.bfloat16).requires_grad_(True) for _ in range(2))
+        cuda_sim.reset_stats()
+        check_against_reference("cuda", q, k, v, torch.randn(B, H, T, D).to(torch.bfloat16), f" (GQA, {profile})")
+        assert all(launch["smem"] <= info["smem_per_block_optin"] for launch in cuda_sim.launches())
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("profile", ["sm_86", "sm_80"])
 def test_layernorm_backward_under_profile(profile, dtype):
@@ -173,7 +187,8 @@ def test_every_launch_fits_every_gpu(name):
     sim()
     small = [c for c in cuda_driver.all_cases()
              if ("attention" in c.name and "T=1 " in c.name) or ("layernorm" in c.name and "C=1600" in c.name)
-             or ("rmsnorm" in c.name and "C=768" in c.name) or c.name.startswith("swiglu packed 5x64")]
+             or ("rmsnorm" in c.name and "C=768" in c.name) or c.name.startswith("swiglu packed 5x64")
+             or c.name.startswith("rope packed")]
     small += [cuda_driver.Case("attention B=1 H=1 T=1 D=128 bf16", torch.bfloat16,
                                partial(testing.attention_case, (1, 1, 1, 128)))]
     assert len(small) >= 8
@@ -212,7 +227,7 @@ def test_sm75_runs_float32_attention_and_every_other_op():
              and c.dtype != torch.float16 and ("attention" not in c.name or c.dtype == torch.float32)]
     assert {c.name.split()[0] for c in cases} == {"gelu", "layernorm", "fused_residual_layernorm", "cross_entropy",
                                                   "attention", "adamw", "rmsnorm", "fused_residual_rmsnorm",
-                                                  "swiglu", "relu2"}
+                                                  "swiglu", "relu2", "rope"}
     with cuda_sim.device_profile("sm_75"):
         for index, case in enumerate(cases):
             op_case = case.op_case(torch.device("cpu"), seed=index)

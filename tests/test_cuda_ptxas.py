@@ -23,6 +23,7 @@ from pyllmc._toolchain import find_cuda_home
 KERNELS = {
     "gelu.cu": ["gelu_forward_kernel", "gelu_backward_kernel"],
     "swiglu.cu": ["swiglu_forward_kernel", "swiglu_backward_kernel", "relu2_forward_kernel", "relu2_backward_kernel"],
+    "rope.cu": ["rope_forward_kernel", "rope_backward_kernel"],
     "layernorm.cu": ["layernorm_forward_kernel", "layernorm_backward_kernel", "layernorm_forward_generic_kernel",
                      "layernorm_backward_generic_kernel", "layernorm_reduce_partials_kernel"],
     "rmsnorm.cu": ["rmsnorm_forward_kernel", "rmsnorm_backward_kernel", "rmsnorm_forward_generic_kernel",
@@ -43,6 +44,8 @@ DTYPES = {
     "swiglu_backward_kernel": ("fp32", "bf16", "fp16"),
     "relu2_forward_kernel": ("fp32", "bf16", "fp16"),
     "relu2_backward_kernel": ("fp32", "bf16", "fp16"),
+    "rope_forward_kernel": ("fp32", "bf16", "fp16"),
+    "rope_backward_kernel": ("fp32", "bf16", "fp16"),
     "layernorm_forward_kernel": ("fp32", "bf16", "fp16"),
     "layernorm_backward_kernel": ("fp32", "bf16", "fp16"),
     "rmsnorm_forward_kernel": ("fp32", "bf16", "fp16"),

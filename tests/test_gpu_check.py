@@ -66,7 +66,8 @@ def test_dry_run(tmp_path):
     assert plan["kind"] == "plan" and plan["cases"] == len(cases)
     ops = {r["op"] for r in cases}
     assert ops == {"gelu", "layernorm", "fused_residual_layernorm", "cross_entropy", "cross_entropy_fused",
-                   "attention", "adamw", "rmsnorm", "fused_residual_rmsnorm", "swiglu", "relu2"}
+                   "attention", "adamw", "rmsnorm", "fused_residual_rmsnorm", "swiglu", "relu2",
+                   "rope"}
     ran = {(r["backend"], r["dtype"]) for r in cases if r["status"] == "pass"}
     assert ("triton", "float32") in ran and ("triton", "bfloat16") in ran
     if plan["backends"]["cuda"] == "simulated on the CPU":  # the cuda backend's code path ran too

@@ -158,7 +158,7 @@ def launch_spy(monkeypatch):
             inside.pop()
 
     # the modules, not the ops
-    for name in ("_common", "attention", "cross_entropy", "gelu", "layernorm", "rmsnorm", "swiglu"):
+    for name in ("_common", "attention", "cross_entropy", "gelu", "layernorm", "rmsnorm", "swiglu", "rope"):
         monkeypatch.setattr(importlib.import_module(f"pyllmc.ops.{name}"), "triton_launch", spy)
     run_class = type(attention_kernels.attention_forward_kernel)  # JITFunction, or the interpreter's
     original_run = run_class.run
@@ -179,6 +179,8 @@ def _every_triton_launch_path(device):
     ops.swiglu(*x.chunk(2, dim=-1), backend="triton").sum().backward()
     ops.swiglu_packed(x, backend="triton").sum().backward()
     ops.relu2(x, backend="triton").sum().backward()
+    cos, sin = ops.rope_tables(8, 32, device=device)
+    ops.rope(x.view(4, 8, 1, 32), cos, sin, backend="triton").sum().backward()
     w, b = torch.randn(32, device=device, requires_grad=True), torch.randn(32, device=device, requires_grad=True)
     ops.layernorm(x, w, b, backend="triton").sum().backward()
     residual = torch.randn(4, 8, 32, device=device, requires_grad=True)
@@ -216,7 +218,8 @@ def test_every_triton_launch_runs_on_the_tensors_device(launch_spy):
                      "attention_dq_kernel", "attention_delta_kernel", "cross_entropy_forward_kernel",
                      "cross_entropy_backward_kernel", "cross_entropy_fused_kernel",
                      "cross_entropy_scale_grad_kernel", "adamw_step_kernel", "swiglu_forward_kernel",
-                     "swiglu_backward_kernel", "relu2_forward_kernel", "relu2_backward_kernel"):
+                     "swiglu_backward_kernel", "relu2_forward_kernel", "relu2_backward_kernel",
+                     "rope_forward_kernel", "rope_backward_kernel"):
         assert expected in kernels, f"{expected} never launched: the spy misses a launch path"
     outside = [name for name, where in launch_spy if where != device]
     assert not outside, f"Triton launches outside triton_launch({device}): {sorted(set(outside))}"

@@ -17,7 +17,7 @@ compiler produced:
 - the memory-bound kernels move 128-bit vectors (ld/st.global.v4.b32 in the PTX) in their main
   loops: cross-entropy's forward, backward, fused and scale kernels (a loop whose every global
   load is 128-bit: the masked tail is a loop of its own), the LayerNorm backward's row loop,
-  and the loop-free LayerNorm forward, GELU, SwiGLU, relu^2 and AdamW (aligned kinds);
+  and the loop-free LayerNorm forward, GELU, SwiGLU, relu^2, RoPE and AdamW (aligned kinds);
 - every launch passes enable_fp_fusion (on; off for AdamW, which is bitwise equal to CUDA);
 - the approximate instructions in each kernel's PTX are exactly those of APPROX below;
 - on every architecture (sm_75, 80, 86, 89, 90, 100, 120) the attention launches use the tiles
@@ -43,6 +43,7 @@ What the GPU's fast math is, per kernel (PTX at these launches; Triton 3.6 and 3
 | rmsnorm forward                | div.full (/ C, 1 / sqrt), sqrt.approx       | -                       |
 | rmsnorm backward               | div.full (/ C)                              | -                       |
 | swiglu forward / backward      | ex2.approx (tl.exp), div.full (1 / (1 + e)) | -                       |
+| rope forward / backward        | - (cos, sin from float32 tables)            | -                       |
 | cross_entropy forward          | ex2.approx (tl.exp2; tl.log is libdevice's) | -                       |
 | cross_entropy backward / fused | ex2.approx                                  | div.rn (scale / n_valid) |
 | cross_entropy mean             | -                                           | div.rn (sum / n_valid)  |
@@ -80,7 +81,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "dev" / "triton_report.py"
 GPU_TRITON = "3.6"  # the GPU machine's Triton (major.minor)
 GPU_TRITON_ENV = "PYLLMC_GPU_TRITON_PATH"
-KERNEL_MODULES = ("gelu", "layernorm", "rmsnorm", "cross_entropy", "attention", "adamw", "swiglu")
+KERNEL_MODULES = ("gelu", "layernorm", "rmsnorm", "cross_entropy", "attention", "adamw", "swiglu", "rope")
 EXTRA_ARCHS = (75, 80, 86, 89, 100, 120)  # attention only, installed Triton only (see above)
 ATTENTION_KERNELS = {"attention_forward_kernel": "fwd", "attention_dkdv_kernel": "dkdv", "attention_dq_kernel": "dq"}
 
@@ -92,6 +93,8 @@ APPROX = {
     "swiglu_backward_kernel": {"ex2.approx", "div.full"},
     "relu2_forward_kernel": set(),
     "relu2_backward_kernel": set(),
+    "rope_forward_kernel": set(),  # cos and sin come from tables: no transcendental in the kernel
+    "rope_backward_kernel": set(),
     "layernorm_forward_kernel": {"div.full", "sqrt.approx"},
     "layernorm_backward_kernel": {"div.full"},
     "layernorm_reduce_partials_kernel": set(),
@@ -124,7 +127,7 @@ ROW_LOOPS = {
 LOOP_LOADS = {"layernorm_backward_kernel", "rmsnorm_backward_kernel"}
 NO_LOOP = {"layernorm_forward_kernel", "rmsnorm_forward_kernel", "gelu_forward_kernel", "gelu_backward_kernel",
            "adamw_step_kernel", "swiglu_forward_kernel", "swiglu_backward_kernel", "relu2_forward_kernel",
-           "relu2_backward_kernel"}
+           "relu2_backward_kernel", "rope_forward_kernel", "rope_backward_kernel"}
 
 
 def _start(json_path: Path, pythonpath: str = "", attention_archs=()):
@@ -287,7 +290,10 @@ def test_attention_fits_every_architecture(report):
             continue
         limit, capability = entry["shared_memory_per_block"], (arch // 10, arch % 10)
         found = [r for r in entry["launches"] if r["kernel"] in ATTENTION_KERNELS]
-        assert len(found) == 6, f"sm_{arch}: {len(found)} attention launches, wanted 3 kernels x 2 dtypes"
+        gqa = [r for r in found if r["gqa"]]  # grouped-query launches (GROUP = 3, not specialized): main archs only
+        assert len(found) - len(gqa) == 6, \
+            f"sm_{arch}: {len(found) - len(gqa)} GPT-2 attention launches, wanted 3 kernels x 2 dtypes"
+        assert len(gqa) == (0 if entry["only_attention"] else 6), f"sm_{arch}: {len(gqa)} grouped-query launches"
         for r in found:
             c = r["constexpr_args"]
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[r["dtype"]]

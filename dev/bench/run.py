@@ -38,7 +38,8 @@ else:  # run as a script, python dev/bench/run.py: this folder is on sys.path
 HERE = Path(__file__).resolve().parent
 
 # Modules, in the order of the report. Each is dev/bench/<name>.py.
-MODULES = ["gelu", "swiglu", "cross_entropy", "layernorm", "rmsnorm", "attention", "adamw", "step"]
+MODULES = ["gelu", "swiglu", "rope", "cross_entropy", "linear_cross_entropy", "layernorm", "rmsnorm", "attention",
+           "adamw", "step"]
 CPU_MODULES = ["step"]  # what --dry-run runs: the only module with a CPU path
 STEP_OP = "train_step"
 
