@@ -1,5 +1,8 @@
 """Hugging Face's GPT-2 files: the model directory that transformers.GPT2LMHeadModel reads and writes.
 
+The directory reading and writing (_read_weights, _download_from_hub, write_pretrained) is shared
+with pyllmc.hf_llama, Hugging Face's Llama files.
+
 Directory:
     config.json           GPT2Config's fields: n_positions, n_embd, n_layer, n_head, vocab_size, ...
     model.safetensors     the weights (safetensors: a JSON header, then raw little-endian tensors)
@@ -193,11 +196,16 @@ def _download_from_hub(name: str) -> str:
 def save_pretrained(model: GPT, directory: str) -> None:
     """Write config.json and model.safetensors (pytorch_model.bin without safetensors) that
     transformers.GPT2LMHeadModel.from_pretrained(directory) loads."""
+    write_pretrained(directory, hf_config(model), hf_state_dict(model))
+
+
+def write_pretrained(directory: str, config: dict, state: dict) -> None:
+    """config.json and model.safetensors (pytorch_model.bin without safetensors) in `directory`; the
+    tensors of `state` must not share memory (safetensors refuses views of one buffer)."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config(model), f, indent=2)
+        json.dump(config, f, indent=2)
         f.write("\n")
-    state = hf_state_dict(model)
     try:
         from safetensors.torch import save_file
     except ImportError:
