@@ -1,5 +1,5 @@
 """
-Train GPT-2 with pyllmc's hand-written kernels.
+Train GPT-2 (or a Llama) with pyllmc's hand-written kernels.
 
     python train_gpt2.py                     # the demo: a short run on tiny Shakespeare, samples as it learns
     python train_gpt2.py --help              # every option
@@ -12,6 +12,9 @@ docstrings of the Python standard library) a model that suits the machine: GPT-2
 short run); on a CPU the 2-layer "tiny" preset with GPT-2's BPE trimmed to the corpus's 4,096
 commonest tokens, on a schedule that ends with real words within 3 minutes on 2 cores (DEMO_CPU in
 pyllmc/settings.py). --input_bin / --input_val_bin train on any llm.c token shards.
+
+The Llama family trains the same way: --model llama-tiny, or llama2.c's stories260K .. stories110M
+(pyllmc.models lists the presets of both), e.g. on the TinyStories shards of dev/data/tinystories.py.
 
 The output directory (--output_dir) receives main.jsonl (one JSON object per step, eval, sample and
 event; python dev/plot.py OUT/main.jsonl draws it), the checkpoints ckpt_<step>.pt (--resume 1
@@ -94,6 +97,9 @@ def build_parser():
     g.add_argument("--dtype", type=str, default="auto", choices=["auto", "bfloat16", "float32"],
                    help="parameter/activation dtype; bfloat16 keeps float32 master weights in the optimizer; "
                         "auto: bfloat16 on a GPU, float32 on a CPU")
+    g.add_argument("--loss_head", type=str, default="chunked", choices=["chunked", "fused"],
+                   help="chunked: the classifier matmul and the loss by chunks of rows, the (B, T, V) logits never "
+                        "held (ops.linear_cross_entropy); fused: llm.c's fused classifier over the whole logits")
     g.add_argument("--compile", type=int, default=0,
                    help="1: torch.compile the model's forward + backward as one graph (fullgraph); the optimizer "
                         "step and the clip stay eager")
@@ -329,10 +335,12 @@ def train(args, given, process):
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     if buckets is not None and micro_step == grad_accum_steps - 1:
                         buckets.arm()  # this backward all-reduces each gradient bucket as soon as it is full
-                    # inplace_backward: the fused classifier writes dloss/dlogits, 1/grad_accum_steps included, over
-                    # the logits during the forward (llm.c's trick: the (B, T, V) gradient needs no memory of its own)
+                    # The loss head computes dloss/dlogits (1/grad_accum_steps included) in the forward: chunked, the
+                    # logits of a few rows at a time, never the whole (B, T, V); fused, llm.c's trick, over the whole
+                    # logits in place (the (B, T, V) gradient needs no memory of its own).
                     forward = raw_model if health.capturing else model  # compiled graphs skip the diagnostics' hooks
-                    _, loss = forward(x, y, return_logits=False, inplace_backward=True,
+                    chunked = args.loss_head == "chunked"
+                    _, loss = forward(x, y, return_logits=False, inplace_backward=not chunked, chunked_loss=chunked,
                                       loss_scale=1.0 / grad_accum_steps)
                     loss_accum += loss.detach()
                     loss.backward()

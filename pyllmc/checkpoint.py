@@ -6,7 +6,8 @@ save_training / restore_training are the one place that writes and reads the tra
 (TrainingState: model, optimizer, every rank's data-loader positions and RNG states; with the run's
 settings, tokenizer and outlier windows), so the schema lives here:
 
-    model_config, model          the GPT's config (a dict) and state_dict
+    model_family, model_config   "gpt2" or "llama" (pyllmc.models; absent: gpt2) and its config (a dict)
+    model                        the model's state_dict
     optimizer                    AdamW's state_dict; with ZeRO-1 a list, one per rank
     ranks                        per rank: train_loader / val_loader positions, rng (python, numpy, torch)
     outliers                     the report's running windows (pyllmc.reporting)
@@ -658,8 +659,9 @@ def save_training(directory: str | os.PathLike, *, step: int, run: TrainingState
         gathered = [(mine, shard)]
     if run.rank != 0:
         return None
+    from pyllmc.models import config_state  # (pyllmc.models imports the model modules, which need not load here)
     state = {
-        "model_config": dataclasses.asdict(run.model.config),
+        **config_state(run.model),  # model_family, model_config
         "model": run.model.state_dict(),
         "optimizer": [s for _, s in gathered] if run.zero else run.optimizer.state_dict(),
         "ranks": [m for m, _ in gathered],

@@ -41,12 +41,13 @@ Where the numbers come from, and why:
     itself. Each rank measures the
     parameters its optimizer steps: with ZeRO-1 those it owns (an all-reduce of the per-parameter
     numbers brings them to rank 0); without it rank 0 steps, and measures, all of them.
-  * Hooks: forward (pre-)hooks on the model, the blocks, attn, attn.c_attn, mlp, mlp.c_fc and
-    lm_head, and a tensor hook on each MLP's output (its gradient is the residual stream's, as
-    h = residual + mlp_out), installed by begin() on a diagnostics step only. The module hooks
-    remove themselves when the hooked forward returns (a hook on the model itself); the tensor
-    hooks belong to that forward's graph and go with it. So no other step runs a hook, and every
-    hook only reads: losses and updates are bitwise the same with and without diagnostics.
+  * Hooks: forward (pre-)hooks on the model, the blocks, attn, attn.c_attn, mlp, mlp.c_fc and the
+    model's head_input (what lm_head reads, on every loss path), and a tensor hook on each MLP's
+    output (its gradient is the residual stream's, as h = residual + mlp_out), installed by begin()
+    on a diagnostics step only. The module hooks remove themselves when the hooked forward returns
+    (a hook on the model itself); the tensor hooks belong to that forward's graph and go with it. So
+    no other step runs a hook, and every hook only reads: losses and updates are bitwise the same
+    with and without diagnostics.
   * torch.compile'd graphs skip module hooks silently: the trainer runs the hooked micro step
     with the eager model while `capturing` is True.
   * Histograms have HISTOGRAM_BINS bins over [max(min, mean - k std), min(max, mean + k std)]
@@ -372,7 +373,7 @@ class TrainingDiagnostics:
             hook(block.mlp.c_fc.register_forward_hook(on_c_fc(i)))
             hook(block.mlp.register_forward_hook(on_mlp(i)))
             hook(block.register_forward_hook(on_block(i)))
-        hook(self.model.lm_head.register_forward_pre_hook(keep("ln_f", 0)))
+        hook(self.model.head_input.register_forward_pre_hook(keep("ln_f", 0)))  # what the loss head reads
 
         def on_model_input(module, args, kwargs):
             idx = args[0] if args else kwargs["idx"]

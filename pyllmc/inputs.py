@@ -22,15 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
-from pyllmc import checkpoint, corpus
+from pyllmc import checkpoint, corpus, models
 from pyllmc import tokenizer as tokenizers
 from pyllmc.data import DistributedDataLoader, ShardFormatError, declared_tokenizer, shard_info
-from pyllmc.model import GPT, PRESETS, GPTConfig, pad_vocab_size
+from pyllmc.model import GPT
 from pyllmc.settings import DEMO_TRIM_VOCAB, ConfigError
 
-PRESET_HELP = ", ".join(PRESETS)
+PRESET_HELP = models.PRESET_HELP
 
 
 # -----------------------------------------------------------------------------
@@ -193,16 +194,15 @@ def starting_point(spec: str, resume: Optional[tuple[dict, Path]]) -> Start:
     return Start(spec)
 
 
-def starting_model(start: Start, args, tokenizer) -> tuple[GPT, str, bool]:
+def starting_model(start: Start, args, tokenizer) -> tuple[torch.nn.Module, str, bool]:
     """(model on the CPU in float32, where it came from, whether it is a new model at random), checked
     against the settings and the tokenizer (check_model)."""
     if start.resumed:
-        model = GPT(GPTConfig(**start.state["model_config"]))
-        model.load_state_dict(start.state["model"])
+        model = models.from_checkpoint(start.state)
         source, recorded, from_scratch = f"resumed from {start.path} (step {start.state['step']})", start.tokenizer, \
             False
     else:
-        from_scratch = start.spec in PRESETS
+        from_scratch = start.spec in models.PRESETS
         # a new model has the tokenizer's ids unless --vocab_size says otherwise
         vocab_size = (args.vocab_size if args.vocab_size > 0 else tokenizer.vocab_size) if from_scratch else None
         model, source, recorded = build_model(start.spec, args.seed, vocab_size, state=start.state)
@@ -223,7 +223,7 @@ def build_model(spec: str, seed: int, vocab_size: Optional[int] = None, state: O
         model = GPT.from_pretrained(spec[3:])
         return model, f"pretrained {spec[3:]}", gpt2_if_its_vocabulary(model)
     if path.is_dir():
-        model = GPT.from_pretrained(str(path))
+        model = models.from_pretrained(str(path))
         return model, f"weights from {path}", gpt2_if_its_vocabulary(model)
     if path.is_file() and path.suffix == ".bin":
         from pyllmc.llmc import read_model
@@ -234,20 +234,18 @@ def build_model(spec: str, seed: int, vocab_size: Optional[int] = None, state: O
         return model, f"weights from llm.c file {path}", gpt2_if_its_vocabulary(model)
     if path.is_file():  # a training checkpoint of train_gpt2.py
         state = state if state is not None else load_training_checkpoint(spec)
-        model = GPT(GPTConfig(**state["model_config"]))
-        model.load_state_dict(state["model"])
+        model = models.from_checkpoint(state)
         return model, f"weights from checkpoint {path} (step {state['step']})", checkpoint.recorded_tokenizer(state)
-    vocab = {} if vocab_size is None else dict(vocab_size=vocab_size, padded_vocab_size=pad_vocab_size(vocab_size))
+    if spec not in models.PRESETS:
+        raise ConfigError(f"--model {spec!r} is neither an existing path nor a preset ({PRESET_HELP})")
     try:
-        config = GPTConfig.from_preset(spec, **vocab)
-    except ValueError as err:
-        if spec in PRESETS:  # a bad --vocab_size
-            raise ConfigError(f"--vocab_size {vocab_size}: {err}") from err
-        raise ConfigError(f"--model {spec!r} is neither an existing path nor a preset ({PRESET_HELP})") from err
-    return GPT(config, seed=seed), f"preset {spec}, random init (seed {seed})", None
+        model = models.from_preset(spec, seed=seed, vocab_size=vocab_size)
+    except ValueError as err:  # a bad --vocab_size
+        raise ConfigError(f"--vocab_size {vocab_size}: {err}") from err
+    return model, f"preset {spec}, random init (seed {seed})", None
 
 
-def check_model(args, config: GPTConfig, source: str, recorded: Optional[dict], tokenizer) -> None:
+def check_model(args, config, source: str, recorded: Optional[dict], tokenizer) -> None:
     """The model against the settings: --vocab_size, the tokenizer its weights learned, the block size."""
     if args.vocab_size > 0 and config.vocab_size != args.vocab_size:
         raise ConfigError(f"--vocab_size {args.vocab_size}: the model ({source}) has {config.vocab_size} token ids "
@@ -257,6 +255,13 @@ def check_model(args, config: GPTConfig, source: str, recorded: Optional[dict], 
             tokenizers.check_same(recorded, tokenizer, f"the model ({source})")
         except tokenizers.TokenizerMismatchError as err:
             raise ConfigError(str(err)) from None
+    if models.family_of(config) == "llama":
+        if args.write_llmc:
+            raise ConfigError("--write_llmc writes llm.c's GPT-2 files; a Llama's weights go to llama2.c's format with "
+                              "python -m pyllmc.llama2c export CKPT.pt model.bin (or --write_hf 1)")
+        if args.diagnostics_every:
+            raise ConfigError("--diagnostics_every reads GPT-2's blocks (their packed qkv without RoPE); it does not "
+                              "take a Llama yet: use --diagnostics_every 0")
     if args.sequence_length > config.block_size:
         raise ConfigError(f"--sequence_length {args.sequence_length} is longer than the model's block_size "
                           f"{config.block_size}: use --sequence_length {config.block_size} or less")
@@ -288,7 +293,7 @@ def make_loader(pattern, B, T, rank, world_size, flag, pin_memory=False, verify=
         raise ConfigError(f"{flag}: {err}") from err
 
 
-def check_data(args, loaders: list, config: GPTConfig, tokenizer, from_scratch: bool,
+def check_data(args, loaders: list, config, tokenizer, from_scratch: bool,
                hellaswag_path: Optional[Path]) -> None:
     """Before training: the shards' ids against the model (check_vocabulary), HellaSwag against the
     tokenizer, and a place for samples that are files."""
@@ -305,7 +310,7 @@ def check_data(args, loaders: list, config: GPTConfig, tokenizer, from_scratch: 
                           f"(or --sample_every -1)")
 
 
-def check_vocabulary(loaders: list, config: GPTConfig, tokenizer, from_scratch: bool) -> None:
+def check_vocabulary(loaders: list, config, tokenizer, from_scratch: bool) -> None:
     """Every token id of the shards fits the model, and the model's ids the tokenizer."""
     V = config.vocab_size
     for loader, flag in loaders:

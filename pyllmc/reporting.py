@@ -157,8 +157,12 @@ class TrainingReport:
             self.mfu = lambda tokens_per_second: model.estimate_mfu(tokens_per_second, device_name,
                                                                     seq_len=plan.sequence_length)
         padded = f" (padded {config.padded_vocab_size:,})" if config.padded_vocab_size != config.vocab_size else ""
-        self.print0(f"model: {source} | {model.num_parameters():,} parameters | {config.n_layer} layers, "
-                    f"{config.n_head} heads, {config.n_embd} channels, block {config.block_size}, "
+        heads = f"{config.n_head} heads" + (f" ({config.n_kv_head} key/value)" if config.n_kv_head != config.n_head
+                                            else "")
+        from pyllmc.models import family_of  # (the model modules load with the model, not with this one)
+        family = {"gpt2": "GPT-2", "llama": "Llama"}[family_of(config)]
+        self.print0(f"model: {source} | {family}, {model.num_parameters():,} parameters | {config.n_layer} layers, "
+                    f"{heads}, {getattr(config, 'dim', None) or config.n_embd} channels, block {config.block_size}, "
                     f"vocab {config.vocab_size:,}{padded}")
         self.print0(f"device: {device_name} x {process.world_size} | backend {plan.backend} | {plan.dtype_name}"
                     f"{' + float32 master weights' if plan.dtype != torch.float32 else ''}"
