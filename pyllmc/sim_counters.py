@@ -155,7 +155,8 @@ def _lib(path: str) -> ctypes.CDLL:
     # The module is already loaded: dlopen of the same file gives the same copy and its state.
     lib = ctypes.CDLL(path)
     lib.pyllmc_counters_json.restype = ctypes.c_char_p
-    lib.pyllmc_counters_known_answer.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    if hasattr(lib, "pyllmc_counters_known_answer"):  # _C_sim has the self-test kernels; dev/lab's libraries do not
+        lib.pyllmc_counters_known_answer.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
@@ -253,10 +254,12 @@ def _short_function(name: str) -> str:
     return head.split("::")[-1] if "<" not in head else head[head.rfind("::", 0, head.find("<")) + 2:]
 
 
-def launches() -> list:
-    """The launches recorded (recording()), with every site named by its source line."""
-    path = _module_path()
-    raw = json.loads(lib().pyllmc_counters_json().decode())
+def launches(module: Optional[Path] = None) -> list:
+    """The launches recorded (recording()), with every site named by its source line. `module`: another
+    library linked with the counters runtime (dev/lab/'s builds, which record through its own handle);
+    default pyllmc._C_sim."""
+    path = Path(module) if module is not None else _module_path()
+    raw = json.loads(_lib(str(path)).pyllmc_counters_json().decode())
     names = symbolize(path, [s["offset"] for l in raw for s in l["sites"] if not s["file"]])
     result = []
     for l in raw:

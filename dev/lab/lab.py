@@ -1,0 +1,535 @@
+"""The kernel lab's machinery: build a ladder's rungs for the CUDA simulator, check each against
+torch, count its memory traffic, and format the table the tutorials quote.
+
+A ladder is a folder of small CUDA files (dev/lab/<ladder>/<k>_<name>.cu), one rung each; each
+exports `lab_<ladder>_<k>_<name>(...)` (extern "C", see lab.cuh), which runs the rung's kernel
+on the pointers it is given. The last rung calls today's launcher in csrc/, compiled into the same
+library as it is. All rungs of a ladder are built into one shared library for the simulator's
+"counters" build (pyllmc.cuda_sim's source rewrite, GCC's access instrumentation, the runtime of
+csrc/sim/), loaded with ctypes: no bindings, no pyllmc._C_sim build needed.
+
+    import lab
+    for row in lab.run_ladder("gelu_forward"):
+        print(row.rung, row.correct, row.sectors_per_request)
+
+dev/lab/run.py is the command line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import math
+import os
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+LAB = Path(__file__).resolve().parent
+if importlib.util.find_spec("pyllmc") is None:  # a source checkout runs the lab without installing pyllmc
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from pyllmc import cuda_sim, sim_counters  # noqa: E402
+
+GPU_TIME_NOTE = ("GPU time: not run. The rungs are built only for the CPU simulator, which counts "
+                 "accesses but does not time them; time today's kernels on a GPU with dev/bench/.")
+
+
+# ---------------------------------------------------------------------------------------------
+# the ladders
+
+
+@dataclass
+class Rung:
+    file: str        # dev/lab/<ladder>/<file>; its stem names the entry point
+    changed: str     # what this rung changes, in the table's words
+
+    @property
+    def stem(self) -> str:
+        return Path(self.file).stem
+
+
+@dataclass
+class Mutant:
+    """A planted bug for the tutorial's exercise: `old` -> `new` in one rung's file."""
+    name: str
+    file: str
+    old: str
+    new: str
+    hint: str  # the exercise's question (--list prints it; the tutorial holds the answer)
+
+
+@dataclass
+class Ladder:
+    name: str
+    rungs: list
+    today: list            # csrc/ files linked in for the last rung
+    headers: list          # dev/lab/ headers the rungs include (besides lab.cuh)
+    call: Callable         # (entry, inputs, err buffer) -> error code; runs one rung on prepared inputs
+    make_inputs: Callable  # (shape, generator) -> dict of tensors
+    reference: Callable    # inputs -> dict of expected outputs (float64)
+    outputs: tuple         # names of the outputs the rung writes
+    tolerance: tuple       # (atol, rtol) against the float64 reference
+    check_shapes: list     # small odd shapes every rung must get right
+    counter_shape: tuple   # the shape the counters are counted at
+    ideal_bytes: Callable  # shape -> the bytes the op must read and write at least
+    mutants: dict = field(default_factory=dict)
+
+
+_ERR = 512
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _gelu_inputs(shape, gen):
+    (n,) = shape
+    # a wide range: the tails of tanh are where formulas differ
+    x = torch.randn(n, generator=gen) * 3.0
+    return {"inp": x, "out": torch.full((n,), float("nan"))}
+
+
+def _gelu_reference(inputs):
+    return {"out": torch.nn.functional.gelu(inputs["inp"].double(), approximate="tanh")}
+
+
+def _gelu_call(entry, inputs, err):
+    return entry(_ptr(inputs["out"]), _ptr(inputs["inp"]), ctypes.c_longlong(inputs["inp"].numel()), err, _ERR)
+
+
+def _layernorm_inputs(shape, gen):
+    rows, C = shape
+    # an offset mean, as activations have: a one-pass E[x^2] - mean^2 variance would lose digits
+    return {"inp": torch.randn(rows, C, generator=gen) + 2.0,
+            "weight": torch.randn(C, generator=gen), "bias": torch.randn(C, generator=gen),
+            "out": torch.full((rows, C), float("nan")), "mean": torch.full((rows,), float("nan")),
+            "rstd": torch.full((rows,), float("nan"))}
+
+
+LAYERNORM_EPS = 1e-5
+
+
+def _layernorm_reference(inputs):
+    x = inputs["inp"].double()
+    mean = x.mean(-1)
+    var = ((x - mean[:, None]) ** 2).mean(-1)
+    rstd = 1.0 / torch.sqrt(var + LAYERNORM_EPS)
+    out = (x - mean[:, None]) * rstd[:, None] * inputs["weight"].double() + inputs["bias"].double()
+    return {"out": out, "mean": mean, "rstd": rstd}
+
+
+def _layernorm_call(entry, inputs, err):
+    rows, C = inputs["inp"].shape
+    return entry(_ptr(inputs["out"]), _ptr(inputs["mean"]), _ptr(inputs["rstd"]), _ptr(inputs["inp"]),
+                 _ptr(inputs["weight"]), _ptr(inputs["bias"]), ctypes.c_longlong(rows), ctypes.c_int(C),
+                 ctypes.c_float(LAYERNORM_EPS), err, _ERR)
+
+
+# one AdamW step at GPT-2's defaults (pyllmc.optim), at step 3 so both bias corrections matter
+ADAMW = dict(lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=3)
+
+
+def _adamw_inputs(shape, gen):
+    (n,) = shape
+    # a state mid-training: m of either sign, v positive and of the size of g^2
+    g = torch.randn(n, generator=gen)
+    return {"param": torch.randn(n, generator=gen), "grad": g, "exp_avg": 0.1 * torch.randn(n, generator=gen),
+            "exp_avg_sq": 0.01 * torch.rand(n, generator=gen) + 1e-4}
+
+
+def _adamw_reference(inputs):
+    h = ADAMW
+    # the inputs are updated in place: the reference reads the copies taken before the call
+    p, g, m, v = (inputs["_before"][k].double() for k in ("param", "grad", "exp_avg", "exp_avg_sq"))
+    m = m + (1 - h["beta1"]) * (g - m)
+    v = h["beta2"] * v + (1 - h["beta2"]) * g * g
+    step_size = h["lr"] / (1 - h["beta1"] ** h["step"])
+    bc2_sqrt = math.sqrt(1 - h["beta2"] ** h["step"])
+    p = p * (1 - h["lr"] * h["weight_decay"]) - step_size * m / (v.sqrt() / bc2_sqrt + h["eps"])
+    return {"param": p, "exp_avg": m, "exp_avg_sq": v}
+
+
+def _adamw_call(entry, inputs, err):
+    h = ADAMW
+    inputs["_before"] = {k: v.clone() for k, v in inputs.items() if k != "_before"}
+    return entry(_ptr(inputs["param"]), _ptr(inputs["grad"]), _ptr(inputs["exp_avg"]), _ptr(inputs["exp_avg_sq"]),
+                 ctypes.c_longlong(inputs["param"].numel()), ctypes.c_float(h["lr"]), ctypes.c_float(h["beta1"]),
+                 ctypes.c_float(h["beta2"]), ctypes.c_float(h["eps"]), ctypes.c_float(h["weight_decay"]),
+                 ctypes.c_int(h["step"]), err, _ERR)
+
+
+LADDERS = {
+    "gelu_forward": Ladder(
+        name="gelu_forward",
+        rungs=[Rung("1_strided.cu", "one thread per element, lanes 1/32 of the array apart"),
+               Rung("2_coalesced.cu", "thread t takes element t: a warp reads 128 contiguous bytes"),
+               Rung("3_grid_stride.cu", "a fixed grid loops over the array (grid-stride)"),
+               Rung("4_packed128.cu", "float4: one 128-bit load and store per 4 elements"),
+               Rung("5_today.cu", "today's csrc/gelu.cu through its launcher")],
+        today=["gelu.cu"], headers=["gelu_math.cuh"],
+        call=_gelu_call, make_inputs=_gelu_inputs, reference=_gelu_reference, outputs=("out",),
+        tolerance=(2e-6, 2e-6), check_shapes=[(1,), (37,), (1023,), (4099,)], counter_shape=(8192,),
+        ideal_bytes=lambda shape: 2 * 4 * shape[0],
+        mutants={
+            "chunked_loop": Mutant(
+                "chunked_loop", "3_grid_stride.cu",
+                "    const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;\n"
+                "    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; "
+                "i < n; i += stride) {",
+                "    const long long threads = static_cast<long long>(gridDim.x) * blockDim.x;\n"
+                "    const long long per_thread = (n + threads - 1) / threads;  "
+                "// each thread takes a contiguous chunk\n"
+                "    const long long first = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) "
+                "* per_thread;\n"
+                "    for (long long i = first; i < n && i < first + per_thread; ++i) {",
+                "every rung still answers right; which row and column moved, and why would anyone write it?"),
+        }),
+    "layernorm_forward": Ladder(
+        name="layernorm_forward",
+        rungs=[Rung("1_thread_per_row.cu", "one thread per row, three passes over the row"),
+               Rung("2_block_shared.cu", "a block per row, shared-memory tree reductions"),
+               Rung("3_warp_shuffle.cu", "a warp per row, __shfl_xor_sync reductions"),
+               Rung("4_warp_packed128.cu", "+ float4 loads, the row kept in registers"),
+               Rung("5_today.cu", "today's csrc/layernorm.cu forward through its launcher")],
+        today=["layernorm.cu"], headers=[],
+        call=_layernorm_call, make_inputs=_layernorm_inputs, reference=_layernorm_reference,
+        outputs=("out", "mean", "rstd"), tolerance=(3e-5, 1e-5),
+        check_shapes=[(1, 768), (5, 37), (7, 200), (3, 1024), (2, 1023)], counter_shape=(32, 768),
+        ideal_bytes=lambda shape: 4 * (2 * shape[0] * shape[1] + 2 * shape[1] + 2 * shape[0]),
+        mutants={
+            "interleaved_tree": Mutant(
+                "interleaved_tree", "2_block_shared.cu",
+                "    for (int s = kBlock / 2; s > 0; s /= 2) {\n"
+                "        if (t < s) scratch[t] += scratch[t + s];",
+                "    for (int s = 1; s < kBlock; s *= 2) {  // thread t adds element 2 s t + s into 2 s t\n"
+                "        if (2 * s * t < kBlock) scratch[2 * s * t] += scratch[2 * s * t + s];",
+                "every rung still answers right; which row and column moved? Draw the banks warp 0 reads."),
+        }),
+    "adamw": Ladder(
+        name="adamw",
+        rungs=[Rung("1_three_kernels.cu", "three kernels: m, then v, then the parameter"),
+               Rung("2_fused.cu", "one fused kernel: each stream read or written once"),
+               Rung("3_packed128.cu", "float4: one 128-bit access per stream per 4 elements"),
+               Rung("4_today.cu", "today's csrc/adamw.cu (multi-tensor table) through its launcher")],
+        today=["adamw.cu"], headers=["adamw_math.cuh"],
+        call=_adamw_call, make_inputs=_adamw_inputs, reference=_adamw_reference,
+        outputs=("param", "exp_avg", "exp_avg_sq"), tolerance=(1e-6, 1e-5),
+        check_shapes=[(1,), (37,), (2049,), (4103,)], counter_shape=(8192,),
+        ideal_bytes=lambda shape: 7 * 4 * shape[0],
+        mutants={
+            "second_pass": Mutant(
+                "second_pass", "2_fused.cu",
+                "        p[i] = adamw_update(p[i], g[i], mi, vi, h);\n"
+                "        m[i] = mi;\n"
+                "        v[i] = vi;\n",
+                "        adamw_update(p[i], g[i], mi, vi, h);\n"
+                "        m[i] = mi;\n"
+                "        v[i] = vi;\n"
+                "        p[i] = p[i] * h.decay - h.step_size * m[i] / "
+                "(sqrtf(v[i]) / h.bias_correction2_sqrt + h.eps);\n",
+                "every rung still answers right; which row and columns moved? Find the line with --sites."),
+        }),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the build
+
+
+def _sources(ladder: Ladder, mutant: Optional[Mutant]) -> list:
+    """(path the compiler and addr2line see, text) of every file of the ladder's library. A mutant's
+    file is written beside the build (the tutorial's copy stays as it is) so its sites name it."""
+    folder = LAB / ladder.name
+    files = [(LAB / "lab.cuh", None)] + [(folder / h, None) for h in ladder.headers]
+    files += [(folder / r.file, None) for r in ladder.rungs]
+    csrc = cuda_sim.source_dir()
+    files += [(csrc / "common.cuh", None)] + [(csrc / f, None) for f in ladder.today]
+    out = []
+    for path, _ in files:
+        text = path.read_text()
+        if mutant is not None and path == folder / mutant.file:
+            if text.count(mutant.old) != 1:
+                raise RuntimeError(f"mutant {mutant.name}: its text is not in {path.name} exactly once")
+            text = text.replace(mutant.old, mutant.new)
+            path = cuda_sim.cache_dir() / "lab" / "mutants" / mutant.name / path.name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists() or path.read_text() != text:
+                path.write_text(text)
+        out.append((path, text))
+    return out
+
+
+def build(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = False) -> Path:
+    """The ladder's library for the simulator's counters build (cached by content); BuildError
+    (pyllmc.cuda_sim) when this machine cannot build the simulator."""
+    tools = cuda_sim.toolchain()
+    sim = cuda_sim.source_dir() / "sim"
+    root = cuda_sim.cache_dir() / "lab"
+    key = ladder.name + (f"-{mutant.name}" if mutant else "")
+    src_dir, obj_dir = root / "src" / key, root / "obj"
+    src_dir.mkdir(parents=True, exist_ok=True)
+    obj_dir.mkdir(parents=True, exist_ok=True)
+    flags = cuda_sim._flags(tools, "counters")  # the same flags as pyllmc._C_sim's counters build
+    digest = cuda_sim._digest
+
+    # Kernel files rewritten (launches, __shared__) and flattened into one folder, headers included,
+    # so `#include "lab.cuh"` and csrc's `#include "common.cuh"` find the rewritten copies.
+    units, header_texts = [], []
+    for index, (path, text) in enumerate(_sources(ladder, mutant)):
+        rewritten = cuda_sim.rewrite(text, str(path), file_index=100 + index)
+        target = src_dir / path.name
+        if not target.exists() or target.read_text() != rewritten:
+            target.write_text(rewritten)
+        if path.suffix == ".cuh":
+            header_texts.append(rewritten)
+        else:
+            units.append(target)
+    sim_headers = [p.read_text() for p in sorted(sim.glob("*.h"))]
+    base = digest(tools.version, tools.fcontext, flags, *header_texts, *sim_headers)
+    kernel_flags = (["-x", "c++", "-include", str(sim / "cuda_sim.h"), "-I", str(src_dir), "-I", str(sim),
+                     "-I", str(tools.cuda_include)] + cuda_sim.COUNTERS_KERNEL_FLAGS)
+    runtime_flags = ["-I", str(sim), "-I", str(tools.cuda_include)]
+    jobs = [(u, kernel_flags) for u in units]
+    jobs += [(sim / f"{name}.cpp", runtime_flags) for name in ("runtime", "ptx", "counters")]
+    # The key leaves out the folder of the rewritten copies (each ladder and mutant has its own), so
+    # an unchanged file (today's csrc/ file under a mutant) reuses its object: what it includes is in `base`.
+    objects = [obj_dir / f"{s.stem}-{digest(base, [x.replace(str(src_dir), '<src>') for x in extra], s.read_bytes())}.o"
+               for s, extra in jobs]
+
+    def compile_unit(job, obj):
+        source, extra = job
+        started = time.time()
+        tmp = obj.with_suffix(f".tmp{os.getpid()}")
+        result = cuda_sim._run([tools.cxx, *flags, *extra, "-c", str(source), "-o", str(tmp)])
+        if result.returncode != 0:
+            return f"lab: compiling {source.name} failed:\n{result.stderr[-6000:]}"
+        tmp.replace(obj)
+        if verbose:
+            print(f"lab: compiled {source.name} in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+        return None
+
+    todo = [(job, obj) for job, obj in zip(jobs, objects) if not obj.exists()]
+    # today's csrc file is the slow one (layernorm.cu: ~45 s): start it first, the small rungs fill the other cores
+    todo.sort(key=lambda item: -item[0][0].stat().st_size)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        failures = [f for f in pool.map(lambda item: compile_unit(*item), todo) if f]
+    if failures:
+        raise cuda_sim.BuildError(failures[0])
+    libs = ["-lboost_context"] if tools.fcontext else []
+    out = root / f"{key}-{digest(*[o.name for o in objects], flags, libs)}.so"
+    if not out.exists():
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        result = cuda_sim._run([tools.cxx, "-shared", *flags, *map(str, objects), "-o", str(tmp), *libs])
+        if result.returncode != 0:
+            raise cuda_sim.BuildError(f"lab: linking {out.name} failed:\n{result.stderr[-6000:]}")
+        tmp.replace(out)
+        for old in root.glob(f"{key}-*.so"):  # keep the newest library of each ladder
+            if old != out:
+                old.unlink(missing_ok=True)
+    return out
+
+
+_libraries: dict = {}
+
+
+def library(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = False) -> tuple:
+    """(ctypes handle, path) of the ladder's library, built if needed, loaded once per process."""
+    path = build(ladder, mutant, verbose)
+    if path not in _libraries:
+        handle = ctypes.CDLL(str(path))
+        handle.pyllmc_counters_json.restype = ctypes.c_char_p
+        _libraries[path] = handle
+    return _libraries[path], path
+
+
+def entry(handle, ladder: Ladder, rung: Rung):
+    fn = getattr(handle, f"lab_{ladder.name}_{rung.stem}")
+    fn.restype = ctypes.c_int
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# running a ladder
+
+
+@dataclass
+class Row:
+    """One rung's line of the table (counts summed over its launches and their global / shared sites)."""
+    rung: str
+    changed: str
+    correct: bool
+    max_error: float
+    error: str               # a launch error or the first mismatch, "" when correct
+    grid: str                # "blocks x threads" of the launch(es)
+    requests: int            # global-memory warp requests
+    sectors: int
+    ideal_sectors: int
+    wavefronts: int          # shared memory
+    ideal_wavefronts: int
+    unique_bytes: int        # global bytes read + written at least once (the least DRAM traffic)
+    ideal_bytes: int         # what the op must move
+    launches: list = field(default_factory=list)
+
+    @property
+    def sectors_per_request(self) -> float:
+        return self.sectors / max(self.requests, 1)
+
+    @property
+    def ideal_per_request(self) -> float:
+        return self.ideal_sectors / max(self.requests, 1)
+
+    @property
+    def ways(self) -> Optional[float]:
+        return self.wavefronts / self.ideal_wavefronts if self.ideal_wavefronts else None
+
+    @property
+    def moved_bytes(self) -> int:
+        """Bytes the sectors carry from L2 to the SM: 32 per sector, with no L1 reuse."""
+        return self.sectors * sim_counters.SECTOR
+
+    @property
+    def moved_over_ideal(self) -> float:
+        return self.moved_bytes / max(self.ideal_bytes, 1)
+
+
+def check(ladder: Ladder, handle, rung: Rung, shape: tuple, seed: int) -> tuple:
+    """(correct, max abs error scaled by the tolerance's denominator, message) of one rung at one shape."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = ladder.make_inputs(shape, gen)
+    err = ctypes.create_string_buffer(_ERR)
+    code = ladder.call(entry(handle, ladder, rung), inputs, err)
+    if code != 0:
+        return False, math.inf, f"launch failed at shape {shape}: {err.value.decode(errors='replace')}"
+    expected = ladder.reference(inputs)
+    atol, rtol = ladder.tolerance
+    worst = 0.0
+    for name in ladder.outputs:
+        got, want = inputs[name].double(), expected[name]
+        scaled = ((got - want).abs() / (atol + rtol * want.abs())).nan_to_num(nan=math.inf)
+        worst = max(worst, float(scaled.max()) if scaled.numel() else 0.0)
+        if not worst <= 1.0:
+            i = int(scaled.flatten().argmax())
+            return False, worst, (f"{name} wrong at shape {shape}, flat index {i}: got {got.flatten()[i].item():.7g}, "
+                                  f"want {want.flatten()[i].item():.7g}")
+    return True, worst, ""
+
+
+def run_rung(ladder: Ladder, handle, path: Path, rung: Rung, seed: int = 1234) -> Row:
+    correct, worst, message = True, 0.0, ""
+    for k, shape in enumerate(ladder.check_shapes):
+        ok, w, msg = check(ladder, handle, rung, shape, seed + k)
+        worst = max(worst, w)
+        if not ok:
+            correct, message = False, msg
+            break
+    shape = ladder.counter_shape
+    gen = torch.Generator().manual_seed(seed)
+    inputs = ladder.make_inputs(shape, gen)  # drawn outside the recording
+    err = ctypes.create_string_buffer(_ERR)
+    handle.pyllmc_counters_reset()
+    handle.pyllmc_counters_enable(1)
+    try:
+        code = ladder.call(entry(handle, ladder, rung), inputs, err)
+    finally:
+        handle.pyllmc_counters_enable(0)
+    if code != 0:
+        correct, message = False, message or f"launch failed: {err.value.decode(errors='replace')}"
+    launches = sim_counters.launches(path)
+    g = [s for l in launches for s in l.sites if s.space == "global"]
+    sh = [s for l in launches for s in l.sites if s.space == "shared"]
+    return Row(rung=rung.stem, changed=rung.changed, correct=correct, max_error=worst, error=message,
+               grid=" + ".join(f"{l.blocks} x {l.threads_per_block}" for l in launches),
+               requests=sum(s.requests for s in g), sectors=sum(s.sectors for s in g),
+               ideal_sectors=sum(s.ideal_sectors for s in g), wavefronts=sum(s.wavefronts for s in sh),
+               ideal_wavefronts=sum(s.ideal_wavefronts for s in sh),
+               unique_bytes=sum(l.unique_read + l.unique_written for l in launches),
+               ideal_bytes=ladder.ideal_bytes(shape), launches=launches)
+
+
+def run_ladder(name: str, mutant: Optional[str] = None, verbose: bool = False) -> list:
+    """Every rung of ladder `name` (with mutant `mutant` planted), checked and counted: a Row each."""
+    ladder = LADDERS[name]
+    m = None
+    if mutant is not None:
+        if mutant not in ladder.mutants:
+            raise KeyError(f"{name} has no mutant {mutant!r}; it has {', '.join(ladder.mutants) or 'none'}")
+        m = ladder.mutants[mutant]
+    handle, path = library(ladder, m, verbose)
+    return [run_rung(ladder, handle, path, rung) for rung in ladder.rungs]
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+def command(name: str) -> str:
+    return f"python dev/lab/run.py {name}"
+
+
+def format_table(name: str, rows: list, mutant: str = "") -> str:
+    """The ladder's table as Markdown (what run.py prints and the tutorials paste)."""
+    ladder = LADDERS[name]
+    shape = " x ".join(map(str, ladder.counter_shape))
+    head = ["rung", "what changed", "correct", "grid x block", "global requests", "sectors / request (ideal)",
+            "shared ways", "moved / ideal bytes", "GPU time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    for r in rows:
+        ways = "-" if r.ways is None else f"{r.ways:.1f}"
+        cells = [r.rung, r.changed, "yes" if r.correct else "NO", r.grid, str(r.requests),
+                 f"{r.sectors_per_request:.1f} ({r.ideal_per_request:.1f})", ways,
+                 f"{r.moved_bytes} / {r.ideal_bytes} = {r.moved_over_ideal:.2f}x", "not run"]
+        lines.append("| " + " | ".join(cells) + " |")
+    planted = f", with mutant {mutant} planted" if mutant else ""  # (where is the exercise's question)
+    return f"{name}{planted}, float32, counted at shape {shape} on the simulator:\n\n" + "\n".join(lines)
+
+
+def format_sites(rows: list) -> str:
+    """Every launch's per-site table (pyllmc.sim_counters.format_launch), rung by rung."""
+    out = []
+    for r in rows:
+        for l in r.launches:
+            out.append(sim_counters.format_launch(l, r.rung))
+    return "\n\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tutorials' tables
+
+
+def doc_path(name: str) -> Path:
+    return LAB / f"{name}.md"
+
+
+TABLE_BEGIN = "<!-- lab table: {name}{mutant} (written by python dev/lab/run.py --write-docs) -->"
+TABLE_END = "<!-- end lab table -->"
+
+
+# A marked table: the begin marker, the table (no "<!--" inside; empty before its first write), the end.
+_TABLE = re.compile(r"<!-- lab table: (\w+)(?: --mutant (\w+))? \(written by [^)]*\) -->\n"
+                    r"((?:(?!<!--).)*?)\n?" + re.escape(TABLE_END), re.S)
+
+
+def doc_tables(text: str) -> dict:
+    """(ladder, mutant or "") -> the table text between the markers of a tutorial."""
+    return {(m.group(1), m.group(2) or ""): m.group(3) for m in _TABLE.finditer(text)}
+
+
+def doc_block(name: str, mutant: str, table: str) -> str:
+    return (TABLE_BEGIN.format(name=name, mutant=f" --mutant {mutant}" if mutant else "") + "\n" + table + "\n" +
+            TABLE_END)
+
+
+def write_doc_tables(text: str, tables: dict) -> str:
+    """`text` with every marked table whose (ladder, mutant) is in `tables` replaced by it."""
+    def replace(m):
+        key = (m.group(1), m.group(2) or "")
+        return doc_block(key[0], key[1], tables[key]) if key in tables else m.group(0)
+    return _TABLE.sub(replace, text)

@@ -1,0 +1,161 @@
+"""The kernel lab (dev/lab/): every rung of every ladder right on the simulator, the counter
+orderings its tutorials claim, its planted bugs visible in the columns the tutorials name, and
+the tutorials' tables equal to what `python dev/lab/run.py` prints today.
+
+The lab builds its own small library per ladder (the simulator's counters build of the rungs and
+of today's csrc/ file), loaded with ctypes, so it runs in this process whatever simulator variant
+the rest of the suite uses. The first build takes about a minute on 2 cores and is cached.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "dev" / "lab"))
+try:
+    import lab  # dev/lab/lab.py
+finally:
+    sys.path.remove(str(ROOT / "dev" / "lab"))
+from pyllmc import cuda_sim  # noqa: E402
+
+_rows: dict = {}
+
+
+def rows(name: str, mutant: str = "") -> dict:
+    """rung stem -> Row of ladder `name` (with `mutant` planted), run once per test session."""
+    if (name, mutant) not in _rows:
+        try:
+            result = lab.run_ladder(name, mutant or None)
+        except cuda_sim.BuildError as err:
+            pytest.skip(f"the CUDA simulator cannot be built here: {err}")
+        _rows[(name, mutant)] = result
+    return {r.rung: r for r in _rows[(name, mutant)]}
+
+
+@pytest.mark.parametrize("name", list(lab.LADDERS))
+def test_every_rung_is_right_at_odd_shapes(name):
+    got = rows(name)
+    assert list(got) == [r.stem for r in lab.LADDERS[name].rungs]
+    for r in got.values():
+        assert r.correct, f"{name} {r.rung}: {r.error}"
+        # every launch reads and writes each byte it must, and no other (the least DRAM traffic). Two
+        # exceptions the AdamW tutorial explains: three launches move 10 streams, not 7; today's kernel
+        # also reads its tensor table (one 80-byte row, a 4-byte map entry per 2048-element chunk).
+        want = r.ideal_bytes
+        if (name, r.rung) == ("adamw", "1_three_kernels"):
+            want = r.ideal_bytes * 10 // 7
+        if (name, r.rung) == ("adamw", "4_today"):
+            want = r.ideal_bytes + 80 + 4 * (lab.LADDERS[name].counter_shape[0] // 2048)
+        assert r.unique_bytes == want, (r.rung, r.unique_bytes, want)
+
+
+def test_the_lab_catches_a_wrong_rung():
+    """A rung that computes the wrong thing fails its row (the check is not vacuous)."""
+    ladder = lab.LADDERS["gelu_forward"]
+    rows("gelu_forward")  # builds (or skips)
+    handle, _ = lab.library(ladder)
+    wrong = lab.Ladder(**{**ladder.__dict__, "reference": lambda inputs: {"out": inputs["inp"].double()}})
+    ok, _, message = lab.check(wrong, handle, ladder.rungs[1], (37,), seed=0)
+    assert not ok and "out wrong at shape (37,)" in message
+
+
+def test_gelu_forward_counters_tell_the_tutorials_story():
+    r = rows("gelu_forward")
+    strided, coalesced, grid_stride, packed, today = (r[k] for k in
+                                                     ("1_strided", "2_coalesced", "3_grid_stride", "4_packed128",
+                                                      "5_today"))
+    # 1 -> 2: the same requests, 8x the sectors: 32 lanes in 32 sectors instead of one 128-byte line
+    assert strided.requests == coalesced.requests
+    assert strided.sectors_per_request == 32.0 and strided.ideal_per_request == 4.0
+    assert coalesced.sectors == coalesced.ideal_sectors and coalesced.sectors_per_request == 4.0
+    assert strided.moved_over_ideal == 8.0 and coalesced.moved_over_ideal == 1.0
+    # 2 -> 3: grid-stride changes the launch, not the traffic
+    assert (grid_stride.requests, grid_stride.sectors) == (coalesced.requests, coalesced.sectors)
+    assert int(grid_stride.grid.split(" x ")[0]) < int(coalesced.grid.split(" x ")[0])
+    # 3 -> 4: 128-bit accesses: a quarter of the requests, 16 sectors each, still the least
+    assert packed.requests * 4 == coalesced.requests
+    assert packed.sectors_per_request == 16.0 and packed.sectors == packed.ideal_sectors
+    # 5 is today's kernel: rung 4's traffic
+    assert (today.requests, today.sectors, today.grid) == (packed.requests, packed.sectors, packed.grid)
+
+
+def test_layernorm_forward_counters_tell_the_tutorials_story():
+    r = rows("layernorm_forward")
+    per_row, block, warp, packed, today = (r[k] for k in ("1_thread_per_row", "2_block_shared", "3_warp_shuffle",
+                                                         "4_warp_packed128", "5_today"))
+    # 1: lanes are rows, C floats apart: every row access costs 32 sectors, the ideal is far below
+    assert per_row.sectors_per_request > 5 * per_row.ideal_per_request
+    assert per_row.moved_over_ideal > 10
+    # 2: coalesced row accesses, a conflict-free shared-memory tree
+    assert block.sectors == block.ideal_sectors
+    assert block.wavefronts > 0 and block.ways == 1.0
+    # 3: the same global traffic, no shared memory, 4 rows per block
+    assert (warp.requests, warp.sectors) == (block.requests, block.sectors)
+    assert warp.wavefronts == 0 and warp.ways is None
+    assert int(warp.grid.split(" x ")[0]) * 4 == int(block.grid.split(" x ")[0])
+    # three passes over the row from global memory: about 3x the row's bytes in sectors
+    assert 2.5 < warp.moved_over_ideal < 3.0
+    # 4: float4 and the row in registers: one read of the row, a fraction of the requests
+    assert packed.requests * 5 < warp.requests
+    assert packed.sectors == packed.ideal_sectors
+    assert packed.moved_over_ideal < 2.0  # (what is left: each warp re-reads weight and bias)
+    # 5 is today's kernel: rung 4's traffic
+    assert (today.requests, today.sectors, today.grid) == (packed.requests, packed.sectors, packed.grid)
+
+
+def test_adamw_counters_tell_the_tutorials_story():
+    r = rows("adamw")
+    three, fused, packed, today = (r[k] for k in ("1_three_kernels", "2_fused", "3_packed128", "4_today"))
+    # 1 -> 2: three launches move 10 streams, the fused kernel the 7 the step needs
+    assert three.grid.count("+") == 2 and fused.grid.count("+") == 0
+    assert three.requests * 7 == fused.requests * 10
+    assert three.moved_bytes * 7 == fused.moved_bytes * 10 and fused.moved_over_ideal == 1.0
+    assert three.sectors == three.ideal_sectors and fused.sectors == fused.ideal_sectors
+    # 2 -> 3: float4, a quarter of the requests, each 16 sectors at the ideal
+    assert packed.requests * 4 == fused.requests
+    assert packed.sectors_per_request == 16.0 and packed.sectors == packed.ideal_sectors
+    # 4: today's kernel moves rung 3's streams plus its table (2 requests per warp), at the ideal
+    warps = int(today.grid.split(" x ")[0]) * int(today.grid.split(" x ")[1]) // 32
+    assert today.requests == packed.requests + 2 * warps
+    assert today.sectors == today.ideal_sectors
+    assert 2 * int(today.grid.split(" x ")[0]) == int(packed.grid.split(" x ")[0])
+
+
+def test_the_mutants_show_in_the_columns_the_exercises_name():
+    good, bad = rows("gelu_forward"), rows("gelu_forward", "chunked_loop")
+    assert bad["3_grid_stride"].correct
+    assert bad["3_grid_stride"].sectors_per_request > good["3_grid_stride"].sectors_per_request
+    assert {k: v.sectors for k, v in bad.items() if k != "3_grid_stride"} == \
+        {k: v.sectors for k, v in good.items() if k != "3_grid_stride"}
+    good, bad = rows("layernorm_forward"), rows("layernorm_forward", "interleaved_tree")
+    assert bad["2_block_shared"].correct
+    assert bad["2_block_shared"].ways > 2 * good["2_block_shared"].ways
+    assert bad["2_block_shared"].sectors == good["2_block_shared"].sectors
+    good, bad = rows("adamw"), rows("adamw", "second_pass")
+    assert bad["2_fused"].correct
+    assert bad["2_fused"].requests > good["2_fused"].requests
+    assert bad["2_fused"].moved_over_ideal > good["2_fused"].moved_over_ideal == 1.0
+    assert bad["2_fused"].sectors_per_request == good["2_fused"].sectors_per_request  # still coalesced
+
+
+@pytest.mark.parametrize("name", list(lab.LADDERS))
+def test_the_tutorial_tables_are_the_commands_output(name):
+    """dev/lab/<ladder>.md quotes run.py's tables between markers; they must be today's output
+    (after a change: python dev/lab/run.py --all --write-docs, plus --mutant runs for the exercise)."""
+    text = lab.doc_path(name).read_text()
+    tables = lab.doc_tables(text)
+    assert (name, "") in tables, f"{name}.md has no table of the plain ladder"
+    for (ladder, mutant), table in tables.items():
+        assert ladder == name
+        assert table == lab.format_table(name, list(rows(name, mutant).values()), mutant), (
+            f"{name}.md's table{' for --mutant ' + mutant if mutant else ''} is stale: run "
+            f"python dev/lab/run.py {name}{' --mutant ' + mutant if mutant else ''} --write-docs")
+    # every table sits under the command that prints it
+    for (ladder, mutant) in tables:
+        command = lab.command(name) + (f" --mutant {mutant}" if mutant else "")
+        block = text.index(lab.doc_block(ladder, mutant, tables[(ladder, mutant)]))
+        assert command in text[max(0, block - 400):block], f"{name}.md: write `{command}` above its table"
