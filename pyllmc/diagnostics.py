@@ -84,6 +84,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from . import models
 from .ops.attention import split_heads
 
 SATURATION_X = 3.0  # |x| past which tanh-GELU is flat (x < -3: output and gradient ~ 0) or linear (x > 3)
@@ -177,12 +178,20 @@ def attention_summary(qkv: torch.Tensor, n_head: int) -> dict:
     qkv: (B, T, 3C), the packed q, k, v of GPT-2's c_attn. Uses the first ATTENTION_MAX_SEQUENCES
     sequences, in float32, scale 1/sqrt(D) as ops.attention.
     """
-    qkv = qkv.detach()[:ATTENTION_MAX_SEQUENCES]
-    q, k, _ = split_heads(qkv, n_head)  # (S, H, T, D) strided views
+    q, k, _ = split_heads(qkv.detach()[:ATTENTION_MAX_SEQUENCES], n_head)  # (S, H, T, D) strided views
+    return attention_summary_of(q, k)
+
+
+def attention_summary_of(q: torch.Tensor, k: torch.Tensor) -> dict:
+    """attention_summary from the queries q (S, H, T, D) and keys k (S, H_kv, T, D) the attention reads
+    (a Llama's after RoPE; H_kv dividing H: query head h reads key head h // (H / H_kv))."""
+    q, k = q.detach()[:ATTENTION_MAX_SEQUENCES], k.detach()[:ATTENTION_MAX_SEQUENCES]
     q, k = q.to(torch.float32), k.to(torch.float32)
+    if k.size(1) != q.size(1):
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (S, H, T, D): a copy is fine for a summary
     S, H, T, D = q.shape
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (S, H, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=qkv.device).tril_()  # (T, T) key j <= query i
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril_()  # (T, T) key j <= query i
     scores.masked_fill_(~causal, float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # (S, H, T, T), exactly 0 above the diagonal
     del scores
@@ -363,14 +372,25 @@ class TrainingDiagnostics:
                 self._attention[i] = attention_summary(output, n_head)
             return on_output
 
+        def on_rotated_qk(i):  # a Llama's q (B, T, H, D) and k (B, T, H_kv, D) after RoPE
+            def on_output(module, args, output):
+                q, k = output
+                self._attention[i] = attention_summary_of(q.transpose(1, 2), k.transpose(1, 2))
+            return on_output
+
         def on_model(module, args, output):  # the hooked forward is over: the module hooks go
             self._remove_hooks()
 
+        gelu = models.family_of(self.model) == "gpt2"  # a Llama's MLP is SwiGLU: no GELU to saturate
         for i, block in enumerate(blocks):
             hook(block.attn.register_forward_pre_hook(keep("ln_1", i)))
-            hook(block.attn.c_attn.register_forward_hook(on_c_attn(i)))
+            if hasattr(block.attn, "rotated_qk"):  # the attention reads q and k after RoPE (Llama)
+                hook(block.attn.rotated_qk.register_forward_hook(on_rotated_qk(i)))
+            else:
+                hook(block.attn.c_attn.register_forward_hook(on_c_attn(i)))
             hook(block.mlp.register_forward_pre_hook(keep("ln_2", i)))
-            hook(block.mlp.c_fc.register_forward_hook(on_c_fc(i)))
+            if gelu:
+                hook(block.mlp.c_fc.register_forward_hook(on_c_fc(i)))
             hook(block.mlp.register_forward_hook(on_mlp(i)))
             hook(block.register_forward_hook(on_block(i)))
         hook(self.model.head_input.register_forward_pre_hook(keep("ln_f", 0)))  # what the loss head reads

@@ -255,13 +255,9 @@ def check_model(args, config, source: str, recorded: Optional[dict], tokenizer) 
             tokenizers.check_same(recorded, tokenizer, f"the model ({source})")
         except tokenizers.TokenizerMismatchError as err:
             raise ConfigError(str(err)) from None
-    if models.family_of(config) == "llama":
-        if args.write_llmc:
-            raise ConfigError("--write_llmc writes llm.c's GPT-2 files; a Llama's weights go to llama2.c's format with "
-                              "python -m pyllmc.llama2c export CKPT.pt model.bin (or --write_hf 1)")
-        if args.diagnostics_every:
-            raise ConfigError("--diagnostics_every reads GPT-2's blocks (their packed qkv without RoPE); it does not "
-                              "take a Llama yet: use --diagnostics_every 0")
+    if models.family_of(config) == "llama" and args.write_llmc:
+        raise ConfigError("--write_llmc writes llm.c's GPT-2 files; a Llama's weights go to llama2.c's format with "
+                          "python -m pyllmc.llama2c export CKPT.pt model.bin (or --write_hf 1)")
     if args.sequence_length > config.block_size:
         raise ConfigError(f"--sequence_length {args.sequence_length} is longer than the model's block_size "
                           f"{config.block_size}: use --sequence_length {config.block_size} or less")

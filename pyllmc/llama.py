@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 
 from pyllmc import ops
-from pyllmc.lm import CausalLM, PreNormBlock, cached_attention
+from pyllmc.lm import CausalLM, PreNormBlock, Probe, cached_attention
 
 
 @dataclass
@@ -164,6 +164,7 @@ class Attention(nn.Module):
         qkv_width = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.c_attn = nn.Linear(config.dim, qkv_width, bias=False)  # [wq | wk | wv]
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)  # wo
+        self.rotated_qk = Probe()  # q and k as the attention reads them, after RoPE (the diagnostics' hook)
 
     def forward(self, x: torch.Tensor, cache=None, *, rope: tuple[torch.Tensor, torch.Tensor],
                 start: int = 0) -> torch.Tensor:
@@ -175,6 +176,7 @@ class Attention(nn.Module):
         cos, sin = rope
         q = ops.rope(q, cos, sin, start=start)  # (B, T, H, D)
         k = ops.rope(k, cos, sin, start=start)  # (B, T, H_kv, D)
+        q, k = self.rotated_qk(q, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H | H_kv, T, D), no copies
         if cache is None:
             # F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

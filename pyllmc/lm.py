@@ -143,6 +143,14 @@ class PreNormBlock(nn.Module):
         return next_ln.add_and_norm(residual, self.mlp(normed))
 
 
+class Probe(nn.Module):
+    """Returns its inputs unchanged: a place for hooks to see tensors that pass no other module
+    (a Llama's q and k after RoPE, for the diagnostics). No parameters, no work."""
+
+    def forward(self, *tensors):
+        return tensors if len(tensors) != 1 else tensors[0]
+
+
 # ---- the model skeleton -------------------------------------------------------------------------------
 
 class CausalLM(nn.Module):

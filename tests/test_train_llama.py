@@ -108,11 +108,27 @@ def test_llama_kernel_backend_trains_like_torch(shards, tmp_path, kernels):
     assert losses[kernels][2] == pytest.approx(losses["torch"][2], abs=2e-2)
 
 
-@pytest.mark.parametrize("flag, message", [
-    (["--write_llmc", "1"], "--write_llmc writes llm.c's GPT-2 files"),
-    (["--diagnostics_every", "2"], "--diagnostics_every reads GPT-2's blocks"),
-])
-def test_llama_refuses_what_only_gpt2_has(shards, tmp_path, flag, message):
-    result = run_train([*COMMON, *_data_args(shards), "--num_iterations", "1", "--output_dir", str(tmp_path), *flag],
-                       expect_ok=False)
-    assert result.returncode != 0 and message in result.stdout + result.stderr
+def test_llama_refuses_llmc_files(shards, tmp_path):
+    result = run_train([*COMMON, *_data_args(shards), "--num_iterations", "1", "--output_dir", str(tmp_path),
+                        "--write_llmc", "1"], expect_ok=False)
+    assert result.returncode != 0 and "--write_llmc writes llm.c's GPT-2 files" in result.stdout + result.stderr
+
+
+def test_llama_diagnostics_read_the_rotated_attention_and_change_nothing(shards, tmp_path):
+    """--diagnostics_every on a Llama: activations, gradients, updates and the attention of every layer (from q
+    and k after RoPE, over 2 key/value heads), no GELU figures (SwiGLU), and losses bitwise as without."""
+    common = [*COMMON, *_data_args(shards), "--num_iterations", "2", "--total_batch_size", "64",
+              "--val_max_steps", "0", "--checkpoint_every", "-1"]
+    run_train([*common, "--output_dir", str(tmp_path / "plain")])
+    run_train([*common, "--output_dir", str(tmp_path / "diag"), "--diagnostics_every", "1"])
+    plain, diag = read_log(tmp_path / "plain"), read_log(tmp_path / "diag")
+    assert train_losses(diag) == train_losses(plain)
+    records = [r for r in diag if r["type"] == "diagnostics"]
+    assert [r["step"] for r in records] == [1, 2]
+    record = records[-1]
+    assert len(record["attention"]) == 4 and all(len(a["entropy"]) == 4 for a in record["attention"])
+    # mean entropy per head: between 0 and that of uniform attention over the visible keys (T = 32)
+    uniform = sum(math.log(t + 1) for t in range(1, 32)) / 31
+    assert all(0 <= e <= uniform + 1e-6 for a in record["attention"] for e in a["entropy"])
+    assert all(s is None for s in record["activations"]["gelu_input"])
+    assert all(s is not None and math.isfinite(s["std"]) for s in record["activations"]["residual"])
