@@ -132,3 +132,16 @@ def test_llama_diagnostics_read_the_rotated_attention_and_change_nothing(shards,
     assert all(0 <= e <= uniform + 1e-6 for a in record["attention"] for e in a["entropy"])
     assert all(s is None for s in record["activations"]["gelu_input"])
     assert all(s is not None and math.isfinite(s["std"]) for s in record["activations"]["residual"])
+
+
+def test_llama_two_processes_with_zero1_match_one(shards, tmp_path):
+    """DDP (gloo) with ZeRO-1 on a Llama: 2 processes of 1 micro step each train as 1 process of 2."""
+    args = [*COMMON, *_data_args(shards), "--num_iterations", "2", "--total_batch_size", "128",
+            "--val_max_steps", "0", "--checkpoint_every", "-1"]
+    run_train([*args, "--output_dir", str(tmp_path / "one")])
+    result = run_train([*args, "--output_dir", str(tmp_path / "two"), "--zero_stage", "1"], nproc=2)
+    assert "x 2 rank(s)" in result.stdout and "ZeRO-1" in result.stdout
+    one, two = train_losses(read_log(tmp_path / "one")), train_losses(read_log(tmp_path / "two"))
+    assert sorted(two) == [1, 2]
+    for step in one:  # float32 reduction order differs, nothing else
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), (step, one, two)
