@@ -13,7 +13,7 @@ import torch
 from pyllmc import ops
 from pyllmc import testing
 from pyllmc.ops import _common
-from pyllmc.testing import AttentionCase, CrossEntropyCase, GeluCase, LayerNormCase
+from pyllmc.testing import AttentionCase, CrossEntropyCase, GeluCase, LayerNormCase, Relu2Case, RMSNormCase
 
 
 def _view(layout: str, shape, dtype, device, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
@@ -104,6 +104,30 @@ def test_layernorm_layouts(kernel_backend, layout, fused):
     check_layout(LayerNormCase(inputs, grads), LayerNormCase(_contiguous(inputs), grads), name, layout)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rmsnorm_layouts(kernel_backend, layout, fused):
+    """Each non-contiguous input copied once, as LayerNorm's."""
+    name, device = kernel_backend
+    shape, C = (3, 11, 40), 40
+    dtype = torch.float32
+    inputs = {"x": _view(layout, shape, dtype, device, scale=2.0, shift=0.5),
+              "weight": _view("step slice", (C,), dtype, device, scale=0.5, shift=1.0)}
+    grads = {"y": torch.randn(shape, device=device)}
+    if fused:
+        inputs["residual"] = _view("transposed" if layout != "transposed" else "row slice", shape, dtype, device)
+        grads["h"] = torch.randn(shape, device=device)
+    check_layout(RMSNormCase(inputs, grads), RMSNormCase(_contiguous(inputs), grads), name, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_relu2_layouts(kernel_backend, layout):
+    name, device = kernel_backend
+    x = _view(layout, (13, 37), torch.float32, device)
+    dy = torch.randn(x.shape, device=device)
+    check_layout(Relu2Case({"x": x}, {"y": dy}), Relu2Case({"x": x.contiguous()}, {"y": dy}), name, layout)
+
+
 ATTENTION_LAYOUTS = ["transposed", "row slice", "step slice", "expanded", "grouped kv"]
 
 
@@ -175,6 +199,35 @@ def test_cross_entropy_layouts(kernel_backend, layout):
     for key in ("loss", "dlogits"):
         assert torch.equal(results[0][key], results[1][key]), key
     testing.assert_ok(CrossEntropyCase(logits.contiguous(), targets.contiguous(), dloss).compare(results[0]))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "overlapping"])
+def test_cross_entropy_copies_what_it_cannot_read_in_place(kernel_backend, layout):
+    """Column-major logits (a transposed view) and overlapping rows are copied once on the default path,
+    bitwise as on a contiguous copy; the fused path (inplace_backward) refuses them: its gradient would
+    land in the copy."""
+    name, device = kernel_backend
+    N, V = 9, 37
+    if layout == "transposed":
+        logits = 2.0 * torch.randn(V, N, device=device).t()  # (N, V), column-major
+    else:
+        logits = (2.0 * torch.randn(N + V, device=device)).as_strided((N, V), (1, 1))  # row i starts at i
+    targets = torch.randint(0, V, (N,), device=device)
+    dloss = torch.randn((), device=device)
+    results = []
+    for lg in (logits, logits.contiguous()):
+        leaf = lg.detach().requires_grad_(True)
+        loss = ops.cross_entropy(leaf, targets, backend=name)
+        loss.backward(dloss)
+        results.append((loss.detach(), leaf.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    if layout == "transposed":  # overlapping rows share elements: their gradients add up, unlike a copy's
+        assert torch.equal(results[0][1], results[1][1])
+    # the fused path's logits are an intermediate result (a matmul's output): here a strided view of one
+    base = (2.0 * torch.randn(V * N + V, device=device)).requires_grad_(True) * 1.0
+    strided = base[:V * N].view(V, N).t() if layout == "transposed" else base.as_strided((N, V), (1, 1))
+    with pytest.raises(ValueError, match="stride 1 along the vocabulary|rows must not overlap"):
+        ops.cross_entropy(strided, targets, inplace_backward=True, backend=name)
 
 
 def test_dense_in_storage():

@@ -155,8 +155,6 @@ def test_bad_inputs_are_clear_errors(backend_name):
         ops.swiglu_packed(torch.randn(6, 4).t(), backend=backend_name)
     with pytest.raises(ValueError, match="x must have at least 1 dims"):
         ops.swiglu_packed(torch.tensor(1.0), backend=backend_name)
-    with pytest.raises(ValueError, match="x must be contiguous"):
-        ops.relu2(a.t(), backend=backend_name)
     with pytest.raises(ValueError, match="x must have dtype float32, bfloat16, float16; got int32"):
         ops.relu2(torch.zeros(4, dtype=torch.int32), backend=backend_name)
 

@@ -115,9 +115,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     float32 whatever the logits' dtype. If every row is ignored (or N == 0) the mean is
     defined as 0.0 and all gradients are zero (F.cross_entropy gives NaN there).
 
-    logits: float32 / bfloat16 / float16 (N, W). The last dim must have stride 1, but rows may
-        lie further apart than W (a column view of a wider tensor is read in place). The
-        gradient has logits' shape and row stride.
+    logits: float32 / bfloat16 / float16 (N, W). Rows with the last dim at stride 1 are read in
+        place, also when they lie further apart than W (a column view of a wider tensor); the
+        gradient then has logits' shape and row stride. Any other layout (a transposed view, rows
+        that overlap) is copied to a contiguous tensor first (one extra read + write of the logits),
+        except with inplace_backward, which refuses it (the gradient would be written into a copy).
     num_classes: V, when only the first V <= W columns are classes and the rest is padding
         (GPT-2: W = 50304, V = 50257). The padding is ignored and its gradient is zero.
         Default: W.
@@ -146,6 +148,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return_z_loss: also return the z-loss part of the loss, reduced and scaled like it (a float32
         tensor of the loss's shape, without a gradient): (loss, z_loss).
     """
+    if not inplace_backward and _needs_copy(logits):
+        logits = logits.contiguous()  # an ordinary autograd op: the gradient comes back in logits' layout
     V = _check_inputs(logits, targets, ignore_index, num_classes)
     loss_scale = _check_loss_scale(loss_scale)
     options = _check_options(reduction, label_smoothing, lse_square_scale, softcap)
@@ -289,6 +293,14 @@ def _check_inputs(logits, targets, ignore_index, num_classes) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= W:
         raise ValueError(f"num_classes must be an int in [1, {W}] (logits' last dim); got {num_classes!r}")
     return num_classes
+
+
+def _needs_copy(logits) -> bool:
+    """A 2-D tensor whose rows the kernels cannot read in place: the last dim strided, or rows overlapping."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        return False  # _check_inputs says what is wrong
+    N, W = logits.shape
+    return (W > 1 and logits.stride(1) != 1) or (N > 1 and logits.stride(0) < W)
 
 
 def _check_loss_scale(loss_scale) -> float:

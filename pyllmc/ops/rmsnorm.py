@@ -51,11 +51,16 @@ DEFAULT_EPS = 1e-6
 
 def rmsnorm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float = DEFAULT_EPS, *,
             backend: Optional[str] = None) -> torch.Tensor:
-    """RMSNorm of x (..., C) over its last dim; weight (C,) of x's dtype, or None (no gain)."""
+    """RMSNorm of x (..., C) over its last dim; weight (C,) of x's dtype, or None (no gain).
+
+    Any strides: a non-contiguous x (or weight) is copied to a contiguous tensor first (one extra
+    read + write of it), as ops.layernorm does; y is contiguous."""
     _check_inputs(x, weight, eps)
     name = _resolve(backend, x)
     if name == "torch":
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # the copies are ordinary autograd ops: the gradients come back in the inputs' own layouts
+    x, weight = x.contiguous(), None if weight is None else weight.contiguous()
     y, _ = torch.ops.pyllmc.rmsnorm_forward(x, weight, float(eps), name)
     return y
 
@@ -63,9 +68,11 @@ def rmsnorm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float =
 def fused_residual_rmsnorm(residual: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
                            eps: float = DEFAULT_EPS, *,
                            backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, rmsnorm(h)) with h = residual + x; residual and x (..., C) of one shape, dtype, device."""
+    """(h, rmsnorm(h)) with h = residual + x; residual and x (..., C) of one shape, dtype, device.
+    Any strides: each non-contiguous input is copied to a contiguous tensor first (one extra read +
+    write of it); h and y are contiguous."""
     _check_inputs(x, weight, eps)
-    check_tensor("residual", residual, min_ndim=1)
+    check_tensor("residual", residual, min_ndim=1, contiguous=False)
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
     check_same_dtype(x=x, residual=residual)
@@ -74,17 +81,18 @@ def fused_residual_rmsnorm(residual: torch.Tensor, x: torch.Tensor, weight: Opti
     if name == "torch":
         h = residual + x
         return h, F.rms_norm(h, (h.shape[-1],), weight, eps)
+    residual, x, weight = residual.contiguous(), x.contiguous(), None if weight is None else weight.contiguous()
     h, y, _ = torch.ops.pyllmc.fused_residual_rmsnorm_forward(residual, x, weight, float(eps), name)
     return h, y
 
 
 def _check_inputs(x, weight, eps) -> None:
-    check_tensor("x", x, min_ndim=1)
+    check_tensor("x", x, min_ndim=1, contiguous=False)
     C = x.shape[-1]
     if C == 0:
         raise ValueError(f"x must have a last dim C >= 1; got shape {tuple(x.shape)}")
     if weight is not None:
-        check_tensor("weight", weight, ndim=1)
+        check_tensor("weight", weight, ndim=1, contiguous=False)
         if weight.shape[0] != C:
             raise ValueError(f"weight must have shape (C,) = ({C},), C being x's last dim; got {tuple(weight.shape)}")
         check_same_dtype(x=x, weight=weight)

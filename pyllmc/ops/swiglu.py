@@ -30,7 +30,7 @@ backward copies even when da and db are views of one buffer, so swiglu(a, b) gai
 writing them so, and writes two fresh tensors). Beside the activation, the packed form lets the
 model run one (N, C) x (C, 2H) matmul instead of two, and one for each of its gradients.
 
-relu2 is GELU's sibling: a flat elementwise op on a contiguous tensor.
+relu2 is GELU's sibling: a flat elementwise op on a contiguous tensor (others are copied first).
 """
 
 from __future__ import annotations
@@ -74,12 +74,13 @@ def swiglu_packed(x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Te
 
 
 def relu2(x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
-    """relu(x)^2 of x, any shape, float32 / bfloat16 / float16, contiguous."""
-    check_tensor("x", x)
+    """relu(x)^2 of x, any shape, float32 / bfloat16 / float16, any strides: a non-contiguous x is
+    copied to a contiguous tensor first (one extra read + write of x); the result is contiguous."""
+    check_tensor("x", x, contiguous=False)
     name = resolve_backend(backend, x.device)
     if name == "torch":
         return F.relu(x).square()
-    return torch.ops.pyllmc.relu2_forward(x, name)
+    return torch.ops.pyllmc.relu2_forward(x.contiguous(), name)  # the copy's autograd gives x's layout back
 
 
 # ---- layouts ---------------------------------------------------------------------------
