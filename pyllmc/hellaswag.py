@@ -108,11 +108,20 @@ def ending_losses(model, tokens: torch.Tensor, mask: torch.Tensor,
     return summed, summed / target_mask.sum(dim=1)
 
 
-def _batches(examples, enc, batch_size: int, pad_to: int | None):
-    """Group rendered examples into (tokens, mask, labels) batches of batch_size examples."""
+def _batches(examples, enc, batch_size: int, pad_to: int | None, max_length: int | None = None):
+    """Group rendered examples into (tokens, mask, labels) batches of batch_size examples. An example
+    longer than max_length (the model's context) loses the start of its context: the endings, which
+    are scored, stay whole."""
     group = []
     for example in examples:
-        group.append(render_example(example, enc))
+        tokens, mask, label = render_example(example, enc)
+        if max_length is not None and tokens.shape[1] > max_length:
+            cut = tokens.shape[1] - max_length
+            # at least one context token must stay: it predicts the ending's first token
+            if int(mask[:, : cut + 1].sum()):
+                raise ValueError(f"a HellaSwag ending does not fit the model's context ({max_length} tokens)")
+            tokens, mask = tokens[:, cut:], mask[:, cut:]
+        group.append((tokens, mask, label))
         if len(group) == batch_size:
             yield _collate(group, pad_to)
             group = []
@@ -181,7 +190,9 @@ def evaluate(model, path, *, device, max_examples=None, rank: int = 0, world_siz
     counts = torch.zeros(3, dtype=torch.long)  # n, correct (sum), correct (mean)
     num_batches = -(-len(examples) // batch_size)
     try:
-        batches = _batches(examples, enc, batch_size, pad_to)
+        # a model with a context limit (block_size: the positions it has) sees at most that many tokens
+        max_length = getattr(getattr(model, "config", None), "block_size", None)
+        batches = _batches(examples, enc, batch_size, pad_to, max_length)
         for tokens, mask, labels in _progress(batches, num_batches, progress and rank == 0):
             summed, mean = ending_losses(model, tokens.to(device), mask.to(device), vocab_size)
             pred = summed.view(-1, NUM_ENDINGS).argmin(dim=1).cpu()

@@ -234,8 +234,8 @@ class CausalLM(nn.Module):
         V = self.config.vocab_size
         if chunked_loss:
             # the same loss as below, with logits = x @ lm_head.weight.T made chunk by chunk
-            loss = ops.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1, num_classes=V,
-                                            loss_scale=loss_scale)
+            loss = ops.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1,
+                                            bias=self.lm_head.bias, num_classes=V, loss_scale=loss_scale)
             return None, loss
         logits_padded = self.lm_head(x)  # (B, T, Vp)
         Vp = self.config.padded_vocab_size

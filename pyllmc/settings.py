@@ -105,8 +105,11 @@ def continue_run(args, given, state: dict, path, device, say) -> argparse.Namesp
     try:
         current = run_settings(args, model=model_spec_for(args.model, device),
                                dtype=precision.training_dtype(args.dtype, device)[0])
+        recorded = checkpoint.recorded_settings(state)
+        if recorded and "loss_head" not in recorded:  # a run from before --loss_head used the fused classifier
+            recorded = {**recorded, "loss_head": "fused"}
         settings, _, overridden = checkpoint.resume_settings(
-            checkpoint.recorded_settings(state), current, given, local=RESUME_LOCAL, free=RESUME_FREE,
+            recorded, current, given, local=RESUME_LOCAL, free=RESUME_FREE,
             fixed=RESUME_FIXED, override=override, where=str(path))
     except ValueError as err:  # a conflict, a bad --resume_override or --dtype
         raise ConfigError(str(err)) from None
@@ -118,7 +121,7 @@ def continue_run(args, given, state: dict, path, device, say) -> argparse.Namesp
 def demo_settings_not_applied(args, given, device_type: str, resumed: bool):
     """With a preset --model on a CPU (a new run), the one line that says which of the CPU demo's settings
     (it applies only with --model auto) this run does not get, for the flags left unset; None otherwise."""
-    from pyllmc.model import PRESETS
+    from pyllmc.models import PRESETS
 
     if device_type != "cpu" or "model" not in given or args.model not in PRESETS or resumed:
         return None

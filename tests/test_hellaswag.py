@@ -267,3 +267,36 @@ def test_a_tokenizer_that_cannot_serve_hellaswag_is_refused():
             check_tokenizer(tokenizer)
     with pytest.raises(ValueError, match=r"tokenizer gpt2 \(50,257 ids\) has ids past the model's 300"):
         check_tokenizer(GPT2Tokenizer(), 300)
+
+
+def test_examples_longer_than_the_context_lose_the_start_of_their_context(hellaswag_path):
+    """A model with block_size shorter than an example (a small Llama's) sees the example's last
+    block_size tokens, never more positions than it has; the endings stay whole, so a model whose
+    prediction depends only on the current token scores exactly as without the limit. An ending that
+    cannot fit with one context token before it is refused."""
+    from types import SimpleNamespace
+
+    class Bigram(nn.Module):
+        def __init__(self, block_size=None):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(VOCAB_SIZE, 8)
+            self.head = nn.Linear(8, VOCAB_SIZE)
+            if block_size is not None:
+                self.config = SimpleNamespace(block_size=block_size)
+
+        def forward(self, idx):  # (B, T) -> (B, T, V), None: position t sees token t only
+            if hasattr(self, "config"):
+                assert idx.shape[1] <= self.config.block_size, idx.shape
+            return self.head(self.embed(idx)), None
+
+    examples = first_examples(hellaswag_path, 8)
+    longest = max(render_example(e)[0].shape[1] for e in examples)
+    shortest_context = min(int((render_example(e)[1][0] == 0).sum()) for e in examples)
+    block = longest - shortest_context // 2
+    assert block < longest  # some examples are cropped
+    unlimited = evaluate(Bigram(), hellaswag_path, device="cpu", max_examples=8, progress=False)
+    limited = evaluate(Bigram(block), hellaswag_path, device="cpu", max_examples=8, progress=False)
+    assert limited == unlimited and limited["n"] == 8
+    with pytest.raises(ValueError, match="does not fit the model's context"):
+        evaluate(Bigram(4), hellaswag_path, device="cpu", max_examples=8, progress=False)

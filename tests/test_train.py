@@ -755,3 +755,17 @@ def test_exported_models_match_the_checkpoint_and_restart_training(shards, basel
     if extra:
         scores = [r for r in records if r["type"] == "hellaswag"]
         assert len(scores) == 1 and scores[0]["n"] == 4 and 0 <= scores[0]["acc_norm"] <= 1
+
+
+def test_resume_of_a_run_from_before_loss_head_keeps_the_fused_classifier(baseline, tmp_path):
+    """A checkpoint whose recorded settings have no --loss_head trained with llm.c's fused classifier (the only
+    loss head then): --resume 1 continues on it, not on today's default, so the run goes on as it was."""
+    out, _, _ = baseline
+    state = checkpoint.load_checkpoint(out / "ckpt_00000003.pt")
+    assert state["settings"]["loss_head"] == "chunked"
+    del state["settings"]["loss_head"]
+    old = tmp_path / "old"
+    checkpoint.save_checkpoint(old, 3, state)
+    run_train(["--resume", "1", "--output_dir", str(old), "--stop_at_step", "4"])
+    config = [r for r in read_log(old) if r["type"] == "config"][-1]
+    assert config["args"]["loss_head"] == "fused"

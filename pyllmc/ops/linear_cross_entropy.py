@@ -15,8 +15,9 @@ that is 65,536 x 50,304 x 2 B = 6.6 GB in bfloat16. Here the rows go by in chunk
     dbias    += sum of dlogits_k's rows          float32
 
 so the gradients are computed in the forward (Liger-Kernel's way) and only one chunk's logits exist at
-a time. The backward multiplies the saved gradients by the upstream gradient (nothing moves when it is
-1 on the CPU; on a GPU one pass over dhidden and dweight).
+a time. The backward multiplies the saved gradients by the upstream gradient (one pass over dhidden and
+dweight, in float32 for a low-precision dtype so that an upstream gradient like 1/3 is not rounded to
+bf16 first; for a moment the scaled copies sit beside the saved ones: +N C s + W C s bytes).
 
 Normalization without a host sync: the fused kernel scales chunk k's gradient by 1 / n_k (its own
 valid rows, counted on the device); each chunk then gets r_k = loss_scale * n_k / n_valid on the
@@ -38,7 +39,8 @@ Memory (bytes) of one training step's loss head, from the forward to the backwar
                                                                                part in the weight's dtype
                                                                                when that is not float32)
                                          + chunk_rows x W x itemsize          (one chunk's logits, transient)
-GPT-2 124M, N = 65,536, bf16: plain 6.59 GB; chunked 0.10 + 0.15 + 0.08 + 0.10 = 0.43 GB.
+GPT-2 124M, N = 65,536, bf16: plain 6.59 GB of logits + 0.10 + 0.08 = 6.77 GB; chunked 0.10 + 0.23 + 0.10
+= 0.43 GB.
 
 Options: ops.cross_entropy's label_smoothing, lse_square_scale (z-loss) and softcap go to each chunk's
 fused kernel unchanged (they act per row); reduction "sum" bakes loss_scale into each chunk's gradient
@@ -230,7 +232,7 @@ def _loss_and_grads(hidden, weight, bias, targets, ignore_index, V, loss_scale, 
         if options[0] == "mean":
             # mean over the chunk's n_k valid rows; dlogits_k = (softmax - onehot) / n_k in place
             loss_k, n_k = _fused(logits_k, t_k, ignore_index, V, 1.0, backend, **_option_kwargs(options))
-            share = n_k * (loss_scale / n_valid)  # () r_k: this chunk's share of the whole mean
+            share = (n_k / n_valid) * loss_scale  # () r_k: this chunk's share; exactly 1 for one chunk, no scale
             loss += loss_k * share
             _scale_grad(logits_k, share, V, backend)  # dlogits_k *= r_k (nothing moves where r_k is 1)
         else:  # "sum": loss_scale baked into the kernel's gradient, no rescaling pass
@@ -281,9 +283,9 @@ def linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Op
 def _(hidden, weight, bias, targets, ignore_index, num_classes, loss_scale, chunk_rows, want_dhidden, want_dweight,
       want_dbias, backend, reduction="mean", label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0):
     return (hidden.new_empty((), dtype=torch.float32),
-            torch.empty_like(hidden) if want_dhidden else hidden.new_empty(0),
-            torch.empty_like(weight) if want_dweight else hidden.new_empty(0),
-            torch.empty_like(bias) if want_dbias and bias is not None else hidden.new_empty(0))
+            hidden.new_empty(hidden.shape) if want_dhidden else hidden.new_empty(0),  # contiguous, as the op's
+            weight.new_empty(weight.shape) if want_dweight else hidden.new_empty(0),
+            bias.new_empty(bias.shape) if want_dbias and bias is not None else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -296,8 +298,10 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, dloss, _ddhidden, _ddweight, _ddbias):
     saved = ctx.saved_tensors
-    # g * dloss: exact for loss.backward() (dloss = 1); one pass over dhidden and dweight (small beside the matmuls)
-    grads = [g * dloss.to(g.dtype) if wanted else None for g, wanted in zip(saved, ctx.wanted)]
+    # g * dloss in float32 (exact for loss.backward()'s dloss = 1): one pass over dhidden and dweight, small
+    # beside the matmuls
+    grads = [(g if g.dtype == torch.float32 else g.float()).mul(dloss).to(g.dtype) if wanted else None
+             for g, wanted in zip(saved, ctx.wanted)]
     if not ctx.has_bias:
         grads[2] = None
     return (*grads, *(None,) * (ctx.n_inputs - 3))
