@@ -40,11 +40,11 @@ from ._common import (
     cuda_ext,
     cuda_launch,
     dtype_code,
-    resolve_backend,
     triton_kernels,
     triton_launch,
 )
-from .layernorm import CUDA_MAX_C, TRITON_MAX_C, cuda_num_partials
+# LayerNorm's row limits per backend and its row count: RMSNorm runs on the same row tiles
+from .layernorm import _resolve, _rows, cuda_num_partials
 
 DEFAULT_EPS = 1e-6
 
@@ -99,20 +99,6 @@ def _check_inputs(x, weight, eps) -> None:
         check_same_device(x=x, weight=weight)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite float >= 0; got {eps!r}")
-
-
-def _resolve(backend: Optional[str], x: torch.Tensor) -> str:
-    name = resolve_backend(backend, x.device)
-    C = x.shape[-1]
-    if name == "triton" and C > TRITON_MAX_C:
-        raise ValueError(f"x's last dim must be <= {TRITON_MAX_C} on the triton backend; got {C}")
-    if name == "cuda" and C > CUDA_MAX_C:
-        raise ValueError(f"x's last dim must be <= {CUDA_MAX_C} on the cuda backend; got {C}")
-    return name
-
-
-def _rows(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1]
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
