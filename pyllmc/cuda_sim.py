@@ -477,87 +477,132 @@ def _digest(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-def build(variant_name: Optional[str] = None, *, verbose: bool = True) -> Path:
-    """Build pyllmc._C_sim (if its sources changed) and return the module file's path."""
-    variant_name = variant_name or variant()
-    if variant_name not in VARIANTS:
-        raise BuildError(f"unknown simulator variant {variant_name!r}; expected one of {VARIANTS}")
+@dataclass
+class _Plan:
+    """What a variant's build compiles: its flags, units (with digests) and folders."""
+    tools: Toolchain
+    flags: list
+    units: list
+    root: Path
+    obj_dir: Path
+
+    def object(self, u: _Unit) -> Path:
+        return self.obj_dir / f"{u.name}-{u.digest}.o"
+
+
+def _plan(variant_name: str) -> _Plan:
+    """Rewrite the kernel sources into the variant's folder and digest every unit (call under its lock)."""
     csrc = source_dir()
     tools = toolchain()
     root = cache_dir() / variant_name
     src_dir, obj_dir = root / "src", root / "obj"
-    for d in (src_dir, obj_dir):
-        d.mkdir(parents=True, exist_ok=True)
+    sim = csrc / "sim"
+    # Kernel sources and headers, rewritten (headers beside them, so #include "x.cuh" finds the rewrite).
+    kernel_files = sorted(csrc.glob("*.cu")) + sorted(csrc.glob("*.cuh")) + sorted(sim.glob("*.cu"))
+    rewritten = {}
+    for index, path in enumerate(kernel_files):
+        rewritten[path] = rewrite(path.read_text(), str(path), file_index=index + 1)
+        target = src_dir / path.name
+        if not target.exists() or target.read_text() != rewritten[path]:
+            target.write_text(rewritten[path])
+    headers = _digest(*[rewritten[p] for p in kernel_files if p.suffix == ".cuh"],
+                      *[p.read_text() for p in sorted(sim.glob("*.h"))])
+    flags = _flags(tools, variant_name)
+    base = _digest(tools.version, tools.fcontext, flags, headers, sys.version, sysconfig.get_config_var("EXT_SUFFIX"))
 
+    kernel_flags = ["-x", "c++", "-include", str(sim / "cuda_sim.h"), "-I", str(src_dir), "-I", str(sim),
+                    "-I", str(tools.cuda_include)]
+    if variant_name == "counters":
+        kernel_flags += COUNTERS_KERNEL_FLAGS
+    py_flags = [f"-I{inc}" for inc in tools.includes]
+    units = [_Unit(p.stem + ("_sim" if p.parent == sim else ""), src_dir / p.name, kernel_flags)
+             for p in kernel_files if p.suffix == ".cu"]
+    units += [_Unit(p.stem, p, ["-I", str(sim), "-I", str(tools.cuda_include)] + py_flags)
+              for p in sorted(sim.glob("*.cpp"))]
+    units.append(_Unit("bindings", csrc / "bindings.cpp",
+                       [f"-DPYLLMC_EXTENSION_NAME={MODULE_NAME}", "-DPYLLMC_CUDA_SIM=1", "-I", str(csrc),
+                        "-I", str(sim), "-I", str(tools.cuda_include)] + py_flags))
+    for u in units:
+        u.digest = _digest(base, u.extra, u.source.read_bytes())
+    return _Plan(tools, flags, units, root, obj_dir)
+
+
+def _compile(plan: _Plan, units: list, variant_name: str, verbose: bool) -> None:
+    """Compile the units whose objects are missing (in parallel); BuildError on the first failure."""
+    todo = [u for u in units if not plan.object(u).exists()]
+    if not todo:
+        return
+    jobs = max(1, min(len(todo), os.cpu_count() or 1))
+    if verbose:
+        print(f"cuda_sim: compiling {len(todo)} file(s) of {source_dir()} for the CPU with {plan.tools.cxx} "
+              f"({variant_name}, {jobs} jobs; {'fcontext' if plan.tools.fcontext else 'ucontext'} fibers)...",
+              file=sys.stderr, flush=True)
+    todo.sort(key=lambda u: -u.source.stat().st_size)  # the largest first: the small ones fill the other cores
+
+    def compile_unit(u: _Unit):
+        obj = plan.object(u)
+        tmp = obj.with_suffix(f".tmp{os.getpid()}")
+        result = _run([plan.tools.cxx, *plan.flags, *u.extra, "-c", str(u.source), "-o", str(tmp)])
+        if result.returncode != 0:
+            return u, result.stderr
+        tmp.replace(obj)
+        return u, None
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        failures = [(u, err) for u, err in pool.map(compile_unit, todo) if err is not None]
+    if failures:
+        u, err = failures[0]
+        raise BuildError(f"cuda_sim: compiling {u.source} failed:\n{err[-6000:]}")
+
+
+@contextlib.contextmanager
+def _locked(variant_name: str) -> Iterator[_Plan]:
+    if variant_name not in VARIANTS:
+        raise BuildError(f"unknown simulator variant {variant_name!r}; expected one of {VARIANTS}")
+    root = cache_dir() / variant_name
+    for d in (root / "src", root / "obj"):
+        d.mkdir(parents=True, exist_ok=True)
     with open(root / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (a test may start a second process)
-        sim = csrc / "sim"
-        # Kernel sources and headers, rewritten (headers beside them, so #include "x.cuh" finds the rewrite).
-        kernel_files = sorted(csrc.glob("*.cu")) + sorted(csrc.glob("*.cuh")) + sorted(sim.glob("*.cu"))
-        rewritten = {}
-        for index, path in enumerate(kernel_files):
-            rewritten[path] = rewrite(path.read_text(), str(path), file_index=index + 1)
-            target = src_dir / path.name
-            if not target.exists() or target.read_text() != rewritten[path]:
-                target.write_text(rewritten[path])
-        headers = _digest(*[rewritten[p] for p in kernel_files if p.suffix == ".cuh"],
-                          *[p.read_text() for p in sorted(sim.glob("*.h"))])
-        flags = _flags(tools, variant_name)
-        base = _digest(tools.version, tools.fcontext, flags, headers, sys.version, sysconfig.get_config_var("EXT_SUFFIX"))
+        yield _plan(variant_name)
 
-        kernel_flags = ["-x", "c++", "-include", str(sim / "cuda_sim.h"), "-I", str(src_dir), "-I", str(sim),
-                        "-I", str(tools.cuda_include)]
-        if variant_name == "counters":
-            kernel_flags += COUNTERS_KERNEL_FLAGS
-        py_flags = [f"-I{inc}" for inc in tools.includes]
-        units = [_Unit(p.stem + ("_sim" if p.parent == sim else ""), src_dir / p.name, kernel_flags)
-                 for p in kernel_files if p.suffix == ".cu"]
-        units += [_Unit(p.stem, p, ["-I", str(sim), "-I", str(tools.cuda_include)] + py_flags)
-                  for p in sorted(sim.glob("*.cpp"))]
-        units.append(_Unit("bindings", csrc / "bindings.cpp",
-                           [f"-DPYLLMC_EXTENSION_NAME={MODULE_NAME}", "-DPYLLMC_CUDA_SIM=1", "-I", str(csrc),
-                            "-I", str(sim), "-I", str(tools.cuda_include)] + py_flags))
-        for u in units:
-            u.digest = _digest(base, u.extra, u.source.read_bytes())
-        libs = ["-lboost_context"] if tools.fcontext else []
-        out = root / f"{MODULE_NAME}-{_digest(*[u.digest for u in units], flags, libs)}.so"
+
+def build(variant_name: Optional[str] = None, *, verbose: bool = True) -> Path:
+    """Build pyllmc._C_sim (if its sources changed) and return the module file's path."""
+    variant_name = variant_name or variant()
+    with _locked(variant_name) as plan:
+        libs = ["-lboost_context"] if plan.tools.fcontext else []
+        out = plan.root / f"{MODULE_NAME}-{_digest(*[u.digest for u in plan.units], plan.flags, libs)}.so"
         if out.exists():
             return out
-
-        todo = [u for u in units if not (obj_dir / f"{u.name}-{u.digest}.o").exists()]
         started = time.time()
-        jobs = max(1, min(len(todo), os.cpu_count() or 1))
-        if verbose and todo:
-            print(f"cuda_sim: compiling {len(todo)} file(s) of {csrc} for the CPU with {tools.cxx} "
-                  f"({variant_name}, {jobs} jobs; {'fcontext' if tools.fcontext else 'ucontext'} fibers)...",
-                  file=sys.stderr, flush=True)
-
-        def compile_unit(u: _Unit):
-            obj = obj_dir / f"{u.name}-{u.digest}.o"
-            tmp = obj.with_suffix(f".tmp{os.getpid()}")
-            result = _run([tools.cxx, *flags, *u.extra, "-c", str(u.source), "-o", str(tmp)])
-            if result.returncode != 0:
-                return u, result.stderr
-            tmp.replace(obj)
-            return u, None
-
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            failures = [(u, err) for u, err in pool.map(compile_unit, todo) if err is not None]
-        if failures:
-            u, err = failures[0]
-            raise BuildError(f"cuda_sim: compiling {u.source} failed:\n{err[-6000:]}")
-        objects = [str(obj_dir / f"{u.name}-{u.digest}.o") for u in units]
+        _compile(plan, plan.units, variant_name, verbose)
+        objects = [str(plan.object(u)) for u in plan.units]
         tmp = out.with_suffix(f".tmp{os.getpid()}")
-        result = _run([tools.cxx, "-shared", *flags, *objects, "-o", str(tmp), *libs])
+        result = _run([plan.tools.cxx, "-shared", *plan.flags, *objects, "-o", str(tmp), *libs])
         if result.returncode != 0:
             raise BuildError(f"cuda_sim: linking {out.name} failed:\n{result.stderr[-6000:]}")
         tmp.replace(out)
-        for old in root.glob(f"{MODULE_NAME}-*.so"):  # keep only the newest module
+        for old in plan.root.glob(f"{MODULE_NAME}-*.so"):  # keep only the newest module
             if old != out:
                 old.unlink(missing_ok=True)
         if verbose:
             print(f"cuda_sim: built {out.name} in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
         return out
+
+
+def kernel_objects(names: list, variant_name: str = "counters", *, verbose: bool = False) -> list:
+    """The object files of csrc kernel files `names` (stems: "layernorm") as `variant_name`'s build of
+    pyllmc._C_sim compiles them, compiled now if missing. The objects are the build's own (same
+    cache, same key): a tool that links one csrc file (dev/lab/) and the full build share the work."""
+    with _locked(variant_name) as plan:
+        kernels = {u.name: u for u in plan.units if u.source.parent == plan.root / "src"}  # rewritten .cu files
+        missing = [n for n in names if n not in kernels]
+        if missing:
+            raise BuildError(f"cuda_sim: no kernel file {', '.join(missing)}.cu in {source_dir()}")
+        units = [kernels[n] for n in names]
+        _compile(plan, units, variant_name, verbose)
+        return [plan.object(u) for u in units]
 
 
 _loaded: dict = {}

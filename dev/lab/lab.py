@@ -50,6 +50,9 @@ GPU_TIME_NOTE = ("GPU time: not run. The rungs are built only for the CPU simula
 class Rung:
     file: str        # dev/lab/<ladder>/<file>; its stem names the entry point
     changed: str     # what this rung changes, in the table's words
+    # shape -> the bytes this rung reads and writes at least once, where that is not the op's least
+    # traffic (a rung that keeps an intermediate in global memory; tests/test_lab.py checks it)
+    unique_bytes: Optional[Callable] = None
 
     @property
     def stem(self) -> str:
@@ -70,7 +73,7 @@ class Mutant:
 class Ladder:
     name: str
     rungs: list
-    today: list            # csrc/ files linked in for the last rung
+    today: list            # csrc/ kernel files (stems: "layernorm") linked in for the last rung
     headers: list          # dev/lab/ headers the rungs include (besides lab.cuh)
     call: Callable         # (entry, inputs, err buffer) -> error code; runs one rung on prepared inputs
     make_inputs: Callable  # (shape, generator) -> dict of tensors
@@ -83,161 +86,34 @@ class Ladder:
     mutants: dict = field(default_factory=dict)
 
 
-_ERR = 512
+ERR_LEN = 512  # bytes of the message buffer each entry gets
 
 
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+def ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    """A tensor's data pointer as a ctypes argument (the rungs take raw device pointers)."""
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _gelu_inputs(shape, gen):
-    (n,) = shape
-    # a wide range: the tails of tanh are where formulas differ
-    x = torch.randn(n, generator=gen) * 3.0
-    return {"inp": x, "out": torch.full((n,), float("nan"))}
+# The tutorials' order: elementwise, then reductions, then fusion, then the optimizer, then attention.
+# A folder dev/lab/<name>/ with a ladder.py (defining LADDER) not named here comes after these.
+ORDER = ["gelu_forward", "layernorm_forward", "layernorm_backward", "residual_layernorm", "cross_entropy_forward",
+         "fused_classifier", "adamw", "attention"]
 
 
-def _gelu_reference(inputs):
-    return {"out": torch.nn.functional.gelu(inputs["inp"].double(), approximate="tanh")}
-
-
-def _gelu_call(entry, inputs, err):
-    return entry(_ptr(inputs["out"]), _ptr(inputs["inp"]), ctypes.c_longlong(inputs["inp"].numel()), err, _ERR)
-
-
-def _layernorm_inputs(shape, gen):
-    rows, C = shape
-    # an offset mean, as activations have: a one-pass E[x^2] - mean^2 variance would lose digits
-    return {"inp": torch.randn(rows, C, generator=gen) + 2.0,
-            "weight": torch.randn(C, generator=gen), "bias": torch.randn(C, generator=gen),
-            "out": torch.full((rows, C), float("nan")), "mean": torch.full((rows,), float("nan")),
-            "rstd": torch.full((rows,), float("nan"))}
-
-
-LAYERNORM_EPS = 1e-5
-
-
-def _layernorm_reference(inputs):
-    x = inputs["inp"].double()
-    mean = x.mean(-1)
-    var = ((x - mean[:, None]) ** 2).mean(-1)
-    rstd = 1.0 / torch.sqrt(var + LAYERNORM_EPS)
-    out = (x - mean[:, None]) * rstd[:, None] * inputs["weight"].double() + inputs["bias"].double()
-    return {"out": out, "mean": mean, "rstd": rstd}
-
-
-def _layernorm_call(entry, inputs, err):
-    rows, C = inputs["inp"].shape
-    return entry(_ptr(inputs["out"]), _ptr(inputs["mean"]), _ptr(inputs["rstd"]), _ptr(inputs["inp"]),
-                 _ptr(inputs["weight"]), _ptr(inputs["bias"]), ctypes.c_longlong(rows), ctypes.c_int(C),
-                 ctypes.c_float(LAYERNORM_EPS), err, _ERR)
-
-
-# one AdamW step at GPT-2's defaults (pyllmc.optim), at step 3 so both bias corrections matter
-ADAMW = dict(lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=3)
-
-
-def _adamw_inputs(shape, gen):
-    (n,) = shape
-    # a state mid-training: m of either sign, v positive and of the size of g^2
-    g = torch.randn(n, generator=gen)
-    return {"param": torch.randn(n, generator=gen), "grad": g, "exp_avg": 0.1 * torch.randn(n, generator=gen),
-            "exp_avg_sq": 0.01 * torch.rand(n, generator=gen) + 1e-4}
-
-
-def _adamw_reference(inputs):
-    h = ADAMW
-    # the inputs are updated in place: the reference reads the copies taken before the call
-    p, g, m, v = (inputs["_before"][k].double() for k in ("param", "grad", "exp_avg", "exp_avg_sq"))
-    m = m + (1 - h["beta1"]) * (g - m)
-    v = h["beta2"] * v + (1 - h["beta2"]) * g * g
-    step_size = h["lr"] / (1 - h["beta1"] ** h["step"])
-    bc2_sqrt = math.sqrt(1 - h["beta2"] ** h["step"])
-    p = p * (1 - h["lr"] * h["weight_decay"]) - step_size * m / (v.sqrt() / bc2_sqrt + h["eps"])
-    return {"param": p, "exp_avg": m, "exp_avg_sq": v}
-
-
-def _adamw_call(entry, inputs, err):
-    h = ADAMW
-    inputs["_before"] = {k: v.clone() for k, v in inputs.items() if k != "_before"}
-    return entry(_ptr(inputs["param"]), _ptr(inputs["grad"]), _ptr(inputs["exp_avg"]), _ptr(inputs["exp_avg_sq"]),
-                 ctypes.c_longlong(inputs["param"].numel()), ctypes.c_float(h["lr"]), ctypes.c_float(h["beta1"]),
-                 ctypes.c_float(h["beta2"]), ctypes.c_float(h["eps"]), ctypes.c_float(h["weight_decay"]),
-                 ctypes.c_int(h["step"]), err, _ERR)
-
-
-LADDERS = {
-    "gelu_forward": Ladder(
-        name="gelu_forward",
-        rungs=[Rung("1_strided.cu", "one thread per element, lanes 1/32 of the array apart"),
-               Rung("2_coalesced.cu", "thread t takes element t: a warp reads 128 contiguous bytes"),
-               Rung("3_grid_stride.cu", "a fixed grid loops over the array (grid-stride)"),
-               Rung("4_packed128.cu", "float4: one 128-bit load and store per 4 elements"),
-               Rung("5_today.cu", "today's csrc/gelu.cu through its launcher")],
-        today=["gelu.cu"], headers=["gelu_math.cuh"],
-        call=_gelu_call, make_inputs=_gelu_inputs, reference=_gelu_reference, outputs=("out",),
-        tolerance=(2e-6, 2e-6), check_shapes=[(1,), (37,), (1023,), (4099,)], counter_shape=(8192,),
-        ideal_bytes=lambda shape: 2 * 4 * shape[0],
-        mutants={
-            "chunked_loop": Mutant(
-                "chunked_loop", "3_grid_stride.cu",
-                "    const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;\n"
-                "    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; "
-                "i < n; i += stride) {",
-                "    const long long threads = static_cast<long long>(gridDim.x) * blockDim.x;\n"
-                "    const long long per_thread = (n + threads - 1) / threads;  "
-                "// each thread takes a contiguous chunk\n"
-                "    const long long first = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) "
-                "* per_thread;\n"
-                "    for (long long i = first; i < n && i < first + per_thread; ++i) {",
-                "every rung still answers right; which row and column moved, and why would anyone write it?"),
-        }),
-    "layernorm_forward": Ladder(
-        name="layernorm_forward",
-        rungs=[Rung("1_thread_per_row.cu", "one thread per row, three passes over the row"),
-               Rung("2_block_shared.cu", "a block per row, shared-memory tree reductions"),
-               Rung("3_warp_shuffle.cu", "a warp per row, __shfl_xor_sync reductions"),
-               Rung("4_warp_packed128.cu", "+ float4 loads, the row kept in registers"),
-               Rung("5_today.cu", "today's csrc/layernorm.cu forward through its launcher")],
-        today=["layernorm.cu"], headers=[],
-        call=_layernorm_call, make_inputs=_layernorm_inputs, reference=_layernorm_reference,
-        outputs=("out", "mean", "rstd"), tolerance=(3e-5, 1e-5),
-        check_shapes=[(1, 768), (5, 37), (7, 200), (3, 1024), (2, 1023)], counter_shape=(32, 768),
-        ideal_bytes=lambda shape: 4 * (2 * shape[0] * shape[1] + 2 * shape[1] + 2 * shape[0]),
-        mutants={
-            "interleaved_tree": Mutant(
-                "interleaved_tree", "2_block_shared.cu",
-                "    for (int s = kBlock / 2; s > 0; s /= 2) {\n"
-                "        if (t < s) scratch[t] += scratch[t + s];",
-                "    for (int s = 1; s < kBlock; s *= 2) {  // thread t adds element 2 s t + s into 2 s t\n"
-                "        if (2 * s * t < kBlock) scratch[2 * s * t] += scratch[2 * s * t + s];",
-                "every rung still answers right; which row and column moved? Draw the banks warp 0 reads."),
-        }),
-    "adamw": Ladder(
-        name="adamw",
-        rungs=[Rung("1_three_kernels.cu", "three kernels: m, then v, then the parameter"),
-               Rung("2_fused.cu", "one fused kernel: each stream read or written once"),
-               Rung("3_packed128.cu", "float4: one 128-bit access per stream per 4 elements"),
-               Rung("4_today.cu", "today's csrc/adamw.cu (multi-tensor table) through its launcher")],
-        today=["adamw.cu"], headers=["adamw_math.cuh"],
-        call=_adamw_call, make_inputs=_adamw_inputs, reference=_adamw_reference,
-        outputs=("param", "exp_avg", "exp_avg_sq"), tolerance=(1e-6, 1e-5),
-        check_shapes=[(1,), (37,), (2049,), (4103,)], counter_shape=(8192,),
-        ideal_bytes=lambda shape: 7 * 4 * shape[0],
-        mutants={
-            "second_pass": Mutant(
-                "second_pass", "2_fused.cu",
-                "        p[i] = adamw_update(p[i], g[i], mi, vi, h);\n"
-                "        m[i] = mi;\n"
-                "        v[i] = vi;\n",
-                "        adamw_update(p[i], g[i], mi, vi, h);\n"
-                "        m[i] = mi;\n"
-                "        v[i] = vi;\n"
-                "        p[i] = p[i] * h.decay - h.step_size * m[i] / "
-                "(sqrtf(v[i]) / h.bias_correction2_sqrt + h.eps);\n",
-                "every rung still answers right; which row and columns moved? Find the line with --sites."),
-        }),
-}
+def _discover() -> dict:
+    """name -> Ladder of every dev/lab/<name>/ladder.py, in ORDER, then by name."""
+    names = sorted(p.parent.name for p in LAB.glob("*/ladder.py"))
+    names.sort(key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+    out = {}
+    for name in names:
+        spec = importlib.util.spec_from_file_location(f"lab_ladder_{name}", LAB / name / "ladder.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        ladder = module.LADDER
+        if ladder.name != name:
+            raise RuntimeError(f"dev/lab/{name}/ladder.py defines ladder {ladder.name!r}, not {name!r}")
+        out[name] = ladder
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,8 +126,6 @@ def _sources(ladder: Ladder, mutant: Optional[Mutant]) -> list:
     folder = LAB / ladder.name
     files = [(LAB / "lab.cuh", None)] + [(folder / h, None) for h in ladder.headers]
     files += [(folder / r.file, None) for r in ladder.rungs]
-    csrc = cuda_sim.source_dir()
-    files += [(csrc / "common.cuh", None)] + [(csrc / f, None) for f in ladder.today]
     out = []
     for path, _ in files:
         text = path.read_text()
@@ -280,8 +154,8 @@ def build(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = False
     flags = cuda_sim._flags(tools, "counters")  # the same flags as pyllmc._C_sim's counters build
     digest = cuda_sim._digest
 
-    # Kernel files rewritten (launches, __shared__) and flattened into one folder, headers included,
-    # so `#include "lab.cuh"` and csrc's `#include "common.cuh"` find the rewritten copies.
+    # The rungs rewritten (launches, __shared__) and flattened into one folder, headers included,
+    # so `#include "lab.cuh"` finds the rewritten copy.
     units, header_texts = [], []
     for index, (path, text) in enumerate(_sources(ladder, mutant)):
         rewritten = cuda_sim.rewrite(text, str(path), file_index=100 + index)
@@ -300,7 +174,7 @@ def build(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = False
     jobs = [(u, kernel_flags) for u in units]
     jobs += [(sim / f"{name}.cpp", runtime_flags) for name in ("runtime", "ptx", "counters")]
     # The key leaves out the folder of the rewritten copies (each ladder and mutant has its own), so
-    # an unchanged file (today's csrc/ file under a mutant) reuses its object: what it includes is in `base`.
+    # an unchanged rung under a mutant reuses its object: what it includes is in `base`.
     objects = [obj_dir / f"{s.stem}-{digest(base, [x.replace(str(src_dir), '<src>') for x in extra], s.read_bytes())}.o"
                for s, extra in jobs]
 
@@ -317,12 +191,13 @@ def build(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = False
         return None
 
     todo = [(job, obj) for job, obj in zip(jobs, objects) if not obj.exists()]
-    # today's csrc file is the slow one (layernorm.cu: ~45 s): start it first, the small rungs fill the other cores
-    todo.sort(key=lambda item: -item[0][0].stat().st_size)
     with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
         failures = [f for f in pool.map(lambda item: compile_unit(*item), todo) if f]
     if failures:
         raise cuda_sim.BuildError(failures[0])
+    # Today's csrc/ files: the very objects of pyllmc._C_sim's counters build (compiled here if that
+    # build has not run), so the last rung is the package's kernel and the suite compiles it once.
+    objects += cuda_sim.kernel_objects(ladder.today, "counters", verbose=verbose)
     libs = ["-lboost_context"] if tools.fcontext else []
     out = root / f"{key}-{digest(*[o.name for o in objects], flags, libs)}.so"
     if not out.exists():
@@ -404,7 +279,7 @@ def check(ladder: Ladder, handle, rung: Rung, shape: tuple, seed: int) -> tuple:
     """(correct, max abs error scaled by the tolerance's denominator, message) of one rung at one shape."""
     gen = torch.Generator().manual_seed(seed)
     inputs = ladder.make_inputs(shape, gen)
-    err = ctypes.create_string_buffer(_ERR)
+    err = ctypes.create_string_buffer(ERR_LEN)
     code = ladder.call(entry(handle, ladder, rung), inputs, err)
     if code != 0:
         return False, math.inf, f"launch failed at shape {shape}: {err.value.decode(errors='replace')}"
@@ -433,7 +308,7 @@ def run_rung(ladder: Ladder, handle, path: Path, rung: Rung, seed: int = 1234) -
     shape = ladder.counter_shape
     gen = torch.Generator().manual_seed(seed)
     inputs = ladder.make_inputs(shape, gen)  # drawn outside the recording
-    err = ctypes.create_string_buffer(_ERR)
+    err = ctypes.create_string_buffer(ERR_LEN)
     handle.pyllmc_counters_reset()
     handle.pyllmc_counters_enable(1)
     try:
@@ -464,6 +339,16 @@ def run_ladder(name: str, mutant: Optional[str] = None, verbose: bool = False) -
         m = ladder.mutants[mutant]
     handle, path = library(ladder, m, verbose)
     return [run_rung(ladder, handle, path, rung) for rung in ladder.rungs]
+
+
+_rows: dict = {}
+
+
+def rows(name: str, mutant: str = "") -> dict:
+    """rung stem -> Row of ladder `name` (with `mutant` planted), run once per process (the tests share it)."""
+    if (name, mutant) not in _rows:
+        _rows[(name, mutant)] = run_ladder(name, mutant or None)
+    return {r.rung: r for r in _rows[(name, mutant)]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,3 +418,6 @@ def write_doc_tables(text: str, tables: dict) -> str:
         key = (m.group(1), m.group(2) or "")
         return doc_block(key[0], key[1], tables[key]) if key in tables else m.group(0)
     return _TABLE.sub(replace, text)
+
+
+LADDERS = _discover()
