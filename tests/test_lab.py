@@ -9,10 +9,12 @@ the rest of the suite uses. The first build takes about a minute on 2 cores and 
 
 from __future__ import annotations
 
+import ctypes
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "dev" / "lab"))
@@ -151,3 +153,24 @@ def test_the_tutorial_tables_are_the_commands_output(name):
         command = lab.command(name) + (f" --mutant {mutant}" if mutant else "")
         block = text.index(lab.doc_block(ladder, mutant, tables[(ladder, mutant)]))
         assert command in text[max(0, block - 400):block], f"{name}.md: write `{command}` above its table"
+
+
+def test_the_gpu_build_compiles_every_rung_with_nvcc(tmp_path):
+    """run.py --gpu builds the same files with nvcc and the package's flags. Without a GPU the build
+    still runs (for sm_90) and a rung's launch comes back as an error code with CUDA's message, not
+    a crash; on a GPU machine run.py --gpu checks and times the rungs there."""
+    from pyllmc import _toolchain
+
+    if _toolchain.find_cuda_home() is None:
+        pytest.skip("nvcc not found: the GPU build of the lab cannot be compiled here")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: python dev/lab/run.py --all --gpu checks the rungs on it")
+    ladder = lab.LADDERS["gelu_forward"]
+    path = lab.build_gpu(ladder, arch="90")
+    handle = ctypes.CDLL(str(path))
+    inputs = ladder.make_inputs((37,), torch.Generator().manual_seed(0))
+    for rung in (ladder.rungs[0], ladder.rungs[-1]):  # a lab kernel and today's launcher
+        err = ctypes.create_string_buffer(lab.ERR_LEN)
+        assert ladder.call(lab.entry(handle, ladder, rung), inputs, err) == 1
+        assert err.value, rung.stem
+    assert inputs["out"].isnan().all()  # nothing ran on the host's memory

@@ -38,8 +38,9 @@ import torch  # noqa: E402
 
 from pyllmc import cuda_sim, sim_counters  # noqa: E402
 
-GPU_TIME_NOTE = ("GPU time: not run. The rungs are built only for the CPU simulator, which counts "
-                 "accesses but does not time them; time today's kernels on a GPU with dev/bench/.")
+GPU_TIME_NOTE = ("GPU time: not run. Without --gpu the rungs are built only for the CPU simulator, which counts "
+                 "accesses but does not time them; on a GPU machine, python dev/lab/run.py --all --gpu also "
+                 "builds them with nvcc, checks them there and times them.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +54,11 @@ class Rung:
     # shape -> the bytes this rung reads and writes at least once, where that is not the op's least
     # traffic (a rung that keeps an intermediate in global memory; tests/test_lab.py checks it)
     unique_bytes: Optional[Callable] = None
+    # a rung whose entry takes other arguments than the ladder's `call` passes (a workspace, another
+    # dtype): its own call (entry, inputs, err) -> error code, converting what it must; and its own
+    # (atol, rtol) where its arithmetic is coarser (bf16). None: the ladder's.
+    call: Optional[Callable] = None
+    tolerance: Optional[tuple] = None
 
     @property
     def stem(self) -> str:
@@ -83,6 +89,7 @@ class Ladder:
     check_shapes: list     # small odd shapes every rung must get right
     counter_shape: tuple   # the shape the counters are counted at
     ideal_bytes: Callable  # shape -> the bytes the op must read and write at least
+    gpu_shape: Optional[tuple] = None  # run.py --gpu times each rung here: large enough to be bandwidth-bound
     mutants: dict = field(default_factory=dict)
 
 
@@ -124,7 +131,7 @@ def _sources(ladder: Ladder, mutant: Optional[Mutant]) -> list:
     """(path the compiler and addr2line see, text) of every file of the ladder's library. A mutant's
     file is written beside the build (the tutorial's copy stays as it is) so its sites name it."""
     folder = LAB / ladder.name
-    files = [(LAB / "lab.cuh", None)] + [(folder / h, None) for h in ladder.headers]
+    files = [(LAB / "lab.cuh", None), (LAB / "lab.cu", None)] + [(folder / h, None) for h in ladder.headers]
     files += [(folder / r.file, None) for r in ladder.rungs]
     out = []
     for path, _ in files:
@@ -232,6 +239,125 @@ def entry(handle, ladder: Ladder, rung: Rung):
 
 
 # ---------------------------------------------------------------------------------------------
+# on a GPU: the same files built by nvcc, with the package's own flags, for this machine's GPU
+
+
+def gpu_arch() -> str:
+    """The compute capability to build for: PYLLMC_CUDA_ARCH, else the first visible GPU's ("90")."""
+    from pyllmc import _toolchain
+
+    raw = os.environ.get("PYLLMC_CUDA_ARCH", "").strip()
+    archs = _toolchain.parse_archs(raw) if raw else _toolchain.visible_gpu_archs()
+    if not archs:
+        raise cuda_sim.BuildError("lab --gpu: no GPU visible (nvidia-smi) and PYLLMC_CUDA_ARCH not set")
+    return archs[0].replace("+PTX", "")
+
+
+def build_gpu(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = False, arch: Optional[str] = None) -> Path:
+    """The ladder's library built by nvcc for one GPU architecture (cached by content): the rungs,
+    lab.cu and today's csrc/ files, with csrc/'s own nvcc flags (pyllmc._toolchain.nvcc_flags)."""
+    from pyllmc import _toolchain
+
+    home = _toolchain.find_cuda_home()
+    if home is None:
+        raise cuda_sim.BuildError("lab --gpu: nvcc not found (set CUDA_HOME)")
+    nvcc = str(home / "bin" / "nvcc")
+    arch = arch or gpu_arch()
+    csrc = cuda_sim.source_dir()
+    flags = _toolchain.nvcc_flags(csrc, [arch]) + ["-I", str(LAB), "-I", str(LAB / ladder.name)]
+    version = cuda_sim._run([nvcc, "--version"]).stdout
+    root = cuda_sim.cache_dir() / "lab-gpu"
+    obj_dir = root / "obj"
+    obj_dir.mkdir(parents=True, exist_ok=True)
+    digest = cuda_sim._digest
+    sources = _sources(ladder, mutant)
+    headers = [text for path, text in sources if path.suffix == ".cuh"]
+    headers += [(csrc / "common.cuh").read_text()]
+    units = [path for path, _ in sources if path.suffix == ".cu"] + [csrc / f"{stem}.cu" for stem in ladder.today]
+    base = digest(version, flags, *headers)
+    objects = [obj_dir / f"{u.stem}-{digest(base, u.read_bytes())}.o" for u in units]
+
+    def compile_unit(unit: Path, obj: Path) -> Optional[str]:
+        started = time.time()
+        tmp = obj.with_suffix(f".tmp{os.getpid()}")
+        result = cuda_sim._run([nvcc, *flags, "-c", str(unit), "-o", str(tmp)])
+        if result.returncode != 0:
+            return f"lab --gpu: nvcc {unit.name} failed:\n{result.stderr[-6000:]}"
+        tmp.replace(obj)
+        if verbose:
+            print(f"lab: nvcc {unit.name} (sm_{arch}) in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+        return None
+
+    todo = [(u, o) for u, o in zip(units, objects) if not o.exists()]
+    todo.sort(key=lambda item: -item[0].stat().st_size)  # today's csrc file first: the longest compile
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        failures = [f for f in pool.map(lambda item: compile_unit(*item), todo) if f]
+    if failures:
+        raise cuda_sim.BuildError(failures[0])
+    key = ladder.name + (f"-{mutant.name}" if mutant else "")
+    out = root / f"{key}-sm{arch}-{digest(*[o.name for o in objects])}.so"
+    if not out.exists():
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        result = cuda_sim._run([nvcc, "-shared", *_toolchain.gencode_flags([arch]), *map(str, objects), "-o", str(tmp)])
+        if result.returncode != 0:
+            raise cuda_sim.BuildError(f"lab --gpu: linking {out.name} failed:\n{result.stderr[-6000:]}")
+        tmp.replace(out)
+    return out
+
+
+def gpu_library(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = False) -> tuple:
+    """(ctypes handle, path) of the ladder's nvcc library, built if needed, loaded once per process."""
+    path = build_gpu(ladder, mutant, verbose)
+    if path not in _libraries:
+        _libraries[path] = ctypes.CDLL(str(path))
+    return _libraries[path], path
+
+
+@dataclass
+class GpuResult:
+    correct: bool
+    error: str
+    ms: float                 # median time of one call at the ladder's gpu_shape (dev/bench's do_bench)
+    ideal_bytes: int          # the op's least bytes at gpu_shape
+    copy_gbps: float          # the copy ceiling of dev/bench (a large device-to-device copy)
+
+    @property
+    def gbps(self) -> float:
+        """The op's least bytes over the time: what the rung achieves of the bandwidth it needs."""
+        return self.ideal_bytes / (self.ms * 1e-3) / 1e9
+
+    @property
+    def of_copy(self) -> float:
+        return self.gbps / self.copy_gbps
+
+
+def run_rung_gpu(ladder: Ladder, handle, rung: Rung, copy_gbps: float, seed: int = 1234) -> GpuResult:
+    """Check one rung on the GPU at the ladder's check shapes, then time it at its gpu_shape."""
+    sys.path.insert(0, str(ROOT / "dev"))
+    try:
+        from bench.common import bench_ms  # dev/bench's timing: CUDA events, warm-up, median
+    finally:
+        sys.path.remove(str(ROOT / "dev"))
+    device = torch.device("cuda")
+    for k, shape in enumerate(ladder.check_shapes):
+        ok, _, msg = check(ladder, handle, rung, shape, seed + k, device)
+        if not ok:
+            return GpuResult(False, msg, math.nan, ladder.ideal_bytes(ladder.gpu_shape), copy_gbps)
+    shape = ladder.gpu_shape
+    inputs = {k: v.to(device) for k, v in ladder.make_inputs(shape, torch.Generator().manual_seed(seed)).items()}
+    fn, err, call = entry(handle, ladder, rung), ctypes.create_string_buffer(ERR_LEN), rung.call or ladder.call
+    codes = []
+    handle.lab_set_synchronize(0)
+    try:
+        ms = bench_ms(lambda: codes.append(call(fn, inputs, err)))
+    finally:
+        handle.lab_set_synchronize(1)
+    torch.cuda.synchronize()
+    message = "" if not any(codes) else f"launch failed at shape {shape}: {err.value.decode(errors='replace')}"
+    return GpuResult(not message, message, ms, ladder.ideal_bytes(shape), copy_gbps)
+
+
+# ---------------------------------------------------------------------------------------------
 # running a ladder
 
 
@@ -252,6 +378,7 @@ class Row:
     unique_bytes: int        # global bytes read + written at least once (the least DRAM traffic)
     ideal_bytes: int         # what the op must move
     launches: list = field(default_factory=list)
+    gpu: Optional["GpuResult"] = None  # run.py --gpu: checked and timed on a GPU
 
     @property
     def sectors_per_request(self) -> float:
@@ -275,19 +402,22 @@ class Row:
         return self.moved_bytes / max(self.ideal_bytes, 1)
 
 
-def check(ladder: Ladder, handle, rung: Rung, shape: tuple, seed: int) -> tuple:
+def check(ladder: Ladder, handle, rung: Rung, shape: tuple, seed: int, device: torch.device = torch.device("cpu")) -> tuple:
     """(correct, max abs error scaled by the tolerance's denominator, message) of one rung at one shape."""
     gen = torch.Generator().manual_seed(seed)
-    inputs = ladder.make_inputs(shape, gen)
+    inputs = {k: v.to(device) for k, v in ladder.make_inputs(shape, gen).items()}
+    before = {k: v.clone() for k, v in inputs.items()}  # what a rung that works in place started from
     err = ctypes.create_string_buffer(ERR_LEN)
-    code = ladder.call(entry(handle, ladder, rung), inputs, err)
+    code = (rung.call or ladder.call)(entry(handle, ladder, rung), inputs, err)
     if code != 0:
         return False, math.inf, f"launch failed at shape {shape}: {err.value.decode(errors='replace')}"
-    expected = ladder.reference(inputs)
-    atol, rtol = ladder.tolerance
+    # the reference sees the tensors after the call, and under "_before" the ones it was given
+    after = {k: v.cpu() for k, v in inputs.items()}
+    expected = ladder.reference({**after, "_before": {k: v.cpu() for k, v in before.items()}})
+    atol, rtol = rung.tolerance or ladder.tolerance
     worst = 0.0
     for name in ladder.outputs:
-        got, want = inputs[name].double(), expected[name]
+        got, want = after[name].double(), expected[name]
         scaled = ((got - want).abs() / (atol + rtol * want.abs())).nan_to_num(nan=math.inf)
         worst = max(worst, float(scaled.max()) if scaled.numel() else 0.0)
         if not worst <= 1.0:
@@ -312,7 +442,7 @@ def run_rung(ladder: Ladder, handle, path: Path, rung: Rung, seed: int = 1234) -
     handle.pyllmc_counters_reset()
     handle.pyllmc_counters_enable(1)
     try:
-        code = ladder.call(entry(handle, ladder, rung), inputs, err)
+        code = (rung.call or ladder.call)(entry(handle, ladder, rung), inputs, err)
     finally:
         handle.pyllmc_counters_enable(0)
     if code != 0:
@@ -329,8 +459,9 @@ def run_rung(ladder: Ladder, handle, path: Path, rung: Rung, seed: int = 1234) -
                ideal_bytes=ladder.ideal_bytes(shape), launches=launches)
 
 
-def run_ladder(name: str, mutant: Optional[str] = None, verbose: bool = False) -> list:
-    """Every rung of ladder `name` (with mutant `mutant` planted), checked and counted: a Row each."""
+def run_ladder(name: str, mutant: Optional[str] = None, verbose: bool = False, gpu: bool = False) -> list:
+    """Every rung of ladder `name` (with mutant `mutant` planted), checked and counted on the simulator:
+    a Row each; with `gpu`, also built by nvcc, checked and timed on this machine's GPU (Row.gpu)."""
     ladder = LADDERS[name]
     m = None
     if mutant is not None:
@@ -338,7 +469,29 @@ def run_ladder(name: str, mutant: Optional[str] = None, verbose: bool = False) -
             raise KeyError(f"{name} has no mutant {mutant!r}; it has {', '.join(ladder.mutants) or 'none'}")
         m = ladder.mutants[mutant]
     handle, path = library(ladder, m, verbose)
-    return [run_rung(ladder, handle, path, rung) for rung in ladder.rungs]
+    out = [run_rung(ladder, handle, path, rung) for rung in ladder.rungs]
+    if gpu:
+        if ladder.gpu_shape is None:
+            raise ValueError(f"ladder {name} has no gpu_shape to time at")
+        gpu_handle, _ = gpu_library(ladder, m, verbose)
+        for row, rung in zip(out, ladder.rungs):
+            row.gpu = run_rung_gpu(ladder, gpu_handle, rung, copy_ceiling_gbps())
+    return out
+
+
+_copy_gbps: list = []
+
+
+def copy_ceiling_gbps() -> float:
+    """dev/bench's copy ceiling on this GPU (a 2 GiB device-to-device copy), measured once per process."""
+    if not _copy_gbps:
+        sys.path.insert(0, str(ROOT / "dev"))
+        try:
+            from bench.common import copy_bandwidth_gbps
+        finally:
+            sys.path.remove(str(ROOT / "dev"))
+        _copy_gbps.append(copy_bandwidth_gbps())
+    return _copy_gbps[0]
 
 
 _rows: dict = {}
@@ -368,12 +521,29 @@ def format_table(name: str, rows: list, mutant: str = "") -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
     for r in rows:
         ways = "-" if r.ways is None else f"{r.ways:.1f}"
-        cells = [r.rung, r.changed, "yes" if r.correct else "NO", r.grid, str(r.requests),
+        correct = "yes" if r.correct else "NO"
+        if r.gpu is not None and not r.gpu.correct:
+            correct += " (NO on the GPU)"
+        cells = [r.rung, r.changed, correct, r.grid, str(r.requests),
                  f"{r.sectors_per_request:.1f} ({r.ideal_per_request:.1f})", ways,
-                 f"{r.moved_bytes} / {r.ideal_bytes} = {r.moved_over_ideal:.2f}x", "not run"]
+                 f"{r.moved_bytes} / {r.ideal_bytes} = {r.moved_over_ideal:.2f}x", gpu_cell(r.gpu)]
         lines.append("| " + " | ".join(cells) + " |")
     planted = f", with mutant {mutant} planted" if mutant else ""  # (where is the exercise's question)
-    return f"{name}{planted}, float32, counted at shape {shape} on the simulator:\n\n" + "\n".join(lines)
+    caption = f"{name}{planted}, float32, counted at shape {shape} on the simulator"
+    timed = next((r.gpu for r in rows if r.gpu is not None and r.gpu.ms == r.gpu.ms), None)
+    if timed is not None:
+        caption += (f"; timed on {torch.cuda.get_device_name()} at shape {' x '.join(map(str, ladder.gpu_shape))} "
+                    f"(GB/s: the op's least {timed.ideal_bytes} bytes over the time; copy ceiling "
+                    f"{timed.copy_gbps:.0f} GB/s)")
+    return caption + ":\n\n" + "\n".join(lines)
+
+
+def gpu_cell(result: Optional[GpuResult]) -> str:
+    if result is None:
+        return "not run"
+    if not result.ms == result.ms:  # NaN: it failed its GPU check before timing
+        return "wrong on the GPU"
+    return f"{result.ms * 1e3:.1f} us, {result.gbps:.0f} GB/s, {100 * result.of_copy:.0f}% of copy"
 
 
 def format_sites(rows: list) -> str:

@@ -6,6 +6,7 @@
     python dev/lab/run.py gelu_forward --mutant chunked_loop   # the tutorial's exercise: a planted bug
     python dev/lab/run.py --list                       # the ladders, their rungs and mutants
     python dev/lab/run.py --all --write-docs           # refresh the tables of the tutorials (dev/lab/*.md)
+    python dev/lab/run.py --all --gpu                  # on a GPU machine: + nvcc builds, checked and timed there
 
 Each rung is built for the CPU simulator's "counters" build (pyllmc.cuda_sim, pyllmc.sim_counters),
 checked against torch in float64 at small odd shapes, then run once more at the ladder's counter
@@ -25,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lab  # noqa: E402  (dev/lab/lab.py)
+import torch  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,7 +37,14 @@ def main(argv=None) -> int:
     parser.add_argument("--mutant", help="plant this mutant of the ladder (see --list) before building")
     parser.add_argument("--list", action="store_true", help="list the ladders, rungs and mutants")
     parser.add_argument("--write-docs", action="store_true", help="rewrite the tables in dev/lab/<ladder>.md")
+    parser.add_argument("--gpu", action="store_true",
+                        help="also build every rung with nvcc for this machine's GPU, check it there and time it "
+                             "at the ladder's GPU shape (GB/s and %% of dev/bench's copy ceiling)")
     args = parser.parse_args(argv)
+    if args.gpu and args.write_docs:
+        parser.error("--write-docs writes the simulator's tables; run it without --gpu")
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu: torch sees no GPU here")
 
     if args.list:
         for name, ladder in lab.LADDERS.items():
@@ -59,7 +68,7 @@ def main(argv=None) -> int:
     failed = False
     tables = {}
     for name in names:
-        rows = lab.run_ladder(name, args.mutant, verbose=True)
+        rows = lab.run_ladder(name, args.mutant, verbose=True, gpu=args.gpu)
         table = lab.format_table(name, rows, args.mutant or "")
         tables[(name, args.mutant or "")] = table
         print(f"$ {lab.command(name)}{' --mutant ' + args.mutant if args.mutant else ''}")
@@ -68,11 +77,15 @@ def main(argv=None) -> int:
             if not r.correct:
                 failed = True
                 print(f"  {r.rung}: WRONG: {r.error}")
+            if r.gpu is not None and not r.gpu.correct:
+                failed = True
+                print(f"  {r.rung}: WRONG on the GPU: {r.gpu.error}")
         if args.sites:
             print()
             print(lab.format_sites(rows))
         print()
-    print(lab.GPU_TIME_NOTE)
+    if not args.gpu:
+        print(lab.GPU_TIME_NOTE)
     if args.write_docs:
         for name in names:
             path = lab.doc_path(name)
