@@ -171,6 +171,6 @@ def test_the_gpu_build_compiles_every_rung_with_nvcc(tmp_path):
     inputs = ladder.make_inputs((37,), torch.Generator().manual_seed(0))
     for rung in (ladder.rungs[0], ladder.rungs[-1]):  # a lab kernel and today's launcher
         err = ctypes.create_string_buffer(lab.ERR_LEN)
-        assert ladder.call(lab.entry(handle, ladder, rung), inputs, err) == 1
+        assert ladder.call_of(rung)(lab.entry(handle, ladder, rung), inputs, err) == 1
         assert err.value, rung.stem
     assert inputs["out"].isnan().all()  # nothing ran on the host's memory

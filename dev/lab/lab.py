@@ -59,6 +59,9 @@ class Rung:
     # (atol, rtol) where its arithmetic is coarser (bf16). None: the ladder's.
     call: Optional[Callable] = None
     tolerance: Optional[tuple] = None
+    # inputs -> None, after a checked call: brings the rung's outputs into the ladder's float32
+    # outputs (a bf16 `out` widened). Kept out of `call` so a GPU timing loop times the kernel alone.
+    finish: Optional[Callable] = None
 
     @property
     def stem(self) -> str:
@@ -89,8 +92,15 @@ class Ladder:
     check_shapes: list     # small odd shapes every rung must get right
     counter_shape: tuple   # the shape the counters are counted at
     ideal_bytes: Callable  # shape -> the bytes the op must read and write at least
+    # shape -> the op's floating-point operations, for an op bound by arithmetic, not memory
+    # (attention): run.py --gpu then reports TFLOP/s beside GB/s
+    flops: Optional[Callable] = None
     gpu_shape: Optional[tuple] = None  # run.py --gpu times each rung here: large enough to be bandwidth-bound
     mutants: dict = field(default_factory=dict)
+
+    def call_of(self, rung: Rung) -> Callable:
+        """The call that runs `rung`: its own (Rung.call) or the ladder's."""
+        return rung.call or self.call
 
 
 ERR_LEN = 512  # bytes of the message buffer each entry gets
@@ -320,6 +330,7 @@ class GpuResult:
     ms: float                 # median time of one call at the ladder's gpu_shape (dev/bench's do_bench)
     ideal_bytes: int          # the op's least bytes at gpu_shape
     copy_gbps: float          # the copy ceiling of dev/bench (a large device-to-device copy)
+    flops: Optional[int] = None  # the op's FLOPs at gpu_shape, where the ladder counts them
 
     @property
     def gbps(self) -> float:
@@ -329,6 +340,10 @@ class GpuResult:
     @property
     def of_copy(self) -> float:
         return self.gbps / self.copy_gbps
+
+    @property
+    def tflops(self) -> Optional[float]:
+        return None if self.flops is None else self.flops / (self.ms * 1e-3) / 1e12
 
 
 def run_rung_gpu(ladder: Ladder, handle, rung: Rung, copy_gbps: float, seed: int = 1234) -> GpuResult:
@@ -345,7 +360,7 @@ def run_rung_gpu(ladder: Ladder, handle, rung: Rung, copy_gbps: float, seed: int
             return GpuResult(False, msg, math.nan, ladder.ideal_bytes(ladder.gpu_shape), copy_gbps)
     shape = ladder.gpu_shape
     inputs = {k: v.to(device) for k, v in ladder.make_inputs(shape, torch.Generator().manual_seed(seed)).items()}
-    fn, err, call = entry(handle, ladder, rung), ctypes.create_string_buffer(ERR_LEN), rung.call or ladder.call
+    fn, err, call = entry(handle, ladder, rung), ctypes.create_string_buffer(ERR_LEN), ladder.call_of(rung)
     codes = []
     handle.lab_set_synchronize(0)
     try:
@@ -354,7 +369,8 @@ def run_rung_gpu(ladder: Ladder, handle, rung: Rung, copy_gbps: float, seed: int
         handle.lab_set_synchronize(1)
     torch.cuda.synchronize()
     message = "" if not any(codes) else f"launch failed at shape {shape}: {err.value.decode(errors='replace')}"
-    return GpuResult(not message, message, ms, ladder.ideal_bytes(shape), copy_gbps)
+    flops = ladder.flops(shape) if ladder.flops else None
+    return GpuResult(not message, message, ms, ladder.ideal_bytes(shape), copy_gbps, flops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +417,12 @@ class Row:
     def moved_over_ideal(self) -> float:
         return self.moved_bytes / max(self.ideal_bytes, 1)
 
+    @property
+    def touched_over_ideal(self) -> float:
+        """Bytes each launch reads or writes at least once (what DRAM carries with a perfect cache)
+        against the op's least: above 1 only where launches pass data through memory."""
+        return self.unique_bytes / max(self.ideal_bytes, 1)
+
 
 def check(ladder: Ladder, handle, rung: Rung, shape: tuple, seed: int, device: torch.device = torch.device("cpu")) -> tuple:
     """(correct, max abs error scaled by the tolerance's denominator, message) of one rung at one shape."""
@@ -408,9 +430,11 @@ def check(ladder: Ladder, handle, rung: Rung, shape: tuple, seed: int, device: t
     inputs = {k: v.to(device) for k, v in ladder.make_inputs(shape, gen).items()}
     before = {k: v.clone() for k, v in inputs.items()}  # what a rung that works in place started from
     err = ctypes.create_string_buffer(ERR_LEN)
-    code = (rung.call or ladder.call)(entry(handle, ladder, rung), inputs, err)
+    code = ladder.call_of(rung)(entry(handle, ladder, rung), inputs, err)
     if code != 0:
         return False, math.inf, f"launch failed at shape {shape}: {err.value.decode(errors='replace')}"
+    if rung.finish is not None:
+        rung.finish(inputs)
     # the reference sees the tensors after the call, and under "_before" the ones it was given
     after = {k: v.cpu() for k, v in inputs.items()}
     expected = ladder.reference({**after, "_before": {k: v.cpu() for k, v in before.items()}})
@@ -442,7 +466,7 @@ def run_rung(ladder: Ladder, handle, path: Path, rung: Rung, seed: int = 1234) -
     handle.pyllmc_counters_reset()
     handle.pyllmc_counters_enable(1)
     try:
-        code = (rung.call or ladder.call)(entry(handle, ladder, rung), inputs, err)
+        code = ladder.call_of(rung)(entry(handle, ladder, rung), inputs, err)
     finally:
         handle.pyllmc_counters_enable(0)
     if code != 0:
@@ -517,7 +541,7 @@ def format_table(name: str, rows: list, mutant: str = "") -> str:
     ladder = LADDERS[name]
     shape = " x ".join(map(str, ladder.counter_shape))
     head = ["rung", "what changed", "correct", "grid x block", "global requests", "sectors / request (ideal)",
-            "shared ways", "moved / ideal bytes", "GPU time"]
+            "shared ways", "moved / ideal bytes", "touched / ideal bytes", "GPU time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
     for r in rows:
         ways = "-" if r.ways is None else f"{r.ways:.1f}"
@@ -526,7 +550,8 @@ def format_table(name: str, rows: list, mutant: str = "") -> str:
             correct += " (NO on the GPU)"
         cells = [r.rung, r.changed, correct, r.grid, str(r.requests),
                  f"{r.sectors_per_request:.1f} ({r.ideal_per_request:.1f})", ways,
-                 f"{r.moved_bytes} / {r.ideal_bytes} = {r.moved_over_ideal:.2f}x", gpu_cell(r.gpu)]
+                 f"{r.moved_bytes} / {r.ideal_bytes} = {r.moved_over_ideal:.2f}x",
+                 f"{r.unique_bytes} / {r.ideal_bytes} = {r.touched_over_ideal:.2f}x", gpu_cell(r.gpu)]
         lines.append("| " + " | ".join(cells) + " |")
     planted = f", with mutant {mutant} planted" if mutant else ""  # (where is the exercise's question)
     caption = f"{name}{planted}, float32, counted at shape {shape} on the simulator"
@@ -543,7 +568,8 @@ def gpu_cell(result: Optional[GpuResult]) -> str:
         return "not run"
     if not result.ms == result.ms:  # NaN: it failed its GPU check before timing
         return "wrong on the GPU"
-    return f"{result.ms * 1e3:.1f} us, {result.gbps:.0f} GB/s, {100 * result.of_copy:.0f}% of copy"
+    cell = f"{result.ms * 1e3:.1f} us, {result.gbps:.0f} GB/s, {100 * result.of_copy:.0f}% of copy"
+    return cell if result.tflops is None else f"{cell}, {result.tflops:.1f} TFLOP/s"
 
 
 def format_sites(rows: list) -> str:
