@@ -4,28 +4,9 @@ tests/test_lab.py checks every rung's answers, least bytes and the tutorial's ta
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "dev" / "lab"))
-try:
-    import lab  # dev/lab/lab.py
-finally:
-    sys.path.remove(str(ROOT / "dev" / "lab"))
-from pyllmc import cuda_sim  # noqa: E402
+from lab_rows import lab, rows  # tests/lab_rows.py: dev/lab/lab.py and its rows, shared
 
 RUNGS = ("1_naive", "2_online_softmax", "3_smem_tiles", "4_mma_bf16", "5_today_fp32", "6_today")
-
-
-def rows(name: str, mutant: str = "") -> dict:
-    """rung stem -> Row of ladder `name` (with `mutant` planted), run once per test session."""
-    try:
-        return lab.rows(name, mutant)
-    except cuda_sim.BuildError as err:
-        pytest.skip(f"the CUDA simulator cannot be built here: {err}")
 
 
 def shared_loads(row) -> list:

@@ -6,27 +6,11 @@ n_valid (which only the last rungs write), and their planted bugs in the columns
 from __future__ import annotations
 
 import ctypes
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "dev" / "lab"))
-try:
-    import lab  # dev/lab/lab.py
-finally:
-    sys.path.remove(str(ROOT / "dev" / "lab"))
-from pyllmc import cuda_sim  # noqa: E402
-
-
-def rows(name: str, mutant: str = "") -> dict:
-    """rung stem -> Row of ladder `name` (with `mutant` planted), run once per test session."""
-    try:
-        return lab.rows(name, mutant)
-    except cuda_sim.BuildError as err:
-        pytest.skip(f"the CUDA simulator cannot be built here: {err}")
+from lab_rows import lab, rows  # tests/lab_rows.py: dev/lab/lab.py and its rows, shared
 
 
 def vector_requests(row) -> int:

@@ -158,6 +158,27 @@ def _sources(ladder: Ladder, mutant: Optional[Mutant]) -> list:
     return out
 
 
+def _compile_missing(jobs: list, compiler: str, verbose: bool) -> None:
+    """Compile each (source, command before -c, object) whose object is not there yet, in parallel,
+    largest source first (today's csrc/ file is the longest compile); BuildError on a failure."""
+    def compile_unit(source: Path, command: list, obj: Path) -> Optional[str]:
+        started = time.time()
+        tmp = obj.with_suffix(f".tmp{os.getpid()}")
+        result = cuda_sim._run([*command, "-c", str(source), "-o", str(tmp)])
+        if result.returncode != 0:
+            return f"lab: {compiler} {source.name} failed:\n{result.stderr[-6000:]}"
+        tmp.replace(obj)  # whole or not at all: another process may be building the same object
+        if verbose:
+            print(f"lab: {compiler} {source.name} in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+        return None
+
+    todo = sorted((job for job in jobs if not job[2].exists()), key=lambda job: -job[0].stat().st_size)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        failures = [f for f in pool.map(lambda job: compile_unit(*job), todo) if f]
+    if failures:
+        raise cuda_sim.BuildError(failures[0])
+
+
 def build(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = False) -> Path:
     """The ladder's library for the simulator's counters build (cached by content); BuildError
     (pyllmc.cuda_sim) when this machine cannot build the simulator."""
@@ -195,23 +216,8 @@ def build(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = False
     objects = [obj_dir / f"{s.stem}-{digest(base, [x.replace(str(src_dir), '<src>') for x in extra], s.read_bytes())}.o"
                for s, extra in jobs]
 
-    def compile_unit(job, obj):
-        source, extra = job
-        started = time.time()
-        tmp = obj.with_suffix(f".tmp{os.getpid()}")
-        result = cuda_sim._run([tools.cxx, *flags, *extra, "-c", str(source), "-o", str(tmp)])
-        if result.returncode != 0:
-            return f"lab: compiling {source.name} failed:\n{result.stderr[-6000:]}"
-        tmp.replace(obj)
-        if verbose:
-            print(f"lab: compiled {source.name} in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
-        return None
-
-    todo = [(job, obj) for job, obj in zip(jobs, objects) if not obj.exists()]
-    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
-        failures = [f for f in pool.map(lambda item: compile_unit(*item), todo) if f]
-    if failures:
-        raise cuda_sim.BuildError(failures[0])
+    _compile_missing([(source, [tools.cxx, *flags, *extra], obj) for (source, extra), obj in zip(jobs, objects)],
+                     "g++", verbose)
     # Today's csrc/ files: the very objects of pyllmc._C_sim's counters build (compiled here if that
     # build has not run), so the last rung is the package's kernel and the suite compiles it once.
     objects += cuda_sim.kernel_objects(ladder.today, "counters", verbose=verbose)
@@ -287,23 +293,7 @@ def build_gpu(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = F
     base = digest(version, flags, *headers)
     objects = [obj_dir / f"{u.stem}-{digest(base, u.read_bytes())}.o" for u in units]
 
-    def compile_unit(unit: Path, obj: Path) -> Optional[str]:
-        started = time.time()
-        tmp = obj.with_suffix(f".tmp{os.getpid()}")
-        result = cuda_sim._run([nvcc, *flags, "-c", str(unit), "-o", str(tmp)])
-        if result.returncode != 0:
-            return f"lab --gpu: nvcc {unit.name} failed:\n{result.stderr[-6000:]}"
-        tmp.replace(obj)
-        if verbose:
-            print(f"lab: nvcc {unit.name} (sm_{arch}) in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
-        return None
-
-    todo = [(u, o) for u, o in zip(units, objects) if not o.exists()]
-    todo.sort(key=lambda item: -item[0].stat().st_size)  # today's csrc file first: the longest compile
-    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
-        failures = [f for f in pool.map(lambda item: compile_unit(*item), todo) if f]
-    if failures:
-        raise cuda_sim.BuildError(failures[0])
+    _compile_missing([(u, [nvcc, *flags], o) for u, o in zip(units, objects)], f"nvcc (sm_{arch})", verbose)
     key = ladder.name + (f"-{mutant.name}" if mutant else "")
     out = root / f"{key}-sm{arch}-{digest(*[o.name for o in objects])}.so"
     if not out.exists():
