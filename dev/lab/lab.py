@@ -280,20 +280,24 @@ def build_gpu(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = F
     nvcc = str(home / "bin" / "nvcc")
     arch = arch or gpu_arch()
     csrc = cuda_sim.source_dir()
-    flags = _toolchain.nvcc_flags(csrc, [arch]) + ["-I", str(LAB), "-I", str(LAB / ladder.name)]
+    csrc_flags = _toolchain.nvcc_flags(csrc, [arch])
+    lab_flags = csrc_flags + ["-I", str(LAB), "-I", str(LAB / ladder.name)]
     version = cuda_sim._run([nvcc, "--version"]).stdout
     root = cuda_sim.cache_dir() / "lab-gpu"
     obj_dir = root / "obj"
     obj_dir.mkdir(parents=True, exist_ok=True)
     digest = cuda_sim._digest
     sources = _sources(ladder, mutant)
-    headers = [text for path, text in sources if path.suffix == ".cuh"]
-    headers += [(csrc / "common.cuh").read_text()]
-    units = [path for path, _ in sources if path.suffix == ".cu"] + [csrc / f"{stem}.cu" for stem in ladder.today]
-    base = digest(version, flags, *headers)
-    objects = [obj_dir / f"{u.stem}-{digest(base, u.read_bytes())}.o" for u in units]
-
-    _compile_missing([(u, [nvcc, *flags], o) for u, o in zip(units, objects)], f"nvcc (sm_{arch})", verbose)
+    # The rungs (with lab.cuh and the ladder's headers) and today's csrc/ files (with common.cuh, keyed
+    # apart from any ladder: a csrc/ file two ladders link is compiled once).
+    rung_base = digest(version, lab_flags, *[text for path, text in sources if path.suffix == ".cuh"])
+    csrc_base = digest(version, csrc_flags, (csrc / "common.cuh").read_text())
+    jobs = [(path, [nvcc, *lab_flags], obj_dir / f"{path.stem}-{digest(rung_base, text)}.o")
+            for path, text in sources if path.suffix == ".cu"]
+    jobs += [(csrc / f"{stem}.cu", [nvcc, *csrc_flags],
+              obj_dir / f"{stem}-{digest(csrc_base, (csrc / f'{stem}.cu').read_bytes())}.o") for stem in ladder.today]
+    _compile_missing(jobs, f"nvcc (sm_{arch})", verbose)
+    objects = [obj for _, _, obj in jobs]
     key = ladder.name + (f"-{mutant.name}" if mutant else "")
     out = root / f"{key}-sm{arch}-{digest(*[o.name for o in objects])}.so"
     if not out.exists():
