@@ -19,8 +19,9 @@ Per access site (a load or store of the source, cp.async, ldmatrix), per launch:
   shared   wavefronts per request against the phases it needs (ways = wavefronts / phases):
            l1tex__data_pipe_lsu_wavefronts_mem_shared_op_{ld,st} and
            l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_{ld,st} (= wavefronts - phases).
-Per launch: the global bytes read and written at least once (a lower bound on dram__bytes) and
-the same counted per block and summed (L2 traffic if each block's L1 were perfect and blocks
+Per launch: the distinct global bytes read plus the distinct bytes written (dram__bytes when the
+launch finds nothing in cache and fetches each byte once; a byte it writes and then reads back
+counts in both, though a real L2 would serve the read) and the same counted per block and summed (L2 traffic if each block's L1 were perfect and blocks
 shared nothing).
 
 They are counts of the source's accesses as the simulator runs them (GCC-compiled, one fiber per

@@ -27,8 +27,23 @@ def test_every_rung_is_right_at_odd_shapes(name):
         # the rung's own where it keeps more in memory (Rung.unique_bytes says why)
         rung = next(x for x in lab.LADDERS[name].rungs if x.stem == r.rung)
         shape = lab.LADDERS[name].counter_shape
-        want = rung.unique_bytes(shape) if rung.unique_bytes else r.ideal_bytes
+        want = rung.unique_bytes(shape) if rung.unique_bytes else lab.LADDERS[name].least_bytes_of(rung, shape)
         assert r.unique_bytes == want, (r.rung, r.unique_bytes, want)
+
+
+@pytest.mark.parametrize("name", list(lab.LADDERS))
+def test_every_rung_is_right_under_another_warp_schedule(name):
+    """The checks above run the simulator's default schedule (warps in order, in step); a missing
+    __syncthreads or a read of another warp's unfinished work can pass there. Greedy random turns
+    (each warp runs as far as it can, warps and lanes in a random order) expose most of them."""
+    ladder = lab.LADDERS[name]
+    rows(name)  # builds (or skips)
+    handle, _ = lab.library(ladder)
+    with lab.schedule(handle, "random", seed=1, greedy=True):
+        for rung in ladder.rungs:
+            for k, shape in enumerate(ladder.check_shapes):
+                ok, _, message = lab.check(ladder, handle, rung, shape, seed=99 + k)
+                assert ok, f"{rung.stem}: {message}"
 
 
 def test_the_lab_catches_a_wrong_rung():
@@ -140,15 +155,18 @@ def test_the_tutorial_tables_are_the_commands_output(name):
 
 
 def test_the_gpu_build_compiles_every_rung_with_nvcc(tmp_path):
-    """run.py --gpu builds the same files with nvcc and the package's flags. Without a GPU the build
-    still runs (for sm_90) and a rung's launch comes back as an error code with CUDA's message, not
-    a crash; on a GPU machine run.py --gpu checks and times the rungs there."""
+    """run.py --gpu builds the same files with nvcc and the package's flags: every ladder's rungs
+    compile (for sm_90), and a linked library loads. Without a GPU a rung's launch comes back as an
+    error code with CUDA's message, not a crash; on a GPU machine run.py --gpu checks and times the
+    rungs there."""
     from pyllmc import _toolchain
 
     if _toolchain.find_cuda_home() is None:
         pytest.skip("nvcc not found: the GPU build of the lab cannot be compiled here")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: python dev/lab/run.py --all --gpu checks the rungs on it")
+    for name, other in lab.LADDERS.items():  # every ladder's own files compile with nvcc (csrc/'s: the package build)
+        assert all(obj.exists() for obj in lab.build_gpu(other, arch="90", rungs_only=True)), name
     ladder = lab.LADDERS["gelu_forward"]
     path = lab.build_gpu(ladder, arch="90")
     handle = ctypes.CDLL(str(path))

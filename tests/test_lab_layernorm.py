@@ -5,6 +5,8 @@ every rung's answers, unique bytes and the tutorials' tables."""
 
 from __future__ import annotations
 
+import ctypes
+
 
 import torch
 
@@ -66,24 +68,30 @@ def test_layernorm_backward_counters_tell_the_tutorials_story():
     assert today.requests > packed.requests and today.ways == 1.0
 
 
-def test_atomic_order_changes_the_bits_of_dweight():
-    """Rung 2's premise (the simulator runs warps in a fixed order, so its table cannot show it): the
-    rows' float32 contributions to dweight, added in another order, give other bits."""
+def test_atomic_order_changes_the_bits_of_dweight_and_the_partials_do_not():
+    """Rung 2's atomics add the rows into dweight, dbias in the order the warps arrive: under another
+    warp schedule of the simulator its bits change. Rungs 3 to 5 add in a fixed order: the same bits
+    under every schedule."""
     ladder = lab.LADDERS["layernorm_backward"]
-    inputs = ladder.make_inputs(ladder.counter_shape, torch.Generator().manual_seed(0))
-    xhat = (inputs["inp"] - inputs["mean"][:, None]) * inputs["rstd"][:, None]
-    contributions = inputs["dout"] * xhat  # (rows, C) float32: what each row's warp adds to dweight
+    rows("layernorm_backward")  # builds (or skips)
+    handle, _ = lab.library(ladder)
 
-    def in_order(order):
-        total = torch.zeros(contributions.shape[1])
-        for row in order:  # one float32 add per row, as the atomics land
-            total += contributions[row]
-        return total
+    def grads(rung, order):
+        inputs = ladder.make_inputs(ladder.counter_shape, torch.Generator().manual_seed(0))
+        err = ctypes.create_string_buffer(lab.ERR_LEN)
+        with lab.schedule(handle, *order):
+            assert ladder.call_of(rung)(lab.entry(handle, ladder, rung), inputs, err) == 0, err.value
+        return inputs["dinp"], inputs["dweight"], inputs["dbias"]
 
-    rows_ = range(contributions.shape[0])
-    forward, backward = in_order(rows_), in_order(reversed(rows_))
-    assert torch.allclose(forward, backward, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(forward, backward)
+    orders = [("forward",), ("reverse",), ("random", 1), ("random", 2, True)]
+    for rung in ladder.rungs:
+        first, *others = [grads(rung, order) for order in orders]
+        differ = [not all(torch.equal(a, b) for a, b in zip(first, other)) for other in others]
+        if rung.stem == "2_warp_atomic":
+            assert any(differ), "the atomics' order never changed a bit"
+            assert all(torch.equal(first[0], other[0]) for other in others)  # dinp: no atomics
+        else:
+            assert not any(differ), rung.stem
 
 
 def test_residual_layernorm_counters_tell_the_tutorials_story():

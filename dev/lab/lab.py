@@ -17,6 +17,7 @@ dev/lab/run.py is the command line.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import math
@@ -54,6 +55,10 @@ class Rung:
     # shape -> the bytes this rung reads and writes at least once, where that is not the op's least
     # traffic (a rung that keeps an intermediate in global memory; tests/test_lab.py checks it)
     unique_bytes: Optional[Callable] = None
+    # shape -> the op's least bytes in this rung's element type, where that is not float32 (a bf16
+    # rung moves 2-byte elements: its table row and GB/s are against its own least). None: the ladder's.
+    least_bytes: Optional[Callable] = None
+    dtype: str = "float32"  # the element type the rung computes in (the table's caption names the others)
     # a rung whose entry takes other arguments than the ladder's `call` passes (a workspace, another
     # dtype): its own call (entry, inputs, err) -> error code, converting what it must; and its own
     # (atol, rtol) where its arithmetic is coarser (bf16). None: the ladder's.
@@ -101,6 +106,10 @@ class Ladder:
     def call_of(self, rung: Rung) -> Callable:
         """The call that runs `rung`: its own (Rung.call) or the ladder's."""
         return rung.call or self.call
+
+    def least_bytes_of(self, rung: Rung, shape: tuple) -> int:
+        """The op's least bytes at `shape` in `rung`'s element type."""
+        return (rung.least_bytes or self.ideal_bytes)(shape)
 
 
 ERR_LEN = 512  # bytes of the message buffer each entry gets
@@ -248,6 +257,18 @@ def library(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = Fal
     return _libraries[path], path
 
 
+@contextlib.contextmanager
+def schedule(handle, name: str, seed: int = 0, greedy: bool = False):
+    """Run the simulator's warps in another order inside the block (pyllmc.cuda_sim.SCHEDULES), then
+    back to the default (forward, in step): a rung whose answer depends on the order shows it."""
+    handle.lab_set_schedule(ctypes.c_int(cuda_sim.SCHEDULES.index(name)), ctypes.c_ulonglong(seed),
+                            ctypes.c_int(int(greedy)))
+    try:
+        yield
+    finally:
+        handle.lab_set_schedule(ctypes.c_int(0), ctypes.c_ulonglong(0), ctypes.c_int(0))
+
+
 def entry(handle, ladder: Ladder, rung: Rung):
     fn = getattr(handle, f"lab_{ladder.name}_{rung.stem}")
     fn.restype = ctypes.c_int
@@ -259,19 +280,27 @@ def entry(handle, ladder: Ladder, rung: Rung):
 
 
 def gpu_arch() -> str:
-    """The compute capability to build for: PYLLMC_CUDA_ARCH, else the first visible GPU's ("90")."""
+    """The compute capability to build for: PYLLMC_CUDA_ARCH, else that of torch's current GPU ("90"),
+    else the first one nvidia-smi lists."""
     from pyllmc import _toolchain
 
     raw = os.environ.get("PYLLMC_CUDA_ARCH", "").strip()
-    archs = _toolchain.parse_archs(raw) if raw else _toolchain.visible_gpu_archs()
+    if raw:
+        archs = _toolchain.parse_archs(raw)
+    elif torch.cuda.is_available():
+        archs = ["%d%d" % torch.cuda.get_device_capability()]
+    else:
+        archs = _toolchain.visible_gpu_archs()
     if not archs:
         raise cuda_sim.BuildError("lab --gpu: no GPU visible (nvidia-smi) and PYLLMC_CUDA_ARCH not set")
     return archs[0].replace("+PTX", "")
 
 
-def build_gpu(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = False, arch: Optional[str] = None) -> Path:
+def build_gpu(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = False, arch: Optional[str] = None,
+              rungs_only: bool = False):
     """The ladder's library built by nvcc for one GPU architecture (cached by content): the rungs,
-    lab.cu and today's csrc/ files, with csrc/'s own nvcc flags (pyllmc._toolchain.nvcc_flags)."""
+    lab.cu and today's csrc/ files, with csrc/'s own nvcc flags (pyllmc._toolchain.nvcc_flags).
+    rungs_only: compile the lab's own files and return their objects (no csrc/ file, no link)."""
     from pyllmc import _toolchain
 
     home = _toolchain.find_cuda_home()
@@ -294,10 +323,13 @@ def build_gpu(ladder: Ladder, mutant: Optional[Mutant] = None, verbose: bool = F
     csrc_base = digest(version, csrc_flags, (csrc / "common.cuh").read_text())
     jobs = [(path, [nvcc, *lab_flags], obj_dir / f"{path.stem}-{digest(rung_base, text)}.o")
             for path, text in sources if path.suffix == ".cu"]
-    jobs += [(csrc / f"{stem}.cu", [nvcc, *csrc_flags],
-              obj_dir / f"{stem}-{digest(csrc_base, (csrc / f'{stem}.cu').read_bytes())}.o") for stem in ladder.today]
+    if not rungs_only:
+        jobs += [(csrc / f"{stem}.cu", [nvcc, *csrc_flags],
+                  obj_dir / f"{stem}-{digest(csrc_base, (csrc / f'{stem}.cu').read_bytes())}.o") for stem in ladder.today]
     _compile_missing(jobs, f"nvcc (sm_{arch})", verbose)
     objects = [obj for _, _, obj in jobs]
+    if rungs_only:
+        return objects
     key = ladder.name + (f"-{mutant.name}" if mutant else "")
     out = root / f"{key}-sm{arch}-{digest(*[o.name for o in objects])}.so"
     if not out.exists():
@@ -351,7 +383,7 @@ def run_rung_gpu(ladder: Ladder, handle, rung: Rung, copy_gbps: float, seed: int
     for k, shape in enumerate(ladder.check_shapes):
         ok, _, msg = check(ladder, handle, rung, shape, seed + k, device)
         if not ok:
-            return GpuResult(False, msg, math.nan, ladder.ideal_bytes(ladder.gpu_shape), copy_gbps)
+            return GpuResult(False, msg, math.nan, ladder.least_bytes_of(rung, ladder.gpu_shape), copy_gbps)
     shape = ladder.gpu_shape
     inputs = {k: v.to(device) for k, v in ladder.make_inputs(shape, torch.Generator().manual_seed(seed)).items()}
     fn, err, call = entry(handle, ladder, rung), ctypes.create_string_buffer(ERR_LEN), ladder.call_of(rung)
@@ -359,12 +391,23 @@ def run_rung_gpu(ladder: Ladder, handle, rung: Rung, copy_gbps: float, seed: int
     handle.lab_set_synchronize(0)
     try:
         ms = bench_ms(lambda: codes.append(call(fn, inputs, err)))
+        torch.cuda.synchronize()  # a fault inside a timed launch surfaces here
+    except RuntimeError as e:
+        # the CUDA context is lost after a fault: the rungs after this one fail too
+        return GpuResult(False, f"faulted at shape {shape}: {e}", math.nan, ladder.least_bytes_of(rung, shape),
+                         copy_gbps)
     finally:
         handle.lab_set_synchronize(1)
-    torch.cuda.synchronize()
     message = "" if not any(codes) else f"launch failed at shape {shape}: {err.value.decode(errors='replace')}"
+    if rung.finish is not None and not message:
+        rung.finish(inputs)
+    # only the check shapes are compared with torch; at this shape every output must at least be
+    # written (they start as NaN) and finite: a grid too small or an overflow shows here
+    unwritten = [name for name in ladder.outputs if not bool(torch.isfinite(inputs[name]).all())]
+    if unwritten and not message:
+        message = f"at shape {shape}, {', '.join(unwritten)} not finite after the timed calls"
     flops = ladder.flops(shape) if ladder.flops else None
-    return GpuResult(not message, message, ms, ladder.ideal_bytes(shape), copy_gbps, flops)
+    return GpuResult(not message, message, ms, ladder.least_bytes_of(rung, shape), copy_gbps, flops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,8 +456,8 @@ class Row:
 
     @property
     def touched_over_ideal(self) -> float:
-        """Bytes each launch reads or writes at least once (what DRAM carries with a perfect cache)
-        against the op's least: above 1 only where launches pass data through memory."""
+        """The distinct bytes each launch reads plus those it writes, against the op's least: above 1
+        where launches pass data through memory (or a launch reads back what it wrote)."""
         return self.unique_bytes / max(self.ideal_bytes, 1)
 
 
@@ -474,7 +517,7 @@ def run_rung(ladder: Ladder, handle, path: Path, rung: Rung, seed: int = 1234) -
                ideal_sectors=sum(s.ideal_sectors for s in g), wavefronts=sum(s.wavefronts for s in sh),
                ideal_wavefronts=sum(s.ideal_wavefronts for s in sh),
                unique_bytes=sum(l.unique_read + l.unique_written for l in launches),
-               ideal_bytes=ladder.ideal_bytes(shape), launches=launches)
+               ideal_bytes=ladder.least_bytes_of(rung, shape), launches=launches)
 
 
 def run_ladder(name: str, mutant: Optional[str] = None, verbose: bool = False, gpu: bool = False) -> list:
@@ -548,7 +591,9 @@ def format_table(name: str, rows: list, mutant: str = "") -> str:
                  f"{r.unique_bytes} / {r.ideal_bytes} = {r.touched_over_ideal:.2f}x", gpu_cell(r.gpu)]
         lines.append("| " + " | ".join(cells) + " |")
     planted = f", with mutant {mutant} planted" if mutant else ""  # (where is the exercise's question)
-    caption = f"{name}{planted}, float32, counted at shape {shape} on the simulator"
+    others = [f"{r.stem} in {r.dtype}" for r in ladder.rungs if r.dtype != "float32"]
+    dtypes = "float32" + (f" ({', '.join(others)}: each against its own least bytes)" if others else "")
+    caption = f"{name}{planted}, {dtypes}, counted at shape {shape} on the simulator"
     timed = next((r.gpu for r in rows if r.gpu is not None and r.gpu.ms == r.gpu.ms), None)
     if timed is not None:
         caption += (f"; timed on {torch.cuda.get_device_name()} at shape {' x '.join(map(str, ladder.gpu_shape))} "

@@ -97,10 +97,9 @@ void naive_attention(float* out, float* lse, float* scores, const float* q, cons
 // scores: a (B, H, T, T) float32 workspace, as eager allocates for the intermediate.
 LAB_EXPORT int lab_attention_1_naive(float* out, float* lse, float* scores, const float* q, const float* k,
                                      const float* v, int B, int H, int T, int D, char* err, int err_len) {
-    if (D != 32 && D != 64 && D != 128) return lab_fail(err, err_len, "rung 1 takes D in {32, 64, 128}");
+    if (D != 64 && D != 128) return lab_fail(err, err_len, "rung 1 takes D in {64, 128}, as rungs 4 and 6");
     if (B * H * T == 0) return 0;
     return lab_run(err, err_len, [&] {
-        if (D == 32) naive_attention<32>(out, lse, scores, q, k, v, B * H, T);
         if (D == 64) naive_attention<64>(out, lse, scores, q, k, v, B * H, T);
         if (D == 128) naive_attention<128>(out, lse, scores, q, k, v, B * H, T);
     });

@@ -52,6 +52,9 @@ LAB_EXPORT int lab_fused_classifier_1_two_kernels(float* losses, float* stats, f
                                                   const long long* targets, long long N, int V,
                                                   long long ignore_index, float grad_scale, char* err, int err_len) {
     if (N == 0) return 0;
+    // the backward splits each row of the logits and of dlogits at the same 16-byte boundaries
+    if (reinterpret_cast<unsigned long long>(dlogits) % 16 != reinterpret_cast<unsigned long long>(logits) % 16)
+        return lab_fail(err, err_len, "rung 1 needs dlogits and logits aligned alike (mod 16 bytes)");
     return lab_run(err, err_len, [&] {
         classifier_forward_kernel<<<N, kBlock>>>(losses, stats, logits, targets, V, ignore_index);
         classifier_backward_kernel<<<N, kBlock>>>(dlogits, logits, targets, stats, V, ignore_index, grad_scale);

@@ -11,8 +11,8 @@ from lab import ERR_LEN, Ladder, Mutant, Rung, ptr
 LAYERNORM_EPS = 1e-5
 
 # Blocks of the backward (rungs 3 to 5) = rows of the partial-sum scratch. The cuda backend takes 2
-# per SM (pyllmc.ops.layernorm.cuda_num_partials: 264 on an H100, so 124 rows per block at GPT-2's
-# 32768 rows); at the lab's 32 rows that would be one row per block, 7 of 8 warps idle and a scratch
+# per SM (pyllmc.ops.layernorm.cuda_num_partials: 264 on an H100, so 249 rows per block at GPT-2's
+# 65536 rows); at the lab's 32 rows that would be one row per block, 7 of 8 warps idle and a scratch
 # as large as the op. 4 blocks keep the GPT-2 picture: each warp of a block gets a row, and every
 # block owns a range of rows whose sums it folds into one partial row.
 NUM_PARTIALS = 4
@@ -87,7 +87,7 @@ LADDER = Ladder(
     call=_backward_call, make_inputs=_backward_inputs, reference=_backward_reference,
     outputs=("dinp", "dweight", "dbias"), tolerance=(3e-5, 1e-5),
     check_shapes=[(1, 768), (5, 37), (7, 200), (13, 1024), (2, 1023)], counter_shape=(32, 768),
-    ideal_bytes=_ideal_bytes, gpu_shape=(8 * 1024, 768),  # GPT-2 at B = 8, T = 1024 (as layernorm_forward)
+    ideal_bytes=_ideal_bytes, gpu_shape=(64 * 1024, 768),  # GPT-2 at llm.c's B = 64, T = 1024: 201 MB a tensor, 4x an H100's L2
     mutants={
         "scalar_shared": Mutant(
             "scalar_shared", "4_packed128.cu",

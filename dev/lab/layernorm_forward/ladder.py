@@ -49,7 +49,7 @@ LADDER = Ladder(
     outputs=("out", "mean", "rstd"), tolerance=(3e-5, 1e-5),
     check_shapes=[(1, 768), (5, 37), (7, 200), (3, 1024), (2, 1023)], counter_shape=(32, 768),
     ideal_bytes=lambda shape: 4 * (2 * shape[0] * shape[1] + 2 * shape[1] + 2 * shape[0]),
-    gpu_shape=(8 * 1024, 768),  # GPT-2 at B = 8, T = 1024: 50 MB of traffic
+    gpu_shape=(64 * 1024, 768),  # GPT-2 at llm.c's B = 64, T = 1024: 201 MB a tensor, 4x an H100's L2
     mutants={
         "interleaved_tree": Mutant(
             "interleaved_tree", "2_block_shared.cu",
