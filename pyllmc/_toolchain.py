@@ -1,6 +1,7 @@
 """Where the CUDA toolkit is and how csrc/ is compiled: shared by setup.py (which loads this
 file by path, without importing pyllmc or torch), the CUDA simulator's build (pyllmc.cuda_sim)
-and the ptxas report (dev/ptxas_report.py), so the report reads the very code the build ships."""
+and the ptxas report (dev/ptxas_report.py), so the report reads the very code the build ships;
+and where pyllmc keeps what it builds and downloads (user_cache_dir)."""
 
 import os
 import shlex
@@ -8,6 +9,14 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import List, Optional, Tuple
+
+
+def user_cache_dir() -> Path:
+    """pyllmc's user cache (downloads, the simulator's builds): $PYLLMC_CACHE_DIR, else
+    $XDG_CACHE_HOME/pyllmc, else ~/.cache/pyllmc. Here, without imports, for setup-time tools too."""
+    if os.environ.get("PYLLMC_CACHE_DIR"):
+        return Path(os.environ["PYLLMC_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "pyllmc"
 
 
 def find_cuda_home() -> Optional[Path]:

@@ -63,6 +63,7 @@ from typing import Callable
 
 import numpy as np
 
+from pyllmc._toolchain import user_cache_dir
 from pyllmc.data import MANIFEST_SUFFIX, read_shard, shard_info, write_shard_entry
 from pyllmc.tokenizer import EOT_TOKEN, GPT2Tokenizer, Tokenizer, TrimmedGPT2Tokenizer, get_encoding
 
@@ -88,10 +89,7 @@ class Offline(CorpusUnavailable):
 
 def cache_dir() -> Path:
     """pyllmc's user cache: $PYLLMC_CACHE_DIR, else $XDG_CACHE_HOME/pyllmc, else ~/.cache/pyllmc."""
-    if os.environ.get("PYLLMC_CACHE_DIR"):
-        return Path(os.environ["PYLLMC_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(base).expanduser() / "pyllmc"
+    return user_cache_dir()
 
 
 def data_cache_dir() -> Path:

@@ -29,7 +29,7 @@ Environment:
                              and what launches may use. device_profile("sm_86") switches it in-process.
   PYLLMC_CSRC                the csrc/ folder to build (default: the installed package's pyllmc/csrc,
                              else the source checkout's)
-  PYLLMC_CACHE_DIR           where builds are kept (default ~/.cache/pyllmc)
+  PYLLMC_CACHE_DIR           where builds are kept (default $XDG_CACHE_HOME/pyllmc, else ~/.cache/pyllmc)
   CXX                        the compiler (default g++)
 """
 
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ._toolchain import find_cuda_home
+from ._toolchain import find_cuda_home, user_cache_dir
 
 VARIANTS = ("default", "sanitize", "counters")
 # The "counters" variant (pyllmc/sim_counters.py): kernel units get GCC's ThreadSanitizer
@@ -382,7 +382,7 @@ def source_dir(package_dir: Optional[Path] = None) -> Path:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PYLLMC_CACHE_DIR", "~/.cache/pyllmc")).expanduser() / "cuda_sim"
+    return user_cache_dir() / "cuda_sim"
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,8 @@ def from_checkpoint(state: dict):
     if family not in FAMILIES:
         raise ValueError(f"the checkpoint's model_family {family!r} is not one of {sorted(FAMILIES)}")
     model_class, config_class, _ = FAMILIES[family]
-    model = model_class(config_class(**state["model_config"]))
+    # every weight comes from the state (load_state_dict is strict): no random init to pay for first
+    model = model_class.empty(config_class(**state["model_config"]))
     model.load_state_dict(state["model"])
     return model
 

@@ -318,11 +318,15 @@ def test_a_preparation_killed_midway_leaves_no_half_made_cache(tmp_path, monkeyp
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    from pyllmc import cuda_sim
+
     monkeypatch.setenv("PYLLMC_CACHE_DIR", str(tmp_path / "a"))
     assert corpus.cache_dir() == tmp_path / "a"
+    assert cuda_sim.cache_dir() == tmp_path / "a" / "cuda_sim"  # the simulator's builds: the same cache
     monkeypatch.delenv("PYLLMC_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert corpus.cache_dir() == tmp_path / "xdg" / "pyllmc"
+    assert cuda_sim.cache_dir() == tmp_path / "xdg" / "pyllmc" / "cuda_sim"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert corpus.cache_dir() == tmp_path / "home" / ".cache" / "pyllmc"
