@@ -372,13 +372,20 @@ class GpuResult:
         return None if self.flops is None else self.flops / (self.ms * 1e-3) / 1e12
 
 
-def run_rung_gpu(ladder: Ladder, handle, rung: Rung, copy_gbps: float, seed: int = 1234) -> GpuResult:
-    """Check one rung on the GPU at the ladder's check shapes, then time it at its gpu_shape."""
+def _bench_common():
+    """dev/bench/common.py (the package `bench` with dev/ on the path): the timing and the copy ceiling
+    the benchmarks use, so the lab's GPU column is measured as dev/bench's rows are."""
     sys.path.insert(0, str(ROOT / "dev"))
     try:
-        from bench.common import bench_ms  # dev/bench's timing: CUDA events, warm-up, median
+        from bench import common
     finally:
         sys.path.remove(str(ROOT / "dev"))
+    return common
+
+
+def run_rung_gpu(ladder: Ladder, handle, rung: Rung, copy_gbps: float, seed: int = 1234) -> GpuResult:
+    """Check one rung on the GPU at the ladder's check shapes, then time it at its gpu_shape."""
+    bench_ms = _bench_common().bench_ms  # dev/bench's timing: CUDA events, warm-up, median
     device = torch.device("cuda")
     for k, shape in enumerate(ladder.check_shapes):
         ok, _, msg = check(ladder, handle, rung, shape, seed + k, device)
@@ -546,12 +553,7 @@ _copy_gbps: list = []
 def copy_ceiling_gbps() -> float:
     """dev/bench's copy ceiling on this GPU (a 2 GiB device-to-device copy), measured once per process."""
     if not _copy_gbps:
-        sys.path.insert(0, str(ROOT / "dev"))
-        try:
-            from bench.common import copy_bandwidth_gbps
-        finally:
-            sys.path.remove(str(ROOT / "dev"))
-        _copy_gbps.append(copy_bandwidth_gbps())
+        _copy_gbps.append(_bench_common().copy_bandwidth_gbps())
     return _copy_gbps[0]
 
 
